@@ -1,0 +1,228 @@
+"""Control messages of the federation wire: small JSON records validated by pydantic.
+
+Tensors never travel here; a message names a blob (id + sha256 + size) and the blob itself
+travels in chunks (`fedpft.shared.chunks`). Every message carries the protocol version, run id,
+round id, sender and send time, so a receiver can route, deduplicate and reject without context.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic.functional_validators import AfterValidator
+
+PROTOCOL_VERSION = 1
+# Control messages are small; a bigger payload is a bug or an attack, refused before parsing.
+MAX_MESSAGE_BYTES = 256 * 1024
+# Ids become MQTT topic levels and folder names: no '/', '+', '#', '$', spaces, nor '.'/'..'.
+SAFE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+CLOUD_SENDER = "cloud"
+
+
+class ProtocolError(ValueError):
+    """Input from the wire that this side refuses; `reason` is one line fit for a log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return `value` if it is a safe run/device/blob id, else raise ProtocolError."""
+    if not isinstance(value, str) or SAFE_ID_RE.fullmatch(value) is None or set(value) == {"."}:
+        raise ProtocolError(f"invalid {what} {value!r}: use 1-64 chars of [A-Za-z0-9_.-], not only dots")
+    return value
+
+
+def _id(value: str) -> str:
+    try:
+        return check_id(value)
+    except ProtocolError as exc:
+        raise ValueError(exc.reason) from None
+
+
+SafeId = Annotated[str, AfterValidator(_id)]
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Reason = Annotated[str, Field(max_length=2000)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class BlobRef(_Record):
+    """Names a blob that travels in chunks; the receiver checks size and sha256 on arrival."""
+
+    blob_id: SafeId
+    sha256: Sha256Hex
+    size: int = Field(ge=0)
+
+
+class _Message(_Record):
+    protocol: int = PROTOCOL_VERSION
+    run_id: SafeId
+    round_id: int = Field(default=0, ge=0)
+    sender: SafeId
+    sent_at: float = Field(default_factory=time.time)
+
+    @field_validator("protocol")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != PROTOCOL_VERSION:
+            raise ValueError(f"unsupported protocol version {v} (this side speaks {PROTOCOL_VERSION})")
+        return v
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        """Idempotency key (type, run, round, sender): a redelivered QoS 1 copy has the same key."""
+        return (self.type, self.run_id, self.round_id, self.sender)  # type: ignore[attr-defined]
+
+
+class _FromDevice(_Message):
+    """A message a device publishes about itself: sender must be that device."""
+
+    device_id: SafeId
+
+    @model_validator(mode="after")
+    def _sender_is_device(self) -> "_FromDevice":
+        if self.sender != self.device_id:
+            raise ValueError(f"sender {self.sender!r} differs from device_id {self.device_id!r}")
+        return self
+
+
+class Hello(_FromDevice):
+    """A device announces itself (after every connect) and what it can do."""
+
+    type: Literal["hello"] = "hello"
+    num_samples: int = Field(ge=0)
+    capabilities: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    bundle_version: str | None = Field(default=None, max_length=128)
+
+
+class Presence(_FromDevice):
+    """Online on connect, offline as the MQTT last will (retained, so a late cloud sees it)."""
+
+    type: Literal["presence"] = "presence"
+    status: Literal["online", "offline"]
+    reason: Reason | None = None
+
+
+class Task(_Message):
+    """One round's work for the selected devices; everything needed is named by blob reference."""
+
+    type: Literal["task"] = "task"
+    devices: list[SafeId] = Field(min_length=1)
+    bundle: BlobRef
+    bundle_version: str = Field(min_length=1, max_length=128)
+    adapters: BlobRef  # global adapters + head, safetensors
+    ffn: BlobRef | None = None  # re-aligned frozen FFN weights, after an alignment round
+    epochs: int = Field(default=1, ge=1)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    report_stats: bool = False  # ask for per-neuron activation statistics (alignment rounds)
+    deadline: float = Field(description="unix time after which the cloud stops waiting")
+
+    @field_validator("devices")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("devices has duplicates")
+        return v
+
+
+class Update(_FromDevice):
+    """A device's round result: either a blob of safetensors update, or an error — never silence."""
+
+    type: Literal["update"] = "update"
+    num_samples: int = Field(default=0, ge=0)
+    steps: int = Field(default=0, ge=0)
+    mean_loss: float | None = None
+    acc_before: float | None = Field(default=None, ge=0, le=1)
+    acc_after: float | None = Field(default=None, ge=0, le=1)
+    blob: BlobRef | None = None
+    error: Reason | None = None
+
+    @model_validator(mode="after")
+    def _content_or_error(self) -> "Update":
+        if (self.blob is None) == (self.error is None):
+            raise ValueError("an update carries exactly one of blob or error")
+        return self
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Ack(_Message):
+    """Receipt for a task (device -> cloud) or an update (cloud -> device inbox)."""
+
+    type: Literal["ack"] = "ack"
+    device_id: SafeId
+    acked: Literal["task", "update", "hello"]
+    ok: bool = True
+    reason: Reason | None = None
+
+
+class BlobRequest(_Message):
+    """Ask the blob's publisher to re-publish the listed chunk indexes (resume after a gap)."""
+
+    type: Literal["blobreq"] = "blobreq"
+    device_id: SafeId  # who asks, hence where to re-send
+    blob_id: SafeId
+    missing: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=100_000)
+
+
+class EndOfRun(_Message):
+    """The cloud ends the run; devices disconnect cleanly."""
+
+    type: Literal["end"] = "end"
+    reason: Reason = "completed"
+
+
+Message = Annotated[
+    Union[Hello, Presence, Task, Update, Ack, BlobRequest, EndOfRun],
+    Field(discriminator="type"),
+]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
+MESSAGE_TYPES = ("hello", "presence", "task", "update", "ack", "blobreq", "end")
+
+
+def encode(msg: _Message) -> bytes:
+    return msg.model_dump_json().encode("utf-8")
+
+
+def decode(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse and validate one message; any fault becomes a single ProtocolError line."""
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ProtocolError(f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"message must be a JSON object, got {type(data).__name__}")
+    # Check the version first: a newer peer's message should say so, not list schema errors.
+    if data.get("protocol") != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {data.get('protocol')!r} (this side speaks {PROTOCOL_VERSION})")
+    if data.get("type") not in MESSAGE_TYPES:
+        raise ProtocolError(f"unknown message type {data.get('type')!r}")
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise ProtocolError(f"invalid {data['type']} message: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    # The discriminated union prefixes the tag to each location; drop it so the path reads naturally.
+    loc = [str(p) for p in err["loc"]]
+    if loc and loc[0] in MESSAGE_TYPES:
+        loc = loc[1:]
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{'.'.join(loc) or '<message>'}: {err['msg'].removeprefix('Value error, ')}{more}"
