@@ -174,7 +174,8 @@ class BlobRequest(_Message):
     type: Literal["blobreq"] = "blobreq"
     device_id: SafeId  # who asks, hence where to re-send
     blob_id: SafeId
-    missing: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=100_000)
+    # Empty = everything: a device that has no chunk yet does not know the count.
+    missing: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=100_000)
 
 
 class EndOfRun(_Message):
