@@ -1,0 +1,150 @@
+"""Layer-level distillation of the proxy from the FM (DESIGN.md §2), also used for neuron-level
+alignment (§4) with a mask of neurons that must not move.
+
+Loss = mean over distilled layers of relative MSE of layer outputs
+     + alpha * mean relative MSE of the W_out·W_in products (trainable here, unlike the paper's code).
+Only the distilled layers' FFN weights receive gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .models import encoder_layers, ffn_linears, hidden_states
+from .proxy import ProxySpec
+
+Batch = dict[str, torch.Tensor]
+
+
+def relative_mse(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """mean((T - S)^2) / mean(T^2): scale-free, so layers of any norm weigh the same."""
+    return (teacher - student).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-12)
+
+
+def layer_pairs(spec: ProxySpec) -> list[tuple[int, int]]:
+    """(student hidden-state index, teacher hidden-state index) for each distilled layer."""
+    return [(p + 1, spec.layer_map[p] + 1) for p in spec.compressed]
+
+
+def ffn_product(layer: nn.Module) -> torch.Tensor:
+    w_in, w_out = ffn_linears(layer)
+    return w_out.weight @ w_in.weight  # (hidden, hidden)
+
+
+def hidden_loss(teacher_hs, student_hs, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    return torch.stack([relative_mse(teacher_hs[t], student_hs[s]) for s, t in pairs]).mean()
+
+
+@dataclass
+class DistillResult:
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def first(self) -> float:
+        return self.losses[0] if self.losses else float("nan")
+
+    @property
+    def last(self) -> float:
+        k = max(1, len(self.losses) // 10)
+        return sum(self.losses[-k:]) / k if self.losses else float("nan")
+
+
+def distill_params(student: nn.Module, spec: ProxySpec) -> list[nn.Parameter]:
+    layers = encoder_layers(student)
+    return [p for i in spec.compressed for lin in ffn_linears(layers[i]) for p in lin.parameters()]
+
+
+@contextmanager
+def _only_trainable(model: nn.Module, params: list[nn.Parameter]):
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    keep = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+
+
+def _restore_frozen(student: nn.Module, frozen: dict[int, torch.Tensor], snapshot: dict[int, tuple]) -> None:
+    """Put frozen neurons (rows of W_in/b_in, columns of W_out) back to their snapshot values."""
+    layers = encoder_layers(student)
+    with torch.no_grad():
+        for p, mask in frozen.items():
+            w_in, w_out = ffn_linears(layers[p])
+            wi, bi, wo = snapshot[p]
+            w_in.weight[mask] = wi[mask]
+            if w_in.bias is not None:
+                w_in.bias[mask] = bi[mask]
+            w_out.weight[:, mask] = wo[:, mask]
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    spec: ProxySpec,
+    batches: Iterator[Batch],
+    steps: int,
+    lr: float = 5e-4,
+    alpha: float = 0.0,
+    frozen: dict[int, torch.Tensor] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> DistillResult:
+    """Train the student's distilled FFNs to match the teacher's layer outputs for `steps` batches.
+
+    frozen: proxy layer -> bool mask (neurons,) of neurons that keep their current weights.
+    """
+    result = DistillResult()
+    if steps <= 0 or not spec.compressed:
+        return result
+    pairs = layer_pairs(spec)
+    params = distill_params(student, spec)
+    t_layers, s_layers = encoder_layers(teacher), encoder_layers(student)
+    with torch.no_grad():
+        t_products = {p: ffn_product(t_layers[spec.layer_map[p]]) for p in spec.compressed} if alpha > 0 else {}
+    snapshot = {}
+    if frozen:
+        for p in frozen:
+            w_in, w_out = ffn_linears(s_layers[p])
+            b = w_in.bias.detach().clone() if w_in.bias is not None else None
+            snapshot[p] = (w_in.weight.detach().clone(), b, w_out.weight.detach().clone())
+    teacher.eval()
+    student.eval()  # no dropout: distillation matches deterministic layer outputs
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    with _only_trainable(student, params):
+        for step in range(steps):
+            batch = next(batches)
+            with torch.no_grad():
+                t_hs = hidden_states(teacher, batch)
+            s_hs = hidden_states(student, batch)
+            loss = hidden_loss(t_hs, s_hs, pairs)
+            if alpha > 0:
+                prod = torch.stack([relative_mse(t_products[p], ffn_product(s_layers[p])) for p in spec.compressed])
+                loss = loss + alpha * prod.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if frozen:
+                _restore_frozen(student, frozen, snapshot)
+            result.losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step, result.losses[-1])
+    return result
+
+
+@torch.no_grad()
+def evaluate_layer_loss(teacher: nn.Module, student: nn.Module, spec: ProxySpec, batches: list[Batch]) -> float:
+    """Mean hidden-state relative MSE over fixed batches (for before/after comparisons)."""
+    if not spec.compressed:
+        return 0.0
+    pairs = layer_pairs(spec)
+    teacher.eval()
+    student.eval()
+    vals = [float(hidden_loss(hidden_states(teacher, b), hidden_states(student, b), pairs)) for b in batches]
+    return sum(vals) / len(vals)

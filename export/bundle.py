@@ -1,0 +1,204 @@
+"""Pack a proxy (+ fresh LoRA) into a device bundle: ORT artifacts, preprocessing, manifest.
+
+Everything is written into a temporary sibling folder and renamed into place at the end, so
+a failed prepare never leaves a half-written bundle behind.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fedpft.cloud.models import encoder_layers, ffn_linears, family_of, unwrap
+from fedpft.cloud.proxy import ProxySpec
+from fedpft.shared.manifest import (
+    ROLE_CHECKPOINT,
+    ROLE_EVAL,
+    ROLE_OPTIMIZER,
+    ROLE_TOKENIZER,
+    ROLE_TRAINING,
+    BundleManifest,
+    InputSpec,
+    StatOutput,
+    TensorSpec,
+    file_entry,
+)
+
+from .adapters import adapter_state, add_adapters, remap_layers, trainable_keys
+from .training import (
+    CHECKPOINT,
+    EVAL_MODEL,
+    LOGITS,
+    OPTIMIZER_MODEL,
+    TRAINING_MODEL,
+    TrainingGraph,
+    example_inputs,
+    generate_training_artifacts,
+    stat_names,
+)
+
+PROXY_WEIGHTS = "proxy.safetensors"
+PROXY_SPEC = "proxy.json"
+FM_CONFIG = "fm_config.json"
+ADAPTERS_INIT = "adapters_init.safetensors"
+PREPARE_CONFIG = "prepare_config.json"
+TOKENIZER = "tokenizer.json"
+GRAPH_PREFIX = "model."  # TrainingGraph holds the PEFT model as `.model`
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("fedpft", "torch", "transformers", "peft", "onnx", "onnxruntime-training"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001 - a missing optional package is just not recorded
+            pass
+    return out
+
+
+def input_spec_for(fm_source: str, config, max_length: int, tmp: Path) -> InputSpec:
+    """Write the preprocessing the devices need into tmp and describe it."""
+    fam = family_of(config)
+    if fam.kind == "text":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(fm_source, use_fast=True)
+        tok.backend_tokenizer.save(str(tmp / TOKENIZER))
+        return InputSpec(kind="text", names=("input_ids", "attention_mask"), max_length=max_length, tokenizer_file=TOKENIZER)
+    mean, std, size, resample = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), config.image_size, "bilinear"
+    try:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(fm_source)
+        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+        size = int(proc.size.get("height", size)) if isinstance(proc.size, dict) else int(proc.size)
+        resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(getattr(proc, "resample", 2)), "bilinear")
+    except (OSError, ValueError):
+        pass  # no processor config (random-weight or hand-built model): ViT's documented defaults
+    return InputSpec(
+        kind="image", names=("pixel_values",), image_size=size, num_channels=config.num_channels,
+        mean=mean, std=std, resample=resample,
+    )
+
+
+def _tensor_spec(name: str, key: str, t: torch.Tensor) -> TensorSpec:
+    return TensorSpec(name=name, key=key, shape=tuple(t.shape), dtype=str(t.dtype).replace("torch.", ""))
+
+
+def write_bundle(
+    out: Path,
+    proxy: torch.nn.Module,
+    spec: ProxySpec,
+    labels: list[str],
+    fm_id: str,
+    fm_source: str,
+    prepare_config: dict,
+    max_length: int,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    seed: int = 0,
+    bundle_version: int = 1,
+) -> BundleManifest:
+    """Add fresh adapters to `proxy` (in place), export it and write the bundle to `out` atomically."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already exists and is not empty")
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        proxy_state = {k: v.detach().clone().contiguous() for k, v in proxy.state_dict().items()}
+        save_file(proxy_state, str(tmp / PROXY_WEIGHTS))
+        peft_proxy = add_adapters(proxy, lora_rank, lora_alpha, seed)
+        manifest = _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_length, bundle_version)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_length, bundle_version) -> BundleManifest:
+    base = unwrap(peft_proxy)
+    config = base.config
+    fam = family_of(config)
+    stat_layers = spec.compressed if spec.method == "fedpft" else []
+    graph = TrainingGraph(peft_proxy, stat_layers)
+    info = generate_training_artifacts(graph, example_inputs(fam.kind, config), tmp)
+
+    keys = trainable_keys(peft_proxy, spec.layer_map)
+    params = dict(peft_proxy.named_parameters())
+    trainable = [_tensor_spec(GRAPH_PREFIX + n, keys[n], params[n]) for n in keys]
+    missing = {t.name for t in trainable} - set(info.trainable)
+    if missing:
+        raise RuntimeError(f"trainable tensors missing from the ORT checkpoint: {sorted(missing)[:3]}")
+
+    # Frozen FFN weights of compressed layers: what neuron-level alignment rewrites on devices.
+    ffn = []
+    layers = encoder_layers(peft_proxy)
+    lin_names = {id(m): n for n, m in peft_proxy.named_modules()}
+    base_prefix = {id(m): n for n, m in base.named_modules()}
+    for p in stat_layers:
+        for lin in ffn_linears(layers[p]):
+            for pname, t in lin.named_parameters():
+                ffn.append(_tensor_spec(f"{GRAPH_PREFIX}{lin_names[id(lin)]}.{pname}", f"{base_prefix[id(lin)]}.{pname}", t))
+
+    spec_in = input_spec_for(fm_source, config, max_length, tmp)
+
+    # What the cloud keeps beside the device files.
+    spec.save(tmp / PROXY_SPEC)
+    (tmp / FM_CONFIG).write_text(config.to_json_string())
+    save_file(adapter_state(peft_proxy, spec.layer_map), str(tmp / ADAPTERS_INIT))
+    (tmp / PREPARE_CONFIG).write_text(json.dumps(prepare_config, indent=2, default=str))
+
+    files = {
+        ROLE_TRAINING: file_entry(tmp, TRAINING_MODEL),
+        ROLE_EVAL: file_entry(tmp, EVAL_MODEL),
+        ROLE_OPTIMIZER: file_entry(tmp, OPTIMIZER_MODEL),
+        ROLE_CHECKPOINT: file_entry(tmp, CHECKPOINT),
+    }
+    if spec_in.tokenizer_file:
+        files[ROLE_TOKENIZER] = file_entry(tmp, spec_in.tokenizer_file)
+    for role, rel in (("proxy_weights", PROXY_WEIGHTS), ("proxy_spec", PROXY_SPEC), ("fm_config", FM_CONFIG), ("adapters_init", ADAPTERS_INIT), ("prepare_config", PREPARE_CONFIG)):
+        files[role] = file_entry(tmp, rel)
+
+    manifest = BundleManifest(
+        bundle_id=uuid.uuid4().hex,
+        bundle_version=bundle_version,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        fm_id=fm_id,
+        family=fam.name,
+        method=spec.method,
+        labels=list(labels),
+        input=spec_in,
+        logits_output=LOGITS,
+        trainable=trainable,
+        ffn=ffn,
+        stat_outputs=[StatOutput(layer=spec.layer_map[p], neurons=spec.ffn_sizes[p], off_counts=stat_names(p)[0], positions=stat_names(p)[1]) for p in stat_layers],
+        files=files,
+        versions=versions(),
+        config=prepare_config,
+    )
+    manifest.save(tmp)
+    return manifest
+
+
+# Files a device needs; the rest stays in the cloud.
+DEVICE_ROLES = (ROLE_TRAINING, ROLE_EVAL, ROLE_OPTIMIZER, ROLE_CHECKPOINT, ROLE_TOKENIZER)
+
+
+def device_files(manifest: BundleManifest) -> list[str]:
+    return [e.path for r, e in manifest.files.items() if r in DEVICE_ROLES]
+
+
+__all__ = ["write_bundle", "device_files", "remap_layers", "PROXY_WEIGHTS", "PROXY_SPEC", "FM_CONFIG", "ADAPTERS_INIT"]

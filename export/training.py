@@ -1,0 +1,156 @@
+"""torch proxy + LoRA -> ONNX training graph -> ONNX Runtime on-device training artifacts.
+
+Recipe (STACK.md): torch.onnx.export with dynamo=False, TrainingMode.TRAINING, no constant
+folding, opset 16 (17 exports a fused LayerNormalization whose gradient ORT cannot build);
+eager attention. The graph outputs logits plus, per compressed layer, the activation
+statistics for neuron-level alignment; ORT appends the cross-entropy loss.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedpft.cloud.models import encoder_layers, ffn_linears, family_of, unwrap
+
+OPSET = 16
+LOGITS = "logits"
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
+
+
+def stat_names(layer: int) -> tuple[str, str]:
+    return f"apoz_off_{layer}", f"apoz_positions_{layer}"
+
+
+def activation_counts(pre: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-neuron count of unmasked positions with pre-activation <= 0, and the number of positions.
+
+    pre: (batch, tokens, neurons) FFN pre-activation; mask: (batch, tokens) 1 for real tokens.
+    GELU(x) <= 0 exactly when x <= 0, so this is the paper's "activation is zero" made exact.
+    """
+    m = mask.to(pre.dtype)
+    off = (pre <= 0).to(pre.dtype)
+    return torch.einsum("btk,bt->k", off, m), m.sum()
+
+
+class TrainingGraph(nn.Module):
+    """What gets exported: (inputs) -> logits, then (off_counts, positions) per stat layer.
+
+    Pre-activations are read with forward hooks on the compressed layers' W_in: the documented
+    torch extension point, so no model class is modified.
+    """
+
+    def __init__(self, model: nn.Module, stat_layers: list[int]):
+        super().__init__()
+        self.model = model
+        self.kind = family_of(unwrap(model).config).kind
+        self.stat_layers = list(stat_layers)
+        self._captured: dict[int, torch.Tensor] = {}
+        layers = encoder_layers(model)
+        for p in self.stat_layers:
+            ffn_linears(layers[p])[0].register_forward_hook(self._hook(p))
+
+    def _hook(self, p: int):
+        def hook(_module, _inputs, output):
+            self._captured[p] = output
+
+        return hook
+
+    def forward(self, *inputs: torch.Tensor):
+        self._captured.clear()
+        if self.kind == "text":
+            input_ids, attention_mask = inputs
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            mask = attention_mask
+        else:
+            (pixel_values,) = inputs
+            logits = self.model(pixel_values=pixel_values).logits
+            mask = None
+        outs = [logits]
+        for p in self.stat_layers:
+            pre = self._captured[p]  # (batch, tokens, neurons)
+            m = mask if mask is not None else torch.ones(pre.shape[:2], dtype=pre.dtype)
+            outs.extend(activation_counts(pre, m))
+        return tuple(outs)
+
+
+@dataclass
+class ArtifactInfo:
+    input_names: list[str]
+    output_names: list[str]
+    trainable: list[str]  # ONNX/checkpoint parameter names
+    frozen: list[str]
+
+
+def example_inputs(kind: str, config, batch: int = 2, tokens: int = 16) -> tuple[torch.Tensor, ...]:
+    if kind == "text":
+        ids = torch.randint(5, min(config.vocab_size, 1000), (batch, tokens), dtype=torch.long)
+        mask = torch.ones(batch, tokens, dtype=torch.long)
+        mask[-1, tokens // 2 :] = 0  # exercise padding during tracing
+        return ids, mask
+    size = config.image_size
+    return (torch.randn(batch, config.num_channels, size, size),)
+
+
+def input_names_for(kind: str) -> list[str]:
+    return ["input_ids", "attention_mask"] if kind == "text" else ["pixel_values"]
+
+
+def export_training_onnx(graph: TrainingGraph, example: tuple[torch.Tensor, ...]) -> tuple[bytes, list[str], list[str]]:
+    inputs = input_names_for(graph.kind)
+    outputs = [LOGITS] + [n for p in graph.stat_layers for n in stat_names(p)]
+    dyn = {n: {0: "batch", 1: "tokens"} for n in inputs} if graph.kind == "text" else {inputs[0]: {0: "batch"}}
+    dyn[LOGITS] = {0: "batch"}
+    buf = io.BytesIO()
+    graph.train()  # dropout nodes belong in a training graph; ORT's eval model switches them off
+    torch.onnx.export(
+        graph,
+        example,
+        buf,
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_axes=dyn,
+        opset_version=OPSET,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.TRAINING,
+        export_params=True,
+        dynamo=False,
+    )
+    graph.eval()
+    return buf.getvalue(), inputs, outputs
+
+
+def generate_training_artifacts(graph: TrainingGraph, example: tuple[torch.Tensor, ...], out_dir: Path) -> ArtifactInfo:
+    """Write training/eval/optimizer models and the checkpoint into out_dir (which must exist)."""
+    import onnx
+    from onnxruntime.training import artifacts
+
+    blob, inputs, outputs = export_training_onnx(graph, example)
+    model = onnx.load_from_string(blob)
+    init_names = {i.name for i in model.graph.initializer}
+    trainable = [n for n, p in graph.named_parameters() if p.requires_grad and n in init_names]
+    wanted = [n for n, p in graph.named_parameters() if p.requires_grad]
+    missing = sorted(set(wanted) - set(trainable))
+    if missing:
+        raise RuntimeError(f"trainable parameters missing from the exported graph: {missing[:5]}")
+    frozen = sorted(init_names - set(trainable))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.generate_artifacts(
+        model,
+        requires_grad=trainable,
+        frozen_params=frozen,
+        loss=artifacts.LossType.CrossEntropyLoss,
+        optimizer=artifacts.OptimType.AdamW,
+        artifact_directory=str(out_dir),
+        additional_output_names=outputs,
+        loss_input_names=[LOGITS],
+    )
+    return ArtifactInfo(inputs, outputs, trainable, frozen)

@@ -1,0 +1,53 @@
+"""Typed configs that flow from the CLIs down. Pure pydantic: importable on devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ProxyMethod = Literal["fedpft", "fedot", "full"]
+
+
+class PrepareConfig(BaseModel):
+    """Everything `fedpft-cloud prepare` needs; saved as prepare_config.json in each bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="local Hugging Face folder, hub id, or alias (vit-base, bert-base, roberta-base, minilm)")
+    out: Path
+    labels: list[str] | None = None
+    num_labels: int | None = Field(default=None, ge=1)
+    public_data: Path | None = None
+    proxy: ProxyMethod = "fedpft"
+    distill_steps: int = Field(default=200, ge=0)
+    distill_lr: float = Field(default=5e-4, gt=0)
+    distill_alpha: float = Field(default=0.0, ge=0, description="weight of the W_out·W_in product loss")
+    keep_layers: list[int] | None = Field(default=None, description="layers left uncompressed; default first and last")
+    ffn_keep: float = Field(default=0.25, description="fraction of FFN neurons kept in compressed layers, (0, 1]")
+    fedot_layers: int | None = Field(default=None, ge=2, description="layers kept by the fedot layer-drop proxy")
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    max_length: int = Field(default=128, ge=8)
+    batch_size: int = Field(default=16, ge=1)
+    dropout: float | None = Field(default=None, ge=0, lt=1, description="override the FM's dropout in the training graph")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrepareConfig":
+        if not (0.0 < self.ffn_keep <= 1.0):
+            raise ValueError(f"--ffn-keep must be in (0, 1], got {self.ffn_keep}")
+        if self.labels is not None:
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError("labels must be unique")
+            if self.num_labels is not None and self.num_labels != len(self.labels):
+                raise ValueError(f"--num-labels {self.num_labels} does not match the {len(self.labels)} labels given")
+        if self.keep_layers is not None and len(set(self.keep_layers)) != len(self.keep_layers):
+            raise ValueError(f"--keep-layers has duplicates: {self.keep_layers}")
+        return self
+
+    def resolved_labels(self) -> list[str]:
+        if self.labels is not None:
+            return list(self.labels)
+        return [f"LABEL_{i}" for i in range(self.num_labels or 2)]

@@ -1,0 +1,152 @@
+"""The bundle manifest: the only way a device finds, checks and understands its files.
+
+Written by `fedpft.export`, read by `fedpft.edge` and by the cloud when it runs rounds.
+Pure pydantic + hashlib so that both sides can import it without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA = 1
+
+# Roles of the files every bundle holds; `files` maps role -> FileEntry.
+ROLE_TRAINING = "training_model"
+ROLE_EVAL = "eval_model"
+ROLE_OPTIMIZER = "optimizer_model"
+ROLE_CHECKPOINT = "checkpoint"
+ROLE_TOKENIZER = "tokenizer"
+REQUIRED_ROLES = (ROLE_TRAINING, ROLE_EVAL, ROLE_OPTIMIZER, ROLE_CHECKPOINT)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Frozen):
+    """One tensor held in the ORT checkpoint, and the key it has outside ORT."""
+
+    name: str  # parameter name inside the ORT checkpoint / ONNX graph
+    key: str  # PEFT state-dict key (adapters) or proxy state-dict key (FFN weights)
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+class InputSpec(_Frozen):
+    kind: Literal["text", "image"]
+    # graph input names in order; text: input_ids, attention_mask; image: pixel_values
+    names: tuple[str, ...]
+    max_length: int | None = None
+    tokenizer_file: str | None = None
+    image_size: int | None = None
+    num_channels: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    resample: str = "bilinear"
+    rescale_factor: float = 1.0 / 255.0
+
+
+class StatOutput(_Frozen):
+    """Extra training-graph outputs of one compressed layer, for neuron-level alignment.
+
+    `off_counts` is a float32 vector (neurons,) counting token positions whose FFN
+    pre-activation is <= 0 (GELU output <= 0); `positions` is a float32 scalar counting the
+    (unpadded) positions seen. APoZ of neuron j = off_counts[j] / positions.
+    """
+
+    layer: int
+    neurons: int
+    off_counts: str
+    positions: str
+
+
+class FileEntry(_Frozen):
+    path: str
+    sha256: str
+    size: int
+
+
+class BundleManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = MANIFEST_SCHEMA
+    bundle_id: str
+    bundle_version: int = 1
+    created: str
+    fm_id: str
+    family: str
+    method: str = "fedpft"
+    labels: list[str]
+    input: InputSpec
+    logits_output: str = "logits"
+    loss: str = "cross_entropy"
+    trainable: list[TensorSpec]
+    # frozen FFN weights of compressed layers: what neuron-level alignment rewrites on devices
+    ffn: list[TensorSpec] = Field(default_factory=list)
+    stat_outputs: list[StatOutput] = Field(default_factory=list)
+    files: dict[str, FileEntry]
+    versions: dict[str, str] = Field(default_factory=dict)
+    config: dict = Field(default_factory=dict)
+    signature: str | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(self.model_dump_json(indent=2))
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> "BundleManifest":
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise BundleError(f"{path}: no bundle manifest here")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValueError as exc:
+            raise BundleError(f"{path}: invalid manifest: {exc}") from exc
+
+
+class BundleError(Exception):
+    """A bundle that is missing, incomplete, or does not match its manifest."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(folder: Path, relpath: str) -> FileEntry:
+    p = Path(folder) / relpath
+    return FileEntry(path=relpath, sha256=sha256_file(p), size=p.stat().st_size)
+
+
+def verify_bundle(folder: Path) -> BundleManifest:
+    """Load the manifest and check every file's size and sha256; raise BundleError on any mismatch."""
+    folder = Path(folder)
+    manifest = BundleManifest.load(folder)
+    missing = [r for r in REQUIRED_ROLES if r not in manifest.files]
+    if missing:
+        raise BundleError(f"{folder}: manifest lacks required files {missing}")
+    for role, entry in manifest.files.items():
+        p = folder / entry.path
+        if not p.is_file():
+            raise BundleError(f"{p}: bundle file '{role}' is missing")
+        if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
+            raise BundleError(f"{p}: sha256 does not match the manifest (file '{role}' changed or is corrupt)")
+    return manifest
+
+
+def dump_json(obj: object) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
