@@ -97,6 +97,9 @@ def load_fm(model_id: str, labels: list[str], dropout: float | None = None, seed
     torch.manual_seed(seed)
     cls = model_class(config)
     local = os.path.isdir(model_id)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "head newly initialized" is expected: we add the task head
     try:
         model = cls.from_pretrained(model_id, config=config, local_files_only=local)
     except (OSError, ValueError) as exc:

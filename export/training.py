@@ -9,6 +9,10 @@ statistics for neuron-level alignment; ORT appends the cross-entropy loss.
 from __future__ import annotations
 
 import io
+import os
+from contextlib import contextmanager
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +114,15 @@ def export_training_onnx(graph: TrainingGraph, example: tuple[torch.Tensor, ...]
     dyn[LOGITS] = {0: "batch"}
     buf = io.BytesIO()
     graph.train()  # dropout nodes belong in a training graph; ORT's eval model switches them off
+    with warnings.catch_warnings():
+        # the TorchScript exporter is deprecated but is the verified training-export path (STACK.md)
+        warnings.simplefilter("ignore")
+        _export(graph, example, buf, inputs, outputs, dyn)
+    graph.eval()
+    return buf.getvalue(), inputs, outputs
+
+
+def _export(graph, example, buf, inputs, outputs, dyn) -> None:
     torch.onnx.export(
         graph,
         example,
@@ -123,14 +136,15 @@ def export_training_onnx(graph: TrainingGraph, example: tuple[torch.Tensor, ...]
         export_params=True,
         dynamo=False,
     )
-    graph.eval()
-    return buf.getvalue(), inputs, outputs
 
 
 def generate_training_artifacts(graph: TrainingGraph, example: tuple[torch.Tensor, ...], out_dir: Path) -> ArtifactInfo:
     """Write training/eval/optimizer models and the checkpoint into out_dir (which must exist)."""
     import onnx
+    import onnxruntime
     from onnxruntime.training import artifacts
+
+    onnxruntime.set_default_logger_severity(3)  # ORT logs every graph transform at INFO
 
     blob, inputs, outputs = export_training_onnx(graph, example)
     model = onnx.load_from_string(blob)
@@ -143,6 +157,37 @@ def generate_training_artifacts(graph: TrainingGraph, example: tuple[torch.Tenso
     frozen = sorted(init_names - set(trainable))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # artifacts logs on root
+    with _native_stderr_captured():
+        _generate(artifacts, model, trainable, frozen, out_dir, outputs)
+    return ArtifactInfo(inputs, outputs, trainable, frozen)
+
+
+@contextmanager
+def _native_stderr_captured():
+    """ORT's offline graph optimiser logs every transform at INFO straight to fd 2, ignoring the
+    logger severity; keep it out of the user's terminal and show it only if generation fails."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            tail = sink.read()[-4000:].decode(errors="replace")
+            sys.stderr.write(tail)
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _generate(artifacts, model, trainable, frozen, out_dir, outputs) -> None:
     artifacts.generate_artifacts(
         model,
         requires_grad=trainable,
@@ -153,4 +198,3 @@ def generate_training_artifacts(graph: TrainingGraph, example: tuple[torch.Tenso
         additional_output_names=outputs,
         loss_input_names=[LOGITS],
     )
-    return ArtifactInfo(inputs, outputs, trainable, frozen)
