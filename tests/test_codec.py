@@ -1,0 +1,122 @@
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedpft.shared.codec import check_finite, check_tensors, decode_tensors, encode_tensors, spec_of
+from fedpft.shared.messages import ProtocolError
+
+
+def tensors():
+    rng = np.random.default_rng(0)
+    return {
+        "lora_A": rng.standard_normal((8, 16)).astype(np.float32),
+        "head.bias": np.zeros(3, np.float32),
+        "count": np.arange(5, dtype=np.int64),
+        "half": np.ones((2, 2), np.float16),
+    }
+
+
+def test_round_trip_with_metadata():
+    t = tensors()
+    data = encode_tensors(t, {"round": "3", "device": "d1"})
+    back, meta = decode_tensors(data)
+    assert meta == {"round": "3", "device": "d1"}
+    assert set(back) == set(t)
+    for k in t:
+        assert back[k].dtype == t[k].dtype and np.array_equal(back[k], t[k])
+
+
+def test_non_contiguous_arrays_are_fine():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4).T
+    back, _ = decode_tensors(encode_tensors({"a": a}))
+    assert np.array_equal(back["a"], a)
+
+
+def test_encode_refuses_what_cannot_travel():
+    with pytest.raises(ProtocolError, match="numpy"):
+        encode_tensors({"a": [1, 2]})  # type: ignore[dict-item]
+    with pytest.raises(ProtocolError, match="dtype"):
+        encode_tensors({"a": np.array(["x"])})
+    with pytest.raises(ProtocolError, match="metadata"):
+        encode_tensors({"a": np.zeros(1)}, {"k": 1})  # type: ignore[dict-item]
+    with pytest.raises(ProtocolError, match="name"):
+        encode_tensors({"": np.zeros(1)})
+
+
+def test_pickle_is_refused():
+    import pickle
+
+    with pytest.raises(ProtocolError, match="malformed safetensors"):
+        decode_tensors(pickle.dumps({"a": np.zeros(3)}))
+
+
+@pytest.mark.parametrize("cut", [0, 7, 8, 20, -1])
+def test_truncated_blobs_are_refused(cut):
+    data = encode_tensors(tensors())
+    with pytest.raises(ProtocolError, match="malformed"):
+        decode_tensors(data[:cut])
+
+
+def test_hostile_header_length_and_size_limit():
+    with pytest.raises(ProtocolError, match="exceeds the payload"):
+        decode_tensors(struct.pack("<Q", 2**60) + b"{}")
+    with pytest.raises(ProtocolError, match="not a JSON object"):
+        decode_tensors(struct.pack("<Q", 2) + b"[]")
+    with pytest.raises(ProtocolError, match="limit"):
+        decode_tensors(encode_tensors(tensors()), max_bytes=100)
+
+
+def test_check_tensors_accepts_matching_spec():
+    t = tensors()
+    check_tensors(t, spec_of(t))
+    check_tensors({"a": np.zeros((2, 3), np.float32)}, {"a": ([2, 3], "float32")})
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda t: t.pop("lora_A"), "missing tensors: lora_A"),
+        (lambda t: t.__setitem__("extra", np.zeros(1, np.float32)), "unexpected tensors: extra"),
+        (lambda t: t.__setitem__("lora_A", np.zeros((16, 8), np.float32)), "shape (16, 8) != expected (8, 16)"),
+        (lambda t: t.__setitem__("head.bias", np.zeros(3, np.float64)), "dtype float64 != expected float32"),
+        (lambda t: t["lora_A"].__setitem__((0, 0), np.nan), "'lora_A' holds NaN or Inf"),
+        (lambda t: t["half"].__setitem__((1, 1), np.inf), "'half' holds NaN or Inf"),
+    ],
+)
+def test_check_tensors_reasons(mutate, reason):
+    spec = spec_of(tensors())
+    t = tensors()
+    mutate(t)
+    with pytest.raises(ProtocolError) as info:
+        check_tensors(t, spec)
+    assert reason in info.value.reason
+
+
+def test_partial_checks():
+    t = tensors()
+    spec = spec_of(t)
+    del t["count"]
+    check_tensors(t, spec, allow_missing=True)
+    check_tensors({**tensors(), "x": np.zeros(1)}, spec, allow_extra=True)
+    check_finite({"i": np.array([1, 2], np.int32)})
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=200))
+def test_decode_garbage_is_a_protocol_error(data):
+    try:
+        decode_tensors(data)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=1, max_size=64))
+def test_decode_garbage_with_valid_length_prefix(body):
+    try:
+        decode_tensors(struct.pack("<Q", len(body)) + body)
+    except ProtocolError:
+        pass
