@@ -13,19 +13,42 @@ import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from amqtt.broker import Broker
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
+
 log = logging.getLogger(__name__)
+
+
+class AcceptAllAuth(BaseAuthPlugin):
+    """Let every client in, as a *named* client.
+
+    amqtt's AnonymousAuthPlugin marks every session anonymous, and amqtt never queues QoS 1
+    messages for an offline anonymous session — which would silently break persistent-session
+    resume. The embedded broker listens on loopback for one machine, so no check is lost.
+    """
+
+    @dataclass
+    class Config:
+        pass
+
+    async def authenticate(self, *, session: Session) -> bool:
+        return True
 
 
 def _config(host: str, port: int, max_connections: int) -> dict[str, Any]:
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": max_connections}},
         # Listing plugins replaces amqtt's defaults: no $SYS publisher (a 20 s timer that outlives
-        # short runs), no per-packet logger; anonymous clients allowed (loopback, one machine).
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        # short runs), no per-packet logger, and AcceptAllAuth instead of anonymous sessions.
+        "plugins": {f"{__name__}.AcceptAllAuth": {}},
         "timeout_disconnect_delay": 0,
+        # Persistent sessions of devices that never come back must not pile up for ever.
+        "session_expiry_interval": 3600,
     }
 
 
@@ -89,8 +112,6 @@ class EmbeddedBroker:
             loop.close()
 
     async def _serve(self) -> None:
-        from amqtt.broker import Broker  # cloud-only dependency; importing it costs ~0.3 s
-
         self._stop = asyncio.Event()
         broker = Broker(_config(self.host, self.port, self.max_connections), loop=asyncio.get_running_loop())
         await broker.start()
