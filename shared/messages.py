@@ -12,7 +12,9 @@ import re
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema, field_validator, model_validator,
+)
 from pydantic.functional_validators import AfterValidator
 
 PROTOCOL_VERSION = 1
@@ -45,7 +47,7 @@ def _id(value: str) -> str:
         raise ValueError(exc.reason) from None
 
 
-SafeId = Annotated[str, AfterValidator(_id)]
+SafeId = Annotated[str, AfterValidator(_id), WithJsonSchema({"type": "string", "pattern": f"^{SAFE_ID_RE.pattern}$"})]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Reason = Annotated[str, Field(max_length=2000)]
 
@@ -125,6 +127,7 @@ class Task(_Message):
     batch_size: int = Field(ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     report_stats: bool = False  # ask for per-neuron activation statistics (alignment rounds)
+    seed: int = Field(default=0, ge=0)  # local shuffling seed: a resumed run trains exactly as an uninterrupted one
     deadline: float = Field(description="unix time after which the cloud stops waiting")
 
     @field_validator("devices")
@@ -190,7 +193,8 @@ Message = Annotated[
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
-MESSAGE_TYPES = ("hello", "presence", "task", "update", "ack", "blobreq", "end")
+MESSAGE_MODELS: tuple[type[_Message], ...] = (Hello, Presence, Task, Update, Ack, BlobRequest, EndOfRun)
+MESSAGE_TYPES = tuple(m.model_fields["type"].default for m in MESSAGE_MODELS)
 
 
 def encode(msg: _Message) -> bytes:

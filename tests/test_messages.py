@@ -107,3 +107,21 @@ def test_decode_fuzzed_objects(d):
         decode(json.dumps(d).encode())
     except ProtocolError:
         pass
+
+
+def test_asyncapi_document_matches_the_models():
+    yaml = pytest.importorskip("yaml")
+    from pathlib import Path
+
+    from pydantic.json_schema import models_json_schema
+
+    from fedpft.shared.messages import MESSAGE_MODELS
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "docs" / "asyncapi.yaml").read_text())
+    assert doc["asyncapi"].startswith("2.6") and doc["info"]["version"] == str(PROTOCOL_VERSION)
+    _, fresh = models_json_schema([(m, "validation") for m in MESSAGE_MODELS], ref_template="#/components/schemas/{model}")
+    assert doc["components"]["schemas"] == json.loads(json.dumps(fresh["$defs"])), "regenerate docs/asyncapi.yaml"
+    from fedpft.shared import topics
+
+    kinds = {topics.parse(name.format(run="r", deviceId="d", blobId="b")).kind for name in doc["channels"]}
+    assert kinds == topics.BROADCAST_KINDS | topics.DEVICE_KINDS | topics.BLOB_KINDS
