@@ -193,12 +193,3 @@ def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_
     return manifest
 
 
-# Files a device needs; the rest stays in the cloud.
-DEVICE_ROLES = (ROLE_TRAINING, ROLE_EVAL, ROLE_OPTIMIZER, ROLE_CHECKPOINT, ROLE_TOKENIZER)
-
-
-def device_files(manifest: BundleManifest) -> list[str]:
-    return [e.path for r, e in manifest.files.items() if r in DEVICE_ROLES]
-
-
-__all__ = ["write_bundle", "device_files", "remap_layers", "PROXY_WEIGHTS", "PROXY_SPEC", "FM_CONFIG", "ADAPTERS_INIT"]

@@ -51,3 +51,68 @@ class PrepareConfig(BaseModel):
         if self.labels is not None:
             return list(self.labels)
         return [f"LABEL_{i}" for i in range(self.num_labels or 2)]
+
+
+class ServeConfig(BaseModel):
+    """`fedpft-cloud serve`: one federated run over MQTT; saved as RUN/serve_config.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: Path
+    out: Path
+    broker: str | None = Field(default=None, description="mqtt://host:port; None starts the embedded broker")
+    run_id: str = "default"
+    rounds: int = Field(default=3, ge=1)
+    clients_per_round: int | None = Field(default=None, ge=1)
+    fraction: float | None = Field(default=None, gt=0, le=1)
+    min_clients: int = Field(default=1, ge=1)
+    round_timeout: float = Field(default=600.0, gt=0)
+    wait_for_clients: float = Field(default=120.0, ge=0, description="seconds to wait for min_clients to come online")
+    max_round_retries: int = Field(default=1, ge=0)
+    local_epochs: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=16, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    align_every: int = Field(default=0, ge=0, description="neuron-level alignment every T rounds; 0 = never")
+    align_fraction: float = Field(default=0.5, ge=0, le=1)
+    align_steps: int = Field(default=100, ge=0)
+    align_lr: float = Field(default=5e-4, gt=0)
+    public_data: Path | None = None
+    eval_data: Path | None = None
+    eval_max_samples: int | None = Field(default=None, ge=1)
+    eval_batch_size: int = Field(default=64, ge=1)
+    chunk_size: int = Field(default=1 << 20, ge=1024)
+    max_update_bytes: int = Field(default=256 << 20, ge=1024)
+    max_update_norm: float | None = Field(default=None, gt=0)
+    seed: int = 0
+    resume: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("give --clients-per-round or --fraction, not both")
+        if self.clients_per_round is not None and self.min_clients > self.clients_per_round:
+            raise ValueError(f"--min-clients {self.min_clients} exceeds --clients-per-round {self.clients_per_round}")
+        return self
+
+
+class AgentConfig(BaseModel):
+    """`fedpft-edge train --broker ...`: one device taking part in a federated run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    broker: str
+    device_id: str
+    data: Path
+    run_id: str = "default"
+    cache: Path = Path(".fedpft-cache")
+    holdout: float = Field(default=0.1, ge=0, lt=1)
+    heartbeat: float = Field(default=10.0, gt=0, description="seconds between Hello heartbeats while idle")
+    fetch_timeout: float = Field(default=600.0, gt=0)
+    ack_timeout: float = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password: str | None = None

@@ -23,6 +23,8 @@ ROLE_OPTIMIZER = "optimizer_model"
 ROLE_CHECKPOINT = "checkpoint"
 ROLE_TOKENIZER = "tokenizer"
 REQUIRED_ROLES = (ROLE_TRAINING, ROLE_EVAL, ROLE_OPTIMIZER, ROLE_CHECKPOINT)
+# What a device receives; every other file (proxy weights, FM config, ...) stays in the cloud.
+DEVICE_ROLES = (*REQUIRED_ROLES, ROLE_TOKENIZER)
 
 
 class _Frozen(BaseModel):
@@ -132,14 +134,19 @@ def file_entry(folder: Path, relpath: str) -> FileEntry:
     return FileEntry(path=relpath, sha256=sha256_file(p), size=p.stat().st_size)
 
 
-def verify_bundle(folder: Path) -> BundleManifest:
-    """Load the manifest and check every file's size and sha256; raise BundleError on any mismatch."""
+def verify_bundle(folder: Path, device_only: bool = False) -> BundleManifest:
+    """Load the manifest and check files' sizes and sha256; raise BundleError on any mismatch.
+
+    device_only: check just the files a device receives (DEVICE_ROLES), as a device must.
+    """
     folder = Path(folder)
     manifest = BundleManifest.load(folder)
     missing = [r for r in REQUIRED_ROLES if r not in manifest.files]
     if missing:
         raise BundleError(f"{folder}: manifest lacks required files {missing}")
     for role, entry in manifest.files.items():
+        if device_only and role not in DEVICE_ROLES:
+            continue
         p = folder / entry.path
         if not p.is_file():
             raise BundleError(f"{p}: bundle file '{role}' is missing")

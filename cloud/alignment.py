@@ -1,0 +1,84 @@
+"""Neuron-level alignment during FL (DESIGN.md §4).
+
+Sum the devices' activation counts, freeze the neurons they use most (lowest APoZ), and
+re-distil the rest with teacher = FM + aggregated adapters, student = proxy + the same adapters.
+The result is the compressed layers' FFN tensors, shipped to devices under their ORT names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedpft.export.adapters import load_adapter_state
+
+from .aggregate import apoz, most_used
+from .distill import DistillResult, distill
+from .models import encoder_layers, ffn_linears
+from .proxy import ProxySpec
+
+log = logging.getLogger("fedpft.alignment")
+
+
+@dataclass
+class AlignmentResult:
+    ffn: dict[str, np.ndarray]  # proxy state-dict key -> tensor, every compressed layer
+    frozen: dict[int, int]  # proxy layer -> neurons frozen
+    distill: DistillResult
+    mean_apoz: dict[int, float]
+
+
+def frozen_masks(stats: dict[int, tuple[np.ndarray, float]], spec: ProxySpec, fraction: float) -> dict[int, torch.Tensor]:
+    """FM layer -> (off, positions) sums  ->  proxy layer -> bool mask of neurons to keep fixed."""
+    inverse = {fm: p for p, fm in enumerate(spec.layer_map)}
+    masks = {}
+    for fm_layer, (off, pos) in stats.items():
+        p = inverse[fm_layer]
+        if off.shape != (spec.ffn_sizes[p],):
+            raise ValueError(f"layer {fm_layer}: statistics for {off.shape} neurons, proxy has {spec.ffn_sizes[p]}")
+        masks[p] = torch.from_numpy(most_used(apoz(off, pos), fraction))
+    return masks
+
+
+def ffn_state(proxy: torch.nn.Module, spec: ProxySpec) -> dict[str, np.ndarray]:
+    """The compressed layers' FFN tensors keyed as in the plain proxy's state dict."""
+    from .models import unwrap
+
+    base = unwrap(proxy)
+    names = {id(m): n for n, m in base.named_modules()}
+    out = {}
+    for p in spec.compressed:
+        for lin in ffn_linears(encoder_layers(base)[p]):
+            for pname, t in lin.named_parameters():
+                out[f"{names[id(lin)]}.{pname}"] = t.detach().cpu().numpy().copy()
+    return out
+
+
+def align(
+    fm: torch.nn.Module,
+    proxy: torch.nn.Module,
+    spec: ProxySpec,
+    adapters: dict[str, np.ndarray],
+    stats: dict[int, tuple[np.ndarray, float]],
+    public: Iterator[dict[str, torch.Tensor]],
+    fraction: float,
+    steps: int,
+    lr: float,
+) -> AlignmentResult:
+    """fm and proxy are PEFT-wrapped with the same LoRA config; both get `adapters` first."""
+    as_torch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapters.items()}
+    load_adapter_state(fm, as_torch)
+    load_adapter_state(proxy, as_torch, spec.layer_map)
+    masks = frozen_masks(stats, spec, fraction)
+    result = distill(fm, proxy, spec, public, steps, lr=lr, frozen=masks)
+    mean = {spec.layer_map[p]: float(apoz(*stats[spec.layer_map[p]]).mean()) for p in masks}
+    log.info(
+        "alignment: froze %s neurons, distilled %d steps (loss %.4f -> %.4f), mean APoZ %s",
+        {spec.layer_map[p]: int(m.sum()) for p, m in masks.items()}, len(result.losses), result.first, result.last,
+        {k: round(v, 3) for k, v in mean.items()},
+    )
+    return AlignmentResult(ffn_state(proxy, spec), {p: int(m.sum()) for p, m in masks.items()}, result, mean)

@@ -1,0 +1,40 @@
+"""Plug aggregated adapters into the full FM and evaluate it: what the FM owner actually gets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from fedpft.export.adapters import add_adapters, load_adapter_state
+
+from .models import load_fm
+
+Batch = tuple[dict[str, np.ndarray], np.ndarray]
+
+
+class PluggedFM:
+    """The FM wrapped once with the proxy's LoRA config; each round only swaps adapter values."""
+
+    def __init__(self, model_source: str, labels: list[str], lora_rank: int, lora_alpha: float, seed: int = 0):
+        fm = load_fm(model_source, labels, dropout=None, seed=seed)
+        self.model = add_adapters(fm, lora_rank, lora_alpha, seed).eval()
+
+    def plug(self, adapters: dict[str, np.ndarray]) -> None:
+        load_adapter_state(self.model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapters.items()})
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch]) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) over the batches."""
+        correct, loss_sum, n = 0, 0.0, 0
+        for inputs, labels in batches:
+            feed = {k: torch.from_numpy(v) for k, v in inputs.items()}
+            logits = self.model(**feed).logits
+            y = torch.from_numpy(labels).long()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+            n += len(y)
+        if n == 0:
+            raise ValueError("no evaluation samples")
+        return correct / n, loss_sum / n

@@ -1,0 +1,372 @@
+"""`fedpft-cloud serve`: the round loop of FedPFT over one Transport.
+
+Network handlers only decode, validate and enqueue; all round state lives in the main loop,
+so there are no locks around it. Blob chunks asked for by devices are served straight from the
+handler thread (read-only data behind a lock), so downloads proceed while the loop trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedpft.shared import topics
+from fedpft.shared.archive import pack_bundle
+from fedpft.shared.chunks import BlobSource, Chunk, Reassembler
+from fedpft.shared.codec import decode_tensors, encode_tensors
+from fedpft.shared.config import ServeConfig
+from fedpft.shared.manifest import BundleManifest, verify_bundle
+from fedpft.shared.messages import (
+    CLOUD_SENDER,
+    Ack,
+    BlobRef,
+    BlobRequest,
+    EndOfRun,
+    Hello,
+    Presence,
+    ProtocolError,
+    Task,
+    Update,
+    decode,
+    encode,
+)
+from fedpft.shared.transport import Transport
+from fedpft.shared.update import split_update
+
+from .aggregate import clip_update, fedavg, sum_stats
+from .sampling import RoundStatus, RoundTracker, round_rng, sample_devices
+from .state import RunState, RunStore
+
+log = logging.getLogger("fedpft.serve")
+
+
+@dataclass
+class DeviceInfo:
+    online: bool = True
+    num_samples: int = 0
+    last_seen: float = field(default_factory=time.time)
+    bundle_version: str | None = None
+
+
+@dataclass
+class Accepted:
+    adapters: dict[str, np.ndarray]
+    stats: dict[int, tuple[np.ndarray, float]]
+    num_samples: int
+    msg: Update
+
+
+class BlobServer:
+    """Blobs the cloud offers; re-sends the chunks a device asks for on that device's topic."""
+
+    def __init__(self, transport: Transport, run_id: str, chunk_size: int):
+        self.t, self.run, self.chunk_size = transport, run_id, chunk_size
+        self._blobs: dict[str, BlobSource] = {}
+        self._lock = threading.Lock()
+        self.bytes_sent = 0
+
+    def offer(self, blob_id: str, data: bytes) -> BlobRef:
+        src = BlobSource(blob_id, data, self.chunk_size)
+        with self._lock:
+            self._blobs[blob_id] = src
+        return src.ref
+
+    def serve(self, req: BlobRequest) -> None:
+        with self._lock:
+            src = self._blobs.get(req.blob_id)
+        if src is None:
+            raise ProtocolError(f"device {req.device_id} asked for unknown blob {req.blob_id}")
+        topic = topics.resend_topic(self.run, req.device_id, req.blob_id)
+        for payload in src.payloads(req.missing):
+            self.t.publish(topic, payload)
+            with self._lock:
+                self.bytes_sent += len(payload)
+
+
+class Federation:
+    def __init__(self, cfg: ServeConfig, transport: Transport, evaluator=None, aligner=None, show_progress: bool = True):
+        self.cfg = cfg
+        self.t = transport
+        self.manifest: BundleManifest = verify_bundle(cfg.bundle)
+        self.store = RunStore(cfg.out)
+        self.events: queue.Queue = queue.Queue()
+        self.devices: dict[str, DeviceInfo] = {}
+        self.blobs = BlobServer(transport, cfg.run_id, cfg.chunk_size)
+        self.uploads: dict[tuple[str, str], Reassembler] = {}
+        self.waiting: dict[tuple[str, str], Update] = {}  # update messages whose blob is still arriving
+        self.bytes_up = 0
+        self.evaluator = evaluator  # callable(adapters) -> (accuracy, loss) | None
+        self.aligner = aligner  # callable(adapters, stats) -> dict[ort name, array] | None
+        self.show_progress = show_progress
+        self.expected = {t.key: (tuple(t.shape), t.dtype) for t in self.manifest.trainable}
+        self.stat_layers = {s.layer: s.neurons for s in self.manifest.stat_outputs}
+        self.tracker: RoundTracker | None = None
+        self.round_id = -1
+
+    # ------------------------------------------------------------------ network side (handler thread)
+    def _on_json(self, topic: str, payload: bytes) -> None:
+        try:
+            msg = decode(payload)
+            topics.check_sender(topic, msg.run_id, msg.sender)
+        except ProtocolError as exc:
+            log.warning("rejected message on %s: %s", topic, exc.reason)
+            return
+        if isinstance(msg, BlobRequest):
+            try:
+                self.blobs.serve(msg)
+            except ProtocolError as exc:
+                log.warning("rejected blob request from %s: %s", msg.device_id, exc.reason)
+            return
+        self.events.put(("msg", msg))
+
+    def _on_upload(self, topic: str, payload: bytes) -> None:
+        try:
+            parsed = topics.parse(topic)
+            chunk = Chunk.from_bytes(payload)
+            if chunk.blob_id != topics.blob_id_of(topic):
+                raise ProtocolError(f"chunk of blob {chunk.blob_id} on topic for {topics.blob_id_of(topic)}")
+        except ProtocolError as exc:
+            log.warning("rejected chunk on %s: %s", topic, exc.reason)
+            return
+        self.events.put(("chunk", parsed.device_id, chunk, len(payload)))
+
+    def subscribe(self) -> None:
+        run = self.cfg.run_id
+        for kind in (topics.HELLO, topics.PRESENCE, topics.UPDATE, topics.ACK, topics.BLOBREQ):
+            self.t.subscribe(topics.all_devices_pattern(run, kind), self._on_json)
+        self.t.subscribe(topics.all_devices_pattern(run, topics.UPLOAD), self._on_upload)
+
+    # ------------------------------------------------------------------ main loop side
+    def pump(self, timeout: float) -> None:
+        """Handle queued events for up to `timeout` seconds (returns early once the queue idles)."""
+        end = time.time() + timeout
+        while True:
+            remaining = end - time.time()
+            if remaining <= 0:
+                return
+            try:
+                ev = self.events.get(timeout=min(remaining, 0.2))
+            except queue.Empty:
+                if self.tracker is not None and self.tracker.status(time.time()) is not RoundStatus.WAITING:
+                    return
+                continue
+            try:
+                self._handle(ev)
+            except ProtocolError as exc:
+                log.warning("%s", exc.reason)
+            if self.tracker is not None and self.tracker.status(time.time()) is not RoundStatus.WAITING:
+                return
+
+    def _handle(self, ev) -> None:
+        if ev[0] == "chunk":
+            _, device, chunk, nbytes = ev
+            self._on_chunk(device, chunk, nbytes)
+            return
+        msg = ev[1]
+        if isinstance(msg, Hello):
+            info = self.devices.setdefault(msg.device_id, DeviceInfo())
+            info.online, info.num_samples, info.last_seen, info.bundle_version = True, msg.num_samples, time.time(), msg.bundle_version
+            log.debug("device %s online (%d samples)", msg.device_id, msg.num_samples)
+        elif isinstance(msg, Presence):
+            info = self.devices.setdefault(msg.device_id, DeviceInfo())
+            info.online, info.last_seen = msg.status == "online", time.time()
+            if not info.online:
+                log.info("device %s went offline%s", msg.device_id, f" ({msg.reason})" if msg.reason else "")
+        elif isinstance(msg, Update):
+            self._on_update(msg)
+        elif isinstance(msg, Ack):
+            self.devices.setdefault(msg.device_id, DeviceInfo()).last_seen = time.time()
+
+    def _on_chunk(self, device: str, chunk: Chunk, nbytes: int) -> None:
+        key = (device, chunk.blob_id)
+        asm = self.uploads.get(key)
+        if asm is None:
+            if len(self.uploads) > 4 * max(1, len(self.devices)) + 16:
+                raise ProtocolError(f"too many unfinished uploads; dropped chunk from {device}")
+            asm = self.uploads[key] = Reassembler(chunk.blob_id, max_bytes=self.cfg.max_update_bytes)
+        try:
+            asm.add(chunk)
+        except ProtocolError:
+            self.uploads.pop(key, None)
+            raise
+        self.bytes_up += nbytes
+        if asm.done and key in self.waiting:
+            self._on_update(self.waiting.pop(key))
+
+    def _reply(self, msg: Update, ok: bool, reason: str | None) -> None:
+        ack = Ack(run_id=self.cfg.run_id, round_id=msg.round_id, sender=CLOUD_SENDER, device_id=msg.device_id, acked="update", ok=ok, reason=reason)
+        self.t.publish(topics.device_topic(self.cfg.run_id, msg.device_id, topics.INBOX), encode(ack))
+
+    def _reject(self, msg: Update, reason: str) -> None:
+        log.warning("rejected update from %s for round %d: %s", msg.device_id, msg.round_id, reason)
+        self._reply(msg, False, reason)
+
+    def _on_update(self, msg: Update) -> None:
+        tr = self.tracker
+        if tr is None or msg.round_id != self.round_id:
+            self._drop_upload(msg)
+            return self._reject(msg, f"stale: round {msg.round_id} is not the current round {self.round_id}")
+        if msg.device_id not in tr.selected:
+            self._drop_upload(msg)
+            return self._reject(msg, "device was not selected for this round")
+        if msg.device_id in tr.answered():
+            self._drop_upload(msg)
+            return self._reply(msg, True, "duplicate (already counted)")  # QoS 1 redelivery: ack again, count once
+        if msg.error is not None:
+            tr.fail(msg.device_id, msg.error)
+            log.warning("device %s failed round %d: %s", msg.device_id, msg.round_id, msg.error)
+            return self._reply(msg, True, None)
+        ref = msg.blob
+        assert ref is not None
+        if ref.size > self.cfg.max_update_bytes:
+            return self._reject(msg, f"update of {ref.size} bytes exceeds the {self.cfg.max_update_bytes}-byte cap")
+        key = (msg.device_id, ref.blob_id)
+        asm = self.uploads.get(key)
+        if asm is None or not asm.done:
+            self.waiting[key] = msg
+            return
+        self.uploads.pop(key)
+        try:
+            data = asm.result()
+            if data and __import__("hashlib").sha256(data).hexdigest() != ref.sha256:
+                raise ProtocolError("update blob sha256 does not match the update message")
+            tensors, _meta = decode_tensors(data, self.cfg.max_update_bytes)
+            adapters, stats = split_update(tensors, self.expected, self.stat_layers)
+        except ProtocolError as exc:
+            return self._reject(msg, exc.reason)
+        self.store.save_update(msg.round_id, msg.device_id, data)
+        tr.accept(msg.device_id, Accepted(adapters, stats, msg.num_samples, msg))
+        self._reply(msg, True, None)
+        log.info("round %d: update from %s (%d samples, loss %s)", msg.round_id, msg.device_id, msg.num_samples,
+                 f"{msg.mean_loss:.4f}" if msg.mean_loss is not None else "-")
+
+    def _drop_upload(self, msg: Update) -> None:
+        if msg.blob is not None:
+            self.uploads.pop((msg.device_id, msg.blob.blob_id), None)
+
+    # ------------------------------------------------------------------ rounds
+    def online(self) -> list[str]:
+        return sorted(d for d, i in self.devices.items() if i.online)
+
+    def wait_for_devices(self, n: int, timeout: float) -> list[str]:
+        end = time.time() + timeout
+        while len(self.online()) < n and time.time() < end:
+            self.pump(min(0.5, max(0.0, end - time.time())))
+        return self.online()
+
+    def initial_state(self) -> RunState:
+        state = self.store.load() if self.cfg.resume else None
+        if state is not None:
+            if state.bundle_id != self.manifest.bundle_id:
+                raise RuntimeError(f"--resume: {self.cfg.out} belongs to bundle {state.bundle_id[:12]}, not {self.manifest.bundle_id[:12]}")
+            log.info("resuming run %s at round %d", state.run_id, state.next_round)
+            return state
+        if self.store.load() is not None and not self.cfg.resume:
+            raise RuntimeError(f"{self.cfg.out} already holds a run; pass --resume to continue it or choose another --out")
+        init = decode_tensors((Path(self.cfg.bundle) / self.manifest.files["adapters_init"].path).read_bytes())[0]
+        rel = self.store.write_tensors("checkpoints/adapters_round_init.safetensors", init)
+        state = RunState(run_id=self.cfg.run_id, bundle_id=self.manifest.bundle_id, adapters=rel)
+        self.store.commit(state)
+        (Path(self.cfg.out) / "serve_config.json").write_text(self.cfg.model_dump_json(indent=2))
+        return state
+
+    def run(self) -> RunState:
+        from .progress import progress_bar
+
+        state = self.initial_state()
+        self.subscribe()
+        # a retained end-of-run from an earlier run on this id would stop devices at once
+        self.t.publish(topics.control_topic(self.cfg.run_id), b"", retain=True)
+        bundle_ref = self.blobs.offer(f"bundle-{self.manifest.bundle_id[:16]}", pack_bundle(self.cfg.bundle))
+        with progress_bar("federated rounds", self.cfg.rounds, self.show_progress) as bar:
+            bar.advance(state.next_round)
+            while state.next_round < self.cfg.rounds:
+                record = self.run_round(state, bundle_ref)
+                bar.advance(**{k: v for k, v in record.items() if k in ("fm_accuracy", "clients") and v is not None})
+        end = EndOfRun(run_id=self.cfg.run_id, round_id=state.next_round, sender=CLOUD_SENDER)
+        self.t.publish(topics.control_topic(self.cfg.run_id), encode(end), retain=True)
+        return state
+
+    def run_round(self, state: RunState, bundle_ref: BlobRef) -> dict:
+        cfg = self.cfg
+        r = state.next_round
+        t0 = time.time()
+        sent0, up0 = self.blobs.bytes_sent, self.bytes_up
+        adapters = self.store.read_tensors(state.adapters)
+        adapters_ref = self.blobs.offer(f"adapters-r{r}-{state.alignments}", encode_tensors(adapters, {"round": str(r)}))
+        ffn_ref = None
+        if state.ffn is not None:
+            ffn_ref = self.blobs.offer(f"ffn-a{state.alignments}", (Path(cfg.out) / state.ffn).read_bytes())
+        align_now = bool(cfg.align_every) and (r + 1) % cfg.align_every == 0 and bool(self.stat_layers) and self.aligner is not None
+        tracker, reason = None, ""
+        for attempt in range(cfg.max_round_retries + 1):
+            online = self.wait_for_devices(cfg.min_clients, cfg.wait_for_clients)
+            if len(online) < cfg.min_clients:
+                reason = f"only {len(online)} of the {cfg.min_clients} devices needed are online"
+                log.warning("round %d attempt %d: %s", r, attempt, reason)
+                continue
+            selected = sample_devices(online, round_rng(cfg.seed, r, attempt), cfg.clients_per_round, cfg.fraction)
+            deadline = time.time() + cfg.round_timeout
+            task = Task(
+                run_id=cfg.run_id, round_id=r, sender=CLOUD_SENDER, devices=selected, bundle=bundle_ref,
+                bundle_version=f"{self.manifest.bundle_id}:{self.manifest.bundle_version}", adapters=adapters_ref,
+                ffn=ffn_ref, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
+                report_stats=align_now, deadline=deadline, seed=cfg.seed * 100003 + r,
+            )
+            self.round_id, self.tracker = r, RoundTracker(selected, deadline, cfg.min_clients)
+            self.t.publish(topics.round_topic(cfg.run_id), encode(task))
+            log.info("round %d: task sent to %s", r, ", ".join(selected))
+            while self.tracker.status(time.time()) is RoundStatus.WAITING:
+                self.pump(1.0)
+            tracker, self.tracker = self.tracker, None
+            if tracker.status(time.time()) is not RoundStatus.FAILED:
+                break
+            missing = sorted(set(tracker.selected) - tracker.answered())
+            reason = (f"{len(tracker.accepted)} of {cfg.min_clients} required updates"
+                      f"{'; no answer from ' + ', '.join(missing) if missing else ''}"
+                      f"{'; failed: ' + '; '.join(f'{d}: {e}' for d, e in tracker.failed.items()) if tracker.failed else ''}")
+            log.warning("round %d attempt %d below quorum: %s", r, attempt, reason)
+            tracker = None
+        record = {"round": r, "fm_accuracy": None, "fm_loss": None, "clients": 0, "devices": [], "aligned": False}
+        if tracker is None:
+            record["skipped"] = reason
+            log.warning("round %d skipped: %s", r, reason)
+        else:
+            accepted = [tracker.accepted[d] for d in sorted(tracker.accepted)]
+            updates = [a.adapters for a in accepted]
+            if cfg.max_update_norm is not None:
+                updates = [clip_update(u, adapters, cfg.max_update_norm) for u in updates]
+            adapters = fedavg(updates, [max(a.num_samples, 1) for a in accepted])
+            record.update(clients=len(accepted), devices=sorted(tracker.accepted),
+                          train_loss=float(np.average([a.msg.mean_loss or 0.0 for a in accepted], weights=[max(a.num_samples, 1) for a in accepted])))
+            state.adapters = self.store.write_tensors(f"checkpoints/adapters_round_{r:04d}.safetensors", adapters)
+            stats = [a.stats for a in accepted if a.stats]
+            if align_now and stats:
+                ffn = self.aligner(adapters, sum_stats(stats))
+                state.alignments += 1
+                state.ffn = self.store.write_tensors(f"checkpoints/ffn_align_{state.alignments:03d}.safetensors", ffn)
+                record["aligned"] = True
+            if self.evaluator is not None:
+                acc, loss = self.evaluator(adapters)
+                record.update(fm_accuracy=acc, fm_loss=loss)
+        record.update(bytes_up=self.bytes_up - up0, bytes_down=self.blobs.bytes_sent - sent0, seconds=round(time.time() - t0, 2))
+        state.history.append(record)
+        state.next_round = r + 1
+        self.store.commit(state)
+        acc = record["fm_accuracy"]
+        log.info("round %d: %d clients, FM accuracy %s, loss %s, up %.2f MB, down %.2f MB, %.1fs%s", r, record["clients"],
+                 f"{acc:.4f}" if acc is not None else "-", f"{record['fm_loss']:.4f}" if record["fm_loss"] is not None else "-",
+                 record["bytes_up"] / 1e6, record["bytes_down"] / 1e6, record["seconds"], " (aligned)" if record["aligned"] else "")
+        return record
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.is_file() else []

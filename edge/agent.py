@@ -1,0 +1,246 @@
+"""The online device: announce, fetch blobs, train each task it is sent, upload, repeat.
+
+Network handlers only enqueue; the agent's loop does the work, so a long training step never
+blocks the MQTT client. Everything the device downloads or produces lives in its cache folder,
+so a restarted device resumes downloads where they stopped and never trains a round twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import time
+from collections import deque
+from pathlib import Path
+
+from fedpft.shared import topics
+from fedpft.shared.archive import unpack_bundle
+from fedpft.shared.chunks import Chunk, Reassembler
+from fedpft.shared.config import AgentConfig
+from fedpft.shared.manifest import BundleError, BundleManifest, verify_bundle
+from fedpft.shared.messages import (
+    Ack,
+    BlobRef,
+    BlobRequest,
+    EndOfRun,
+    Hello,
+    Presence,
+    ProtocolError,
+    Task,
+    Update,
+    decode,
+    encode,
+)
+from fedpft.shared.transport import Transport
+
+log = logging.getLogger("fedpft.agent")
+
+STALL_SECONDS = 5.0  # no new chunk for this long: ask again for the missing ones
+
+
+class AgentError(Exception):
+    pass
+
+
+class EdgeAgent:
+    def __init__(self, cfg: AgentConfig, transport: Transport, trainer, num_samples: int):
+        """trainer(bundle_dir, task, adapters_bytes, ffn_bytes) -> (update_bytes, Update fields dict)."""
+        self.cfg = cfg
+        self.t = transport
+        self.trainer = trainer
+        self.num_samples = num_samples
+        self.run, self.me = cfg.run_id, cfg.device_id
+        self.cache = Path(cfg.cache)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.events: queue.Queue = queue.Queue()
+        self.deferred: deque = deque()
+        self.fetching: dict[str, Reassembler] = {}
+        self.done_file = self.cache / f"done-{self.run}.json"
+        self.done: dict[str, str] = json.loads(self.done_file.read_text()) if self.done_file.is_file() else {}
+        self.bundle_version: str | None = None
+        self.finished = False
+
+    # ------------------------------------------------------------------ handlers (dispatcher thread)
+    def _on_json(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        try:
+            msg = decode(payload)
+            topics.check_sender(topic, msg.run_id, msg.sender)
+        except ProtocolError as exc:
+            log.warning("ignored message on %s: %s", topic, exc.reason)
+            return
+        self.events.put(("msg", msg))
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        try:
+            self.events.put(("chunk", Chunk.from_bytes(payload)))
+        except ProtocolError as exc:
+            log.warning("ignored chunk on %s: %s", topic, exc.reason)
+
+    # ------------------------------------------------------------------ wire helpers
+    def _pub(self, kind: str, msg) -> None:
+        self.t.publish(topics.device_topic(self.run, self.me, kind), encode(msg), retain=kind == topics.PRESENCE)
+
+    def hello(self) -> None:
+        self._pub(topics.HELLO, Hello(run_id=self.run, sender=self.me, device_id=self.me, num_samples=self.num_samples,
+                                      bundle_version=self.bundle_version, capabilities={"runtime": "onnxruntime-training"}))
+
+    def start(self) -> None:
+        self.t.subscribe(topics.round_topic(self.run), self._on_json)
+        self.t.subscribe(topics.control_topic(self.run), self._on_json)
+        self.t.subscribe(topics.device_topic(self.run, self.me, topics.INBOX), self._on_json)
+        self.t.subscribe(topics.resend_pattern(self.run, self.me), self._on_chunk)
+        self._pub(topics.PRESENCE, Presence(run_id=self.run, sender=self.me, device_id=self.me, status="online"))
+        self.hello()
+
+    def next_event(self, timeout: float):
+        if self.deferred:
+            return self.deferred.popleft()
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # ------------------------------------------------------------------ main loop
+    def serve(self) -> int:
+        """Run until the cloud ends the run; returns the number of rounds trained."""
+        self.start()
+        trained = 0
+        last_hello = time.time()
+        while not self.finished:
+            ev = self.next_event(1.0)
+            if time.time() - last_hello > self.cfg.heartbeat:
+                self.hello()  # heartbeat: also re-announces after a reconnect
+                last_hello = time.time()
+            if ev is None or ev[0] != "msg":
+                continue  # stray chunk of a finished download
+            msg = ev[1]
+            if isinstance(msg, EndOfRun):
+                log.info("run %s ended by the cloud: %s", self.run, msg.reason)
+                self.finished = True
+            elif isinstance(msg, Task) and self.me in msg.devices:
+                trained += self.handle_task(msg)
+        return trained
+
+    def handle_task(self, task: Task) -> int:
+        key = f"{task.round_id}"
+        if key in self.done and Path(self.done[key]).is_file():
+            log.info("round %d already trained; re-sending the stored update", task.round_id)
+            self.upload(task, Path(self.done[key]).read_bytes(), json.loads(Path(self.done[key] + ".json").read_text()))
+            return 0
+        if time.time() > task.deadline:
+            log.warning("task for round %d arrived after its deadline; skipped", task.round_id)
+            return 0
+        self._pub(topics.ACK, Ack(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, acked="task"))
+        try:
+            bundle_dir = self.ensure_bundle(task.bundle)
+            adapters = self.fetch(task.adapters)
+            ffn = self.fetch(task.ffn) if task.ffn is not None else None
+            update, fields = self.trainer(bundle_dir, task, adapters, ffn)
+        except (AgentError, BundleError, ProtocolError, ValueError, OSError) as exc:
+            reason = str(getattr(exc, "reason", exc)).splitlines()[0]
+            log.error("round %d failed: %s", task.round_id, reason)
+            self._pub(topics.UPDATE, Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, error=reason))
+            return 0
+        path = self.cache / "updates" / f"{self.run}-round{task.round_id:04d}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(update)
+        Path(str(path) + ".json").write_text(json.dumps(fields))
+        self.done[key] = str(path)
+        self.done_file.write_text(json.dumps(self.done))
+        self.upload(task, update, fields)
+        return 1
+
+    def upload(self, task: Task, data: bytes, fields: dict) -> None:
+        from fedpft.shared.chunks import BlobSource
+
+        sha = hashlib.sha256(data).hexdigest()
+        src = BlobSource(f"upd-{self.me}-r{task.round_id}-{sha[:10]}", data)
+        msg = Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, blob=src.ref, **fields)
+        for attempt in range(self.cfg.max_retries + 1):
+            for payload in src.payloads():
+                self.t.publish(topics.upload_topic(self.run, self.me, src.blob_id), payload)
+            self._pub(topics.UPDATE, msg)
+            ack = self.wait_ack(task.round_id, self.cfg.ack_timeout)
+            if ack is not None:
+                if ack.ok:
+                    log.info("round %d: update accepted%s", task.round_id, f" ({ack.reason})" if ack.reason else "")
+                else:
+                    log.warning("round %d: update refused: %s", task.round_id, ack.reason)
+                return
+            log.warning("round %d: no receipt for the update after %.0fs (attempt %d)", task.round_id, self.cfg.ack_timeout, attempt + 1)
+
+    def wait_ack(self, round_id: int, timeout: float) -> Ack | None:
+        end = time.time() + timeout
+        held = []
+        try:
+            while time.time() < end:
+                ev = self.next_event(min(1.0, max(0.0, end - time.time())))
+                if ev is None:
+                    continue
+                msg = ev[1] if ev[0] == "msg" else None
+                if isinstance(msg, Ack) and msg.acked == "update" and msg.round_id == round_id:
+                    return msg
+                if ev[0] == "msg":
+                    held.append(ev)
+            return None
+        finally:
+            self.deferred.extend(held)
+
+    # ------------------------------------------------------------------ blobs
+    def fetch(self, ref: BlobRef) -> bytes:
+        """Download a blob (resuming from the cache), verifying every chunk and the whole."""
+        done = self.cache / "blobs" / ref.sha256
+        if done.is_file():
+            return done.read_bytes()
+        asm = Reassembler.for_ref(ref, folder=self.cache / "partial")
+        deadline = time.time() + self.cfg.fetch_timeout
+        held = []
+        try:
+            while not asm.done:
+                if time.time() > deadline:
+                    raise AgentError(f"blob {ref.blob_id}: {asm.received}/{asm.count or '?'} chunks after {self.cfg.fetch_timeout:.0f}s")
+                missing = asm.missing()
+                self._pub(topics.BLOBREQ, BlobRequest(run_id=self.run, sender=self.me, device_id=self.me, blob_id=ref.blob_id, missing=missing or []))
+                last = time.time()
+                while not asm.done and time.time() - last < STALL_SECONDS:
+                    ev = self.next_event(0.5)
+                    if ev is None:
+                        continue
+                    if ev[0] == "chunk":
+                        if ev[1].blob_id == ref.blob_id:
+                            try:
+                                if asm.add(ev[1]):
+                                    last = time.time()
+                            except ProtocolError as exc:
+                                log.warning("%s", exc.reason)
+                    else:
+                        held.append(ev)
+            data = asm.result()
+        finally:
+            self.deferred.extend(held)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        tmp = done.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(done)
+        asm.discard()
+        return data
+
+    def ensure_bundle(self, ref: BlobRef) -> Path:
+        folder = self.cache / "bundles" / ref.sha256[:16]
+        if folder.is_dir():
+            try:
+                m = verify_bundle(folder, device_only=True)
+                self.bundle_version = f"{m.bundle_id}:{m.bundle_version}"
+                return folder
+            except BundleError as exc:
+                log.warning("cached bundle failed verification (%s); fetching again", exc)
+        data = self.fetch(ref)
+        m: BundleManifest = unpack_bundle(data, folder)
+        (self.cache / "blobs" / ref.sha256).unlink(missing_ok=True)  # the unpacked folder is the cache
+        self.bundle_version = f"{m.bundle_id}:{m.bundle_version}"
+        log.info("bundle %s v%d installed", m.bundle_id[:12], m.bundle_version)
+        return folder

@@ -1,0 +1,73 @@
+"""The format of a device's round update: one safetensors blob, the contract of both sides.
+
+- adapter tensors under their PEFT state-dict keys (FM layer numbering), exactly the
+  manifest's `trainable` keys, shapes and dtypes;
+- per compressed FM layer L, activation statistics summed over the round:
+  `__stats__.layer.L.off_counts` float32 (neurons,) and `__stats__.layer.L.positions` float32 (1,);
+- string metadata: num_samples, steps, mean_loss, acc_before, acc_after (informational).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from .messages import ProtocolError
+
+STATS_PREFIX = "__stats__."
+_STAT = re.compile(r"^__stats__\.layer\.(\d+)\.(off_counts|positions)$")
+
+
+def stat_key(layer: int, what: str) -> str:
+    return f"{STATS_PREFIX}layer.{layer}.{what}"
+
+
+def join_update(adapters: Mapping[str, np.ndarray], stats: Mapping[int, tuple[np.ndarray, float]]) -> dict[str, np.ndarray]:
+    out = dict(adapters)
+    for layer, (off, pos) in stats.items():
+        out[stat_key(layer, "off_counts")] = np.asarray(off, dtype=np.float32)
+        out[stat_key(layer, "positions")] = np.asarray([pos], dtype=np.float32)
+    return out
+
+
+def split_update(
+    tensors: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+    stat_layers: Mapping[int, int],
+) -> tuple[dict[str, np.ndarray], dict[int, tuple[np.ndarray, float]]]:
+    """Validate an update against the manifest and split it; ProtocolError names the first fault."""
+    adapters: dict[str, np.ndarray] = {}
+    parts: dict[int, dict[str, np.ndarray]] = {}
+    for key, arr in tensors.items():
+        m = _STAT.match(key)
+        if m:
+            layer = int(m.group(1))
+            if layer not in stat_layers:
+                raise ProtocolError(f"statistics for layer {layer}, which is not a compressed layer")
+            parts.setdefault(layer, {})[m.group(2)] = arr
+            continue
+        if key not in expected:
+            raise ProtocolError(f"unexpected tensor {key!r} in update")
+        shape, dtype = expected[key]
+        if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != dtype:
+            raise ProtocolError(f"tensor {key!r}: got {arr.dtype}{list(arr.shape)}, expected {dtype}{list(shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise ProtocolError(f"tensor {key!r} holds NaN or Inf")
+        adapters[key] = arr
+    missing = sorted(set(expected) - set(adapters))
+    if missing:
+        raise ProtocolError(f"update lacks {len(missing)} adapter tensors, e.g. {missing[0]!r}")
+    stats: dict[int, tuple[np.ndarray, float]] = {}
+    for layer, p in parts.items():
+        off, pos = p.get("off_counts"), p.get("positions")
+        if off is None or pos is None:
+            raise ProtocolError(f"layer {layer}: statistics need both off_counts and positions")
+        if off.shape != (stat_layers[layer],) or pos.size != 1:
+            raise ProtocolError(f"layer {layer}: statistics of shape {off.shape}/{pos.shape}, expected ({stat_layers[layer]},)/(1,)")
+        posv = float(pos.reshape(-1)[0])
+        if not np.all(np.isfinite(off)) or not np.isfinite(posv) or posv < 0 or np.any(off < 0) or np.any(off > posv):
+            raise ProtocolError(f"layer {layer}: statistics out of range (counts must lie in [0, positions])")
+        stats[layer] = (off.astype(np.float64), posv)
+    return adapters, stats
