@@ -113,6 +113,9 @@ class _Acks:
 
 
 class MqttTransport:
+    """A `Transport` over one MQTT connection; `client_id` should be stable (the device id) so
+    the persistent session survives restarts. Handlers run on a dispatcher thread."""
+
     def __init__(
         self,
         url: str,

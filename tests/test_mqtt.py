@@ -11,7 +11,7 @@ import pytest
 from fedpft.cloud.broker import EmbeddedBroker
 from fedpft.shared import topics as T
 from fedpft.shared.chunks import BlobSource, Reassembler
-from fedpft.shared.messages import Presence, ProtocolError, decode, encode
+from fedpft.shared.messages import Presence, decode, encode
 from fedpft.shared.mqtt import MqttTransport, parse_url
 from fedpft.shared.transport import TransportError
 
