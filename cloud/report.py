@@ -1,0 +1,71 @@
+"""Per-run outputs people read: report.md and accuracy.png, made from metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_metrics(run_dir: Path) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.is_file() else []
+
+
+def plot_accuracy(rows: list[dict], path: Path, title: str = "FM test accuracy per round", series: dict[str, list[dict]] | None = None) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = series or {"fm": rows}
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    drawn = False
+    for name, rs in series.items():
+        pts = [(r["round"] + 1, 100 * r["fm_accuracy"]) for r in rs if r.get("fm_accuracy") is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for r in series.get("fm", rows):
+        if r.get("aligned"):
+            ax.axvline(r["round"] + 1, color="grey", ls=":", lw=1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_report(run_dir: Path, header: str = "") -> Path:
+    run_dir = Path(run_dir)
+    rows = load_metrics(run_dir)
+    png = plot_accuracy(rows, run_dir / "accuracy.png")
+    lines = ["# FedPFT run report", ""]
+    if header:
+        lines += [header, ""]
+    cfg = run_dir / "serve_config.json"
+    if cfg.is_file():
+        c = json.loads(cfg.read_text())
+        lines += [f"Bundle `{c['bundle']}`, {c['rounds']} rounds, lr {c['lr']}, local epochs {c['local_epochs']}, "
+                  f"alignment every {c['align_every'] or 'never'} rounds.", ""]
+    lines += ["| round | clients | FM accuracy | FM loss | train loss | aligned | MB up | MB down | seconds |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = f"{100 * r['fm_accuracy']:.2f}%" if r.get("fm_accuracy") is not None else "-"
+        loss = f"{r['fm_loss']:.4f}" if r.get("fm_loss") is not None else "-"
+        tl = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "-"
+        note = f" (skipped: {r['skipped']})" if r.get("skipped") else ""
+        lines.append(f"| {r['round']}{note} | {r['clients']} | {acc} | {loss} | {tl} | {'yes' if r.get('aligned') else ''} | "
+                     f"{r.get('bytes_up', 0) / 1e6:.2f} | {r.get('bytes_down', 0) / 1e6:.2f} | {r.get('seconds', 0):.1f} |")
+    if png is not None:
+        lines += ["", "![FM accuracy per round](accuracy.png)"]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out

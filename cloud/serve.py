@@ -1,0 +1,119 @@
+"""Wiring of `fedpft-cloud serve`: broker, transport, evaluator and aligner around a Federation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedpft.export.adapters import add_adapters
+from fedpft.shared.config import ServeConfig
+from fedpft.shared.manifest import BundleManifest, verify_bundle
+
+from .models import resolve_model_id
+from .proxy import ProxySpec, skeleton_from_spec
+from .state import RunState
+
+log = logging.getLogger("fedpft.serve")
+
+
+def prepare_config(bundle: Path) -> dict:
+    return json.loads((Path(bundle) / "prepare_config.json").read_text())
+
+
+def load_proxy(bundle: Path, manifest: BundleManifest) -> tuple[torch.nn.Module, ProxySpec]:
+    """The cloud's copy of the proxy (plain, no adapters), rebuilt from the bundle's cloud files."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    bundle = Path(bundle)
+    spec = ProxySpec.load(bundle / manifest.files["proxy_spec"].path)
+    config = AutoConfig.from_pretrained(bundle / manifest.files["fm_config"].path)
+    config._attn_implementation = "eager"
+    model = skeleton_from_spec(config, spec)
+    model.load_state_dict(load_file(str(bundle / manifest.files["proxy_weights"].path)))
+    return model.eval(), spec
+
+
+class Cloud:
+    """The torch side of a run: the FM with plugged adapters, and the proxy for alignment."""
+
+    def __init__(self, cfg: ServeConfig, manifest: BundleManifest):
+        from .evaluate import PluggedFM
+
+        self.cfg, self.manifest = cfg, manifest
+        pc = prepare_config(cfg.bundle)
+        self.pc = pc
+        self.fm = PluggedFM(resolve_model_id(pc["model"]), manifest.labels, pc["lora_rank"], pc["lora_alpha"], pc["seed"])
+        self._eval_batches = None
+        self._proxy = None
+
+    # -- evaluation
+    def eval_batches(self):
+        if self._eval_batches is None:
+            from fedpft.edge.data import labelled_batches
+
+            self._eval_batches = list(labelled_batches(self.cfg.bundle, self.manifest, self.cfg.eval_data,
+                                                       self.cfg.eval_batch_size, self.cfg.eval_max_samples))
+        return self._eval_batches
+
+    def evaluate(self, adapters: dict[str, np.ndarray]) -> tuple[float, float]:
+        self.fm.plug(adapters)
+        return self.fm.evaluate(self.eval_batches())
+
+    # -- alignment
+    def align(self, adapters, stats, current_ffn: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        from .alignment import align
+        from .public_data import batch_stream, list_public_samples, make_encoder
+
+        if self._proxy is None:
+            proxy, spec = load_proxy(self.cfg.bundle, self.manifest)
+            self._proxy = (add_adapters(proxy, self.pc["lora_rank"], self.pc["lora_alpha"], self.pc["seed"]), spec)
+            public = self.cfg.public_data or self.pc.get("public_data")
+            if public is None:
+                raise ValueError("alignment needs public data: pass --public-data")
+            kind = self.manifest.input.kind
+            self._public = batch_stream(list_public_samples(Path(public), kind), make_encoder(kind, self.manifest.input, self.cfg.bundle),
+                                        self.pc.get("batch_size", 16), self.cfg.seed)
+        proxy, spec = self._proxy
+        by_name = {t.name: t.key for t in self.manifest.ffn}
+        if current_ffn:
+            # resume: the proxy must carry the FFN weights of the last alignment
+            sd = {by_name[n]: torch.from_numpy(v) for n, v in current_ffn.items()}
+            from .models import unwrap
+
+            unwrap(proxy).load_state_dict(sd, strict=False)
+        res = align(self.fm.model, proxy, spec, adapters, stats, self._public, self.cfg.align_fraction, self.cfg.align_steps, self.cfg.align_lr)
+        return {t.name: res.ffn[t.key] for t in self.manifest.ffn}
+
+
+def serve(cfg: ServeConfig, show_progress: bool = True) -> RunState:
+    from fedpft.shared.mqtt import MqttTransport
+
+    from .broker import EmbeddedBroker
+    from .report import write_report
+    from .server import Federation
+
+    manifest = verify_bundle(cfg.bundle)
+    cloud = Cloud(cfg, manifest)
+    broker = None
+    url = cfg.broker
+    if url is None:
+        broker = EmbeddedBroker()
+        url = broker.start()
+        log.info("embedded MQTT broker listening at %s", url)
+        print(f"embedded MQTT broker: {url}", flush=True)
+    try:
+        transport = MqttTransport(url, client_id=f"fedpft-cloud-{cfg.run_id}")
+        with transport:
+            fed = Federation(cfg, transport, evaluator=cloud.evaluate if cfg.eval_data else None,
+                             aligner=cloud.align if cfg.align_every else None, show_progress=show_progress)
+            state = fed.run()
+    finally:
+        if broker is not None:
+            broker.stop()
+    write_report(cfg.out)
+    return state
