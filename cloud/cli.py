@@ -117,5 +117,109 @@ def prepare(
     )
 
 
+def _validated(model_cls, **kwargs):
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**kwargs)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        fail(f"{'.'.join(str(x) for x in err['loc']) or 'options'}: {err['msg'].removeprefix('Value error, ')}")
+
+
+@app.command()
+def serve(
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="Bundle folder written by `prepare`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: metrics.jsonl, checkpoints, accepted updates, report."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="mqtt://host:port (or mqtts://); omitted: start the embedded broker and print its URL."),
+    run_id: str = typer.Option("default", "--run-id", help="Run id: scopes every topic (fedpft/<run>/...)."),
+    rounds: int = typer.Option(3, "--rounds", "-r", help="Number of federated rounds."),
+    clients_per_round: Optional[int] = typer.Option(None, "--clients-per-round", "-k", help="Devices sampled per round (default: all online)."),
+    fraction: Optional[float] = typer.Option(None, "--fraction", help="Share of online devices sampled per round (instead of -k)."),
+    min_clients: int = typer.Option(1, "--min-clients", help="Quorum: fewer accepted updates and the round is retried or skipped."),
+    round_timeout: float = typer.Option(600.0, "--round-timeout", help="Seconds to wait for updates before closing the round."),
+    wait_for_clients: float = typer.Option(120.0, "--wait-for-clients", help="Seconds to wait for --min-clients devices to come online."),
+    local_epochs: int = typer.Option(1, "--local-epochs", help="Epochs each device trains per round."),
+    lr: float = typer.Option(1e-3, "--lr", help="Devices' AdamW learning rate."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Devices' batch size."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap on each device's steps per round."),
+    align_every: int = typer.Option(0, "--align-every", help="Neuron-level alignment every T rounds (0 = never)."),
+    align_fraction: float = typer.Option(0.5, "--align-fraction", help="Share of neurons frozen (the most used) during alignment."),
+    align_steps: int = typer.Option(100, "--align-steps", help="Distillation steps per alignment."),
+    public_data: Optional[Path] = typer.Option(None, "--public-data", help="Public data for alignment (default: the one given to prepare)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Labelled data (JSONL/CSV text or image folder) to evaluate the FM on each round."),
+    eval_max_samples: Optional[int] = typer.Option(None, "--eval-max-samples", help="Evaluate on at most this many samples."),
+    max_update_norm: Optional[float] = typer.Option(None, "--max-update-norm", help="Clip each device's adapter delta to this L2 norm."),
+    seed: int = typer.Option(0, "--seed", help="Seed for device sampling and local shuffles."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out at its next round."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Run federated rounds over MQTT: sample devices, collect and aggregate adapters, align, evaluate the FM."""
+    from fedpft.shared.config import ServeConfig
+    from fedpft.shared.manifest import BundleError
+    from fedpft.shared.transport import TransportError
+
+    from .serve import serve as run_serve
+
+    cfg = _validated(
+        ServeConfig, bundle=bundle, out=out, broker=broker, run_id=run_id, rounds=rounds, clients_per_round=clients_per_round,
+        fraction=fraction, min_clients=min_clients, round_timeout=round_timeout, wait_for_clients=wait_for_clients,
+        local_epochs=local_epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, align_every=align_every,
+        align_fraction=align_fraction, align_steps=align_steps, public_data=public_data, eval_data=eval_data,
+        eval_max_samples=eval_max_samples, max_update_norm=max_update_norm, seed=seed, resume=resume,
+    )
+    try:
+        state = run_serve(cfg, show_progress=not quiet)
+    except (BundleError, TransportError, RuntimeError, FileNotFoundError) as exc:
+        fail(str(exc))
+    typer.echo(f"run {cfg.run_id}: {state.next_round} rounds done -> {out}/report.md")
+
+
+@app.command()
+def simulate(
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (bundle, client shards, logs, metrics, report)."),
+    model: str = typer.Option("minilm", "--model", "-m", help="FM (folder, hub id or alias); default the offline MiniLM."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder with train.jsonl, test.jsonl, labels.json[, public.txt]; default: the shipped debian-sections."),
+    clients: int = typer.Option(3, "--clients", "-n", help="Number of real edge agent processes."),
+    rounds: int = typer.Option(3, "--rounds", "-r", help="Federated rounds."),
+    partition: str = typer.Option("iid", "--partition", help="iid or dirichlet:<alpha> (non-IID label skew)."),
+    method: str = typer.Option("fedpft", "--method", help="fedpft | full (devices tune the whole FM) | fedot (layer-drop proxy) | noalign (no distillation) | layeronly (no neuron alignment)."),
+    max_samples: Optional[int] = typer.Option(1200, "--max-samples", help="Training samples used across all clients."),
+    eval_samples: Optional[int] = typer.Option(500, "--eval-samples", help="Test samples the FM is evaluated on each round."),
+    distill_steps: int = typer.Option(100, "--distill-steps", help="Layer-level distillation steps when preparing the proxy."),
+    align_every: Optional[int] = typer.Option(None, "--align-every", help="Alignment period for fedpft (default: halfway through the run)."),
+    align_steps: int = typer.Option(50, "--align-steps", help="Distillation steps per alignment."),
+    local_epochs: int = typer.Option(1, "--local-epochs", help="Local epochs per round."),
+    lr: float = typer.Option(1e-3, "--lr", help="Devices' learning rate."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Devices' batch size."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap on local steps per round."),
+    max_length: int = typer.Option(64, "--max-length", help="Token limit."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling, partition, initialisation."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="Use this MQTT broker instead of the embedded one."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Run a complete federation on this machine: prepare, partition, N real edge processes, rounds, report."""
+    from fedpft.shared.config import SimulateConfig
+
+    from .partition import parse_scheme
+    from .simulate import simulate as run_simulate
+
+    try:
+        parse_scheme(partition)
+    except ValueError as exc:
+        fail(str(exc))
+    cfg = _validated(
+        SimulateConfig, out=out, model=model, data=data, clients=clients, rounds=rounds, partition=partition, method=method,
+        max_samples=max_samples, eval_samples=eval_samples, distill_steps=distill_steps, align_every=align_every,
+        align_steps=align_steps, local_epochs=local_epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
+        max_length=max_length, seed=seed, broker=broker,
+    )
+    try:
+        run = run_simulate(cfg, show_progress=not quiet)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        fail(str(exc).splitlines()[0])
+    typer.echo(f"simulation done: {run}/report.md, {run}/accuracy.png, {run}/metrics.jsonl")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -116,3 +116,39 @@ class AgentConfig(BaseModel):
     key: Path | None = None
     username: str | None = None
     password: str | None = None
+
+
+SimMethod = Literal["fedpft", "full", "fedot", "noalign", "layeronly"]
+
+
+class SimulateConfig(BaseModel):
+    """`fedpft-cloud simulate`: prepare, partition, start real devices, run rounds, report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path
+    model: str = "minilm"
+    data: Path | None = Field(default=None, description="folder with train.jsonl, test.jsonl, labels.json, public.txt; None = shipped debian-sections")
+    clients: int = Field(default=3, ge=1)
+    rounds: int = Field(default=3, ge=1)
+    partition: str = "iid"
+    method: SimMethod = "fedpft"
+    max_samples: int | None = Field(default=1200, ge=1, description="training samples used across all clients")
+    eval_samples: int | None = Field(default=500, ge=1)
+    distill_steps: int = Field(default=100, ge=0)
+    align_every: int | None = Field(default=None, ge=0, description="None = halfway through the run for fedpft")
+    align_steps: int = Field(default=50, ge=0)
+    align_fraction: float = Field(default=0.5, ge=0, le=1)
+    local_epochs: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=16, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    max_length: int = Field(default=64, ge=8)
+    round_timeout: float = Field(default=1800.0, gt=0)
+    seed: int = 0
+    broker: str | None = None
+
+    def resolved_align_every(self) -> int:
+        if self.method != "fedpft":
+            return 0
+        return max(1, self.rounds // 2) if self.align_every is None else self.align_every

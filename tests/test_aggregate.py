@@ -79,3 +79,29 @@ def test_round_tracker_quorum_and_deadline():
     t2.accept("a", 1)
     t2.fail("b", "boom")
     assert t2.status(0) is RoundStatus.FAILED
+
+
+def test_partitions_cover_every_sample_once():
+    from fedpft.cloud.partition import partition
+
+    labels = np.repeat(np.arange(5), [50, 30, 10, 5, 5])
+    for scheme in ("iid", "dirichlet:0.5", "dirichlet:100"):
+        parts = partition(labels, 4, scheme, seed=3)
+        allidx = np.concatenate(parts)
+        assert sorted(allidx.tolist()) == list(range(len(labels))), scheme
+        assert min(len(p) for p in parts) >= 2
+    assert [len(p) for p in partition(labels, 4, "iid", 0)] == [25, 25, 25, 25]
+    # small alpha concentrates each class on few clients
+    skew = partition(labels, 4, "dirichlet:0.05", seed=1)
+    top_share = np.mean([max(np.sum(labels[p] == c) for p in skew) / np.sum(labels == c) for c in range(5)])
+    assert top_share > 0.6
+    a, b = partition(labels, 4, "dirichlet:0.5", 7), partition(labels, 4, "dirichlet:0.5", 7)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("bad", ["dirichlet", "dirichlet:0", "dirichlet:x", "zipf"])
+def test_bad_partition_scheme(bad):
+    from fedpft.cloud.partition import parse_scheme
+
+    with pytest.raises(ValueError, match="--partition"):
+        parse_scheme(bad)

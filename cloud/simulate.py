@@ -1,0 +1,161 @@
+"""`fedpft-cloud simulate`: a whole federation on one machine, with real devices.
+
+Prepares the bundle for the method, partitions the training data, starts the broker (embedded
+unless given), N real `fedpft-edge` processes each with its own shard, and the cloud; then writes
+metrics.jsonl, report.md and accuracy.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedpft.shared.config import PrepareConfig, ServeConfig, SimulateConfig
+from fedpft.shared.datasets import materialize, read_labels
+
+from .partition import partition
+
+log = logging.getLogger("fedpft.simulate")
+
+PROXY_FOR = {"fedpft": "fedpft", "noalign": "fedpft", "layeronly": "fedpft", "fedot": "fedot", "full": "full"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def data_folder(cfg: SimulateConfig, run: Path) -> Path:
+    if cfg.data is not None:
+        for name in ("train.jsonl", "test.jsonl", "labels.json"):
+            if not (Path(cfg.data) / name).is_file():
+                raise FileNotFoundError(f"--data {cfg.data}: missing {name}")
+        return Path(cfg.data)
+    return materialize(run / "data")
+
+
+def make_shards(cfg: SimulateConfig, data: Path, run: Path) -> tuple[list[Path], Path]:
+    rng = np.random.default_rng(cfg.seed)
+    train = read_jsonl(data / "train.jsonl")
+    if cfg.max_samples is not None and cfg.max_samples < len(train):
+        train = [train[i] for i in np.sort(rng.choice(len(train), cfg.max_samples, replace=False))]
+    labels = read_labels(data)
+    y = np.array([labels.index(r["label"]) for r in train])
+    shards = []
+    for i, idx in enumerate(partition(y, cfg.clients, cfg.partition, cfg.seed)):
+        p = run / "clients" / f"client{i:03d}" / "train.jsonl"
+        write_jsonl(p, [{"text": train[j]["text"], "label": train[j]["label"]} for j in idx])
+        shards.append(p)
+    test = read_jsonl(data / "test.jsonl")
+    if cfg.eval_samples is not None and cfg.eval_samples < len(test):
+        test = [test[i] for i in np.sort(rng.choice(len(test), cfg.eval_samples, replace=False))]
+    eval_path = run / "eval.jsonl"
+    write_jsonl(eval_path, test)
+    sizes = [sum(1 for _ in open(s)) for s in shards]
+    log.info("partition %s over %d clients: sizes %s", cfg.partition, cfg.clients, sizes)
+    return shards, eval_path
+
+
+def start_devices(shards: list[Path], url: str, run_id: str, run: Path) -> list[subprocess.Popen]:
+    procs = []
+    for i, shard in enumerate(shards):
+        dev = f"client{i:03d}"
+        log_path = run / "clients" / dev / "agent.log"
+        cmd = [sys.executable, "-m", "fedpft.edge.cli", "train", "--broker", url, "--device-id", dev,
+               "--data", str(shard), "--cache", str(run / "clients" / dev / "cache"), "--run-id", run_id]
+        procs.append(subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT))
+    return procs
+
+
+def watch(procs: list[subprocess.Popen], stop: threading.Event) -> None:
+    """Say at once when a device process dies during the run (its log holds the why)."""
+    reported = set()
+    while not stop.is_set():
+        for i, p in enumerate(procs):
+            if i not in reported and p.poll() not in (None, 0):
+                log.error("device client%03d exited with code %s during the run; see clients/client%03d/agent.log", i, p.returncode, i)
+                reported.add(i)
+        stop.wait(1.0)
+
+
+def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
+    from .broker import EmbeddedBroker
+    from .prepare import prepare
+    from .report import write_report
+    from .serve import serve
+
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "simulate_config.json").write_text(cfg.model_dump_json(indent=2))
+    t0 = time.time()
+    data = data_folder(cfg, run)
+    labels = read_labels(data)
+    public = data / "public.txt"
+    shards, eval_path = make_shards(cfg, data, run)
+    bundle = run / "bundle"
+    if not (bundle / "manifest.json").is_file():
+        prep = PrepareConfig(
+            model=cfg.model, out=bundle, labels=labels, public_data=public if public.is_file() else None,
+            proxy=PROXY_FOR[cfg.method], distill_steps=0 if cfg.method == "noalign" else cfg.distill_steps,
+            max_length=cfg.max_length, seed=cfg.seed,
+        )
+        res = prepare(prep, show_progress=show_progress)
+        log.info("bundle ready in %.0fs (proxy/FM params %.2f)", res.seconds, res.proxy_params / res.fm_params)
+    broker = None
+    url = cfg.broker
+    if url is None:
+        broker = EmbeddedBroker()
+        url = broker.start()
+        print(f"embedded MQTT broker: {url}", flush=True)
+    run_id = f"sim-{cfg.method}-{cfg.seed}-{int(t0) % 100000}"
+    procs = start_devices(shards, url, run_id, run)
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, args=(procs, stop), daemon=True)
+    watcher.start()
+    try:
+        serve_cfg = ServeConfig(
+            bundle=bundle, out=run / "federation", broker=url, run_id=run_id, rounds=cfg.rounds,
+            min_clients=cfg.clients, clients_per_round=cfg.clients, round_timeout=cfg.round_timeout,
+            local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
+            align_every=cfg.resolved_align_every(), align_steps=cfg.align_steps, align_fraction=cfg.align_fraction,
+            public_data=public if public.is_file() else None, eval_data=eval_path, seed=cfg.seed,
+        )
+        serve(serve_cfg, show_progress=show_progress)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+    finally:
+        stop.set()
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if broker is not None:
+            broker.stop()
+    fed = run / "federation"
+    for name in ("metrics.jsonl", "accuracy.png"):
+        if (fed / name).is_file():
+            (run / name).write_bytes((fed / name).read_bytes())
+    header = (f"`fedpft-cloud simulate` — method **{cfg.method}**, model {cfg.model}, {cfg.clients} clients "
+              f"({cfg.partition}), {cfg.rounds} rounds, {cfg.max_samples or 'all'} training samples, "
+              f"{cfg.eval_samples or 'all'} test samples, total wall time {time.time() - t0:.0f}s.")
+    write_report(fed, header)
+    (run / "report.md").write_text((fed / "report.md").read_text())
+    return run
