@@ -1,0 +1,21 @@
+"""The device's training config: what one offline or federated round runs with. Pure pydantic."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EdgeTrainConfig(BaseModel):
+    """`fedpft-edge train` options, and what the MQTT agent builds from a cloud Task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=1, ge=1, description="passes over the local training split")
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=1e-4, gt=0, description="AdamW learning rate")
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
+    seed: int = Field(default=0, ge=0, description="seed of the holdout split and the per-epoch shuffles")
+    holdout: float = Field(default=0.1, ge=0, lt=1, description="share of local samples held out for acc_before/acc_after")
+    eval_batch_size: int = Field(default=32, ge=1)
+    report_stats: bool = Field(default=True, description="sum the per-neuron activation counts of compressed layers")
+    threads: int | None = Field(default=None, ge=1, description="ORT intra-op threads; None lets ORT decide")
