@@ -53,11 +53,16 @@ class Cloud:
 
     # -- evaluation
     def eval_batches(self):
+        """The evaluation set, preprocessed once by the devices' own loader (same tokenizer, same labels)."""
         if self._eval_batches is None:
-            from fedpft.edge.data import labelled_batches
+            from fedpft.edge.data import BatchMaker, batches, read_local_data
 
-            self._eval_batches = list(labelled_batches(self.cfg.bundle, self.manifest, self.cfg.eval_data,
-                                                       self.cfg.eval_batch_size, self.cfg.eval_max_samples))
+            data = read_local_data(self.cfg.eval_data, self.manifest)
+            records = data.records[: self.cfg.eval_max_samples] if self.cfg.eval_max_samples else data.records
+            maker = BatchMaker(self.cfg.bundle, self.manifest)
+            self._eval_batches = [(b.inputs, b.labels) for b in batches(records, maker, self.cfg.eval_batch_size, data.skips)]
+            if data.skips.total:
+                log.warning("evaluation data: %s", data.skips.summary())
         return self._eval_batches
 
     def evaluate(self, adapters: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -79,15 +84,15 @@ class Cloud:
             self._public = batch_stream(list_public_samples(Path(public), kind), make_encoder(kind, self.manifest.input, self.cfg.bundle),
                                         self.pc.get("batch_size", 16), self.cfg.seed)
         proxy, spec = self._proxy
-        by_name = {t.name: t.key for t in self.manifest.ffn}
         if current_ffn:
             # resume: the proxy must carry the FFN weights of the last alignment
-            sd = {by_name[n]: torch.from_numpy(v) for n, v in current_ffn.items()}
             from .models import unwrap
 
-            unwrap(proxy).load_state_dict(sd, strict=False)
+            missing, unexpected = unwrap(proxy).load_state_dict({k: torch.from_numpy(v) for k, v in current_ffn.items()}, strict=False)
+            if unexpected:
+                raise ValueError(f"stored FFN weights do not fit the proxy: {unexpected[:2]}")
         res = align(self.fm.model, proxy, spec, adapters, stats, self._public, self.cfg.align_fraction, self.cfg.align_steps, self.cfg.align_lr)
-        return {t.name: res.ffn[t.key] for t in self.manifest.ffn}
+        return res.ffn  # proxy state-dict keys, as manifest.ffn names them
 
 
 def serve(cfg: ServeConfig, show_progress: bool = True) -> RunState:

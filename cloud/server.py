@@ -103,7 +103,7 @@ class Federation:
         self.waiting: dict[tuple[str, str], Update] = {}  # update messages whose blob is still arriving
         self.bytes_up = 0
         self.evaluator = evaluator  # callable(adapters) -> (accuracy, loss) | None
-        self.aligner = aligner  # callable(adapters, stats, current ffn | None) -> dict[ort name, array]
+        self.aligner = aligner  # callable(adapters, stats, current ffn | None) -> dict[manifest.ffn key, array]
         self.show_progress = show_progress
         self.expected = {t.key: (tuple(t.shape), t.dtype) for t in self.manifest.trainable}
         self.stat_layers = {s.layer: s.neurons for s in self.manifest.stat_outputs}
