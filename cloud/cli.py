@@ -221,5 +221,27 @@ def simulate(
     typer.echo(f"simulation done: {run}/report.md, {run}/accuracy.png, {run}/metrics.jsonl")
 
 
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Option(..., "--run", "-r", help="Run folder written by `fedpft-cloud serve` (holds state.json)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Export folder to create (must not exist or be empty)."),
+    round_id: Optional[int] = typer.Option(None, "--round", help="Export the adapters of this round (default: the run's latest)."),
+    onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also export and check an ONNX inference model (optimum)."),
+) -> None:
+    """Plug the run's global adapters into the FM: PEFT adapter folder, merged HF model, ONNX, export.json."""
+    from fedpft.export.hf import ExportError, export_run
+
+    try:
+        res = export_run(run, out, round_id=round_id, onnx=onnx)
+    except ExportError as exc:
+        fail(str(exc))
+    onnx_note = f", ONNX max |diff| {res.onnx_max_diff:.1e}" if res.onnx_max_diff is not None else ""
+    typer.echo(
+        f"run {res.source.run_id} round {'init' if res.source.round is None else res.source.round} -> {out}  "
+        f"(adapter/, merged/{', onnx/' if onnx else ''}; merged vs PEFT max |diff| {res.merge_max_diff:.1e}{onnx_note}, "
+        f"{sum(res.seconds.values()):.0f}s)"
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -101,8 +101,9 @@ def load_fm(model_id: str, labels: list[str], dropout: float | None = None, seed
 
     hf_logging.set_verbosity_error()  # "head newly initialized" is expected: we add the task head
     try:
-        model = cls.from_pretrained(model_id, config=config, local_files_only=local)
-    except (OSError, ValueError) as exc:
+        # a checkpoint with another task head keeps its backbone; the head is ours to initialise
+        model = cls.from_pretrained(model_id, config=config, local_files_only=local, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"cannot load model weights from '{model_id}': {str(exc).splitlines()[0]}") from exc
     return model.eval()
 

@@ -70,7 +70,7 @@ class Cloud:
         return self.fm.evaluate(self.eval_batches())
 
     # -- alignment
-    def align(self, adapters, stats, current_ffn: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    def align(self, adapters, stats, current_ffn: dict[str, np.ndarray] | None, round_id: int) -> dict[str, np.ndarray]:
         from .alignment import align
         from .public_data import batch_stream, list_public_samples, make_encoder
 
@@ -81,9 +81,11 @@ class Cloud:
             if public is None:
                 raise ValueError("alignment needs public data: pass --public-data")
             kind = self.manifest.input.kind
-            self._public = batch_stream(list_public_samples(Path(public), kind), make_encoder(kind, self.manifest.input, self.cfg.bundle),
-                                        self.pc.get("batch_size", 16), self.cfg.seed)
+            self._public = (list_public_samples(Path(public), kind), make_encoder(kind, self.manifest.input, self.cfg.bundle))
         proxy, spec = self._proxy
+        samples, encoder = self._public
+        # a stream seeded by the round, so a resumed run aligns on exactly the same batches
+        stream = batch_stream(samples, encoder, self.pc.get("batch_size", 16), self.cfg.seed * 7919 + round_id)
         if current_ffn:
             # resume: the proxy must carry the FFN weights of the last alignment
             from .models import unwrap
@@ -91,7 +93,7 @@ class Cloud:
             missing, unexpected = unwrap(proxy).load_state_dict({k: torch.from_numpy(v) for k, v in current_ffn.items()}, strict=False)
             if unexpected:
                 raise ValueError(f"stored FFN weights do not fit the proxy: {unexpected[:2]}")
-        res = align(self.fm.model, proxy, spec, adapters, stats, self._public, self.cfg.align_fraction, self.cfg.align_steps, self.cfg.align_lr)
+        res = align(self.fm.model, proxy, spec, adapters, stats, stream, self.cfg.align_fraction, self.cfg.align_steps, self.cfg.align_lr)
         return res.ffn  # proxy state-dict keys, as manifest.ffn names them
 
 

@@ -103,7 +103,7 @@ class Federation:
         self.waiting: dict[tuple[str, str], Update] = {}  # update messages whose blob is still arriving
         self.bytes_up = 0
         self.evaluator = evaluator  # callable(adapters) -> (accuracy, loss) | None
-        self.aligner = aligner  # callable(adapters, stats, current ffn | None) -> dict[manifest.ffn key, array]
+        self.aligner = aligner  # callable(adapters, stats, current ffn | None, round) -> dict[manifest.ffn key, array]
         self.show_progress = show_progress
         self.expected = {t.key: (tuple(t.shape), t.dtype) for t in self.manifest.trainable}
         self.stat_layers = {s.layer: s.neurons for s in self.manifest.stat_outputs}
@@ -349,7 +349,7 @@ class Federation:
             state.adapters = self.store.write_tensors(f"checkpoints/adapters_round_{r:04d}.safetensors", adapters)
             stats = [a.stats for a in accepted if a.stats]
             if align_now and stats:
-                ffn = self.aligner(adapters, sum_stats(stats), self.store.read_tensors(state.ffn) if state.ffn else None)
+                ffn = self.aligner(adapters, sum_stats(stats), self.store.read_tensors(state.ffn) if state.ffn else None, r)
                 state.alignments += 1
                 state.ffn = self.store.write_tensors(f"checkpoints/ffn_align_{state.alignments:03d}.safetensors", ffn)
                 record["aligned"] = True

@@ -32,9 +32,17 @@ def fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def train(
-    bundle: Path = typer.Option(..., "--bundle", "-b", help="Bundle folder from `fedpft-cloud prepare` (every file is checked against the manifest's sha256)."),
     data: Path = typer.Option(..., "--data", "-d", help="Local labelled data: text as .jsonl/.csv (text,label); images as a folder of class subfolders or a .csv (path,label)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Update file to write (safetensors: adapters under PEFT keys, activation statistics, metrics as metadata)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Offline: bundle folder from `fedpft-cloud prepare` (every file is checked against the manifest's sha256)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Offline: update file to write (safetensors: adapters under PEFT keys, activation statistics, metrics as metadata)."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="Online: mqtt://host:port (mqtts:// for TLS) of the federation; the device then serves the run's tasks until the cloud ends it."),
+    device_id: Optional[str] = typer.Option(None, "--device-id", help="Online: this device's id (topic level; [A-Za-z0-9_.-], up to 64 chars)."),
+    run_id: str = typer.Option("default", "--run-id", help="Online: the run to join (must match the cloud's --run-id)."),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="Online: CA certificate for TLS."),
+    cert: Optional[Path] = typer.Option(None, "--cert", help="Online: client certificate for TLS."),
+    key: Optional[Path] = typer.Option(None, "--key", help="Online: client key for TLS."),
+    username: Optional[str] = typer.Option(None, "--username", help="Online: broker user name."),
+    password: Optional[str] = typer.Option(None, "--password", envvar="FEDPFT_MQTT_PASSWORD", help="Online: broker password (or env FEDPFT_MQTT_PASSWORD)."),
     adapters: Optional[Path] = typer.Option(None, "--adapters", "-a", help="Global adapters to start from (safetensors, PEFT keys); default: the bundle's."),
     epochs: int = typer.Option(1, "--epochs", help="Passes over the local training split."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per training step."),
@@ -42,12 +50,17 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (default: run all epochs)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and the shuffling."),
     holdout: float = typer.Option(0.1, "--holdout", help="Share of the local data held out for accuracy before/after, in [0, 1)."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Folder to start from and save the updated checkpoint (keeps re-aligned weights between rounds)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Offline: folder to start from and save the updated checkpoint. Online: the device's cache (bundle, downloads, updates; default .fedpft-cache)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: ORT decides)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Train the bundle's LoRA adapters on local data for one round, offline, and write the update file."""
+    """Train LoRA adapters of the proxy on local data: one offline round (--bundle/--out), or online (--broker/--device-id)."""
     from pydantic import ValidationError
+
+    if broker is not None:
+        return _online(broker, device_id, run_id, data, cache, holdout, ca, cert, key, username, password)
+    if bundle is None or out is None:
+        fail("offline training needs --bundle and --out (or give --broker and --device-id to join a federation)")
 
     from fedpft.shared.edge_config import EdgeTrainConfig
     from fedpft.shared.manifest import BundleError
@@ -91,3 +104,41 @@ def _progress(enabled: bool):
         task = progress.add_task("train", total=None, loss="-")
         yield (lambda total: progress.update(task, total=total),
                lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"))
+
+
+def _online(broker, device_id, run_id, data, cache, holdout, ca, cert, key, username, password) -> None:
+    import logging
+
+    from pydantic import ValidationError
+
+    from fedpft.shared.config import AgentConfig
+    from fedpft.shared.messages import ProtocolError, check_id
+    from fedpft.shared.transport import TransportError
+
+    from .online import run_online
+
+    if device_id is None:
+        fail("online mode needs --device-id")
+    try:
+        check_id(device_id, "--device-id")
+        check_id(run_id, "--run-id")
+        cfg = AgentConfig(broker=broker, device_id=device_id, run_id=run_id, data=data, cache=cache or Path(".fedpft-cache"),
+                          holdout=holdout, ca=ca, cert=cert, key=key, username=username, password=password)
+    except ProtocolError as exc:
+        fail(exc.reason)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        fail(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}")
+    if not Path(data).exists():
+        fail(f"data '{data}' does not exist")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedpft").setLevel(logging.INFO)
+    try:
+        rounds = run_online(cfg)
+    except TransportError as exc:
+        fail(str(exc))
+    typer.echo(f"run {run_id} ended: trained {rounds} rounds as {device_id}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -204,7 +204,7 @@ def clear_cache(manifest: BundleManifest, cache_dir: Path) -> None:
 
 def open_session(bundle_dir: Path, cache_dir: Path | None = None, threads: int | None = None, manifest: BundleManifest | None = None) -> EdgeSession:
     """Verify the bundle (sha256 of every file) and open it, from the cached checkpoint if any."""
-    manifest = manifest or verify_bundle(bundle_dir)
+    manifest = manifest or verify_bundle(bundle_dir, device_only=True)
     return EdgeSession(bundle_dir, manifest, cached_checkpoint(manifest, cache_dir), threads)
 
 
@@ -234,7 +234,7 @@ def train_round(
     """
     t0 = time.perf_counter()
     bundle_dir = Path(bundle_dir)
-    manifest = verify_bundle(bundle_dir)
+    manifest = verify_bundle(bundle_dir, device_only=True)
     data = read_local_data(data_path, manifest)
     train, held = data.split(cfg.holdout, cfg.seed)
     maker = BatchMaker(bundle_dir, manifest)
