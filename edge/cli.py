@@ -71,12 +71,12 @@ def train(
         err = exc.errors()[0]
         fail(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg'].removeprefix('Value error, ')}")
     from .data import DataError
-    from .trainer import AdapterError, TrainError, load_tensor_file, summarize, train_round
+    from .trainer import AdapterError, TrainError, load_adapters, summarize, train_round
     from .update import write_update
 
     with _progress(not quiet) as (on_start, on_step):
         try:
-            start = load_tensor_file(adapters) if adapters is not None else None
+            start = load_adapters(adapters) if adapters is not None else None
             result = train_round(bundle, data, cfg, adapters=start, cache_dir=cache, on_start=on_start, on_step=on_step)
         except (BundleError, DataError, AdapterError, TrainError) as exc:
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

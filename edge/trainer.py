@@ -25,6 +25,7 @@ from fedpft.shared.codec import check_tensors, decode_tensors
 from fedpft.shared.edge_config import EdgeTrainConfig
 from fedpft.shared.manifest import ROLE_CHECKPOINT, ROLE_EVAL, ROLE_OPTIMIZER, ROLE_TRAINING, BundleManifest, TensorSpec, verify_bundle
 from fedpft.shared.messages import ProtocolError
+from fedpft.shared.update import STATS_PREFIX
 
 from .data import Batch, BatchMaker, DataError, Skips, batches, epoch_order, read_local_data
 from .update import RoundResult
@@ -54,6 +55,12 @@ def load_tensor_file(path: Path) -> dict[str, np.ndarray]:
         raise AdapterError(f"{path}: {exc}") from exc
 
 
+def load_adapters(path: Path) -> dict[str, np.ndarray]:
+    """Adapters from a safetensors file of PEFT keys; an earlier update file works too (its
+    activation statistics are dropped)."""
+    return {k: v for k, v in load_tensor_file(path).items() if not k.startswith(STATS_PREFIX)}
+
+
 def _check(tensors: Mapping[str, np.ndarray], specs: Iterable[TensorSpec], what: str, partial: bool) -> None:
     expected = {s.key: (s.shape, s.dtype) for s in specs}
     try:
@@ -73,9 +80,9 @@ class EdgeSession:
     """One bundle's ORT training state: checkpoint state, training/eval module, optimizer."""
 
     def __init__(self, bundle_dir: Path, manifest: BundleManifest, checkpoint: Path | None = None, threads: int | None = None):
-        from onnxruntime import SessionOptions
+        from .runtime import CheckpointState, Module, Optimizer  # first: it keeps torch out of `import onnxruntime`
 
-        from .runtime import CheckpointState, Module, Optimizer
+        from onnxruntime import SessionOptions
 
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
@@ -310,5 +317,5 @@ def summarize(result: RoundResult) -> str:
 
 __all__ = [
     "AdapterError", "DataError", "EdgeSession", "StepOutput", "TrainError", "Skips", "cached_checkpoint", "clear_cache",
-    "load_tensor_file", "open_session", "planned_steps", "save_checkpoint", "summarize", "train_round",
+    "load_adapters", "load_tensor_file", "open_session", "planned_steps", "save_checkpoint", "summarize", "train_round",
 ]

@@ -1,14 +1,17 @@
 """A device's round result, and the one file (safetensors) it travels in.
 
-File format ("fedpft-update", version 1), a plain safetensors file:
+The tensor layout is the contract in `fedpft.shared.update` (shared with the cloud, which
+validates updates with `split_update` there); this module adds the device-side metadata and
+the file handling. File format ("fedpft-update", version 1), a plain safetensors file:
 - tensors
   - `<PEFT key>`: every trainable adapter tensor (LoRA A/B of query, key, value, attention
-    output, and the task head), float32, named by the PEFT state-dict keys of the FM
+    output, and the task head), float32, under the FM's PEFT state-dict keys
     (manifest.trainable[i].key), exactly the shapes the manifest lists.
-  - `__stats__.layer.<L>.off_counts`: float64 (neurons,) — over every training forward pass of
+  - `__stats__.layer.<L>.off_counts`: float32 (neurons,) — over every training forward pass of
     the round, how many unpadded token positions had FFN pre-activation <= 0 in FM layer L
-    (one entry per compressed layer; only when statistics were asked for).
-  - `__stats__.layer.<L>.positions`: float64 (1,) — the number of positions counted.
+    (one pair per compressed layer; absent when statistics were not asked for). Summed in
+    float64 on the device, stored as float32 (exact up to 2**24 positions a round).
+  - `__stats__.layer.<L>.positions`: float32 (1,) — the number of positions counted.
     APoZ of neuron j in layer L = off_counts[j] / positions.
 - metadata (str -> str): `format` = "fedpft-update", `format_version` = "1", `bundle_id`,
   `bundle_version`, `num_samples` (usable training samples: the FedAvg weight), `steps`,
@@ -16,13 +19,12 @@ File format ("fedpft-update", version 1), a plain safetensors file:
   there was none), `holdout_samples`, `skipped` (count), `skipped_summary` (the one-line
   summary, "" when nothing was skipped), `seconds`. Numbers are decimal text.
 
-Nothing here imports torch: the cloud reads updates with the same functions.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from fedpft.shared.codec import decode_tensors, encode_tensors
+from fedpft.shared.manifest import BundleManifest
+from fedpft.shared.messages import ProtocolError
+from fedpft.shared.update import join_update, split_update
 
 FORMAT = "fedpft-update"
 FORMAT_VERSION = "1"
-STATS_PREFIX = "__stats__."
-_STAT_KEY = re.compile(r"^__stats__\.layer\.(\d+)\.(off_counts|positions)$")
 
 
 class UpdateError(ValueError):
@@ -83,17 +86,8 @@ class RoundResult:
         }
 
 
-def stat_keys(layer: int) -> tuple[str, str]:
-    return f"{STATS_PREFIX}layer.{layer}.off_counts", f"{STATS_PREFIX}layer.{layer}.positions"
-
-
 def encode_update(result: RoundResult) -> bytes:
-    tensors: dict[str, np.ndarray] = dict(result.adapters)
-    for layer, (off, pos) in result.stats.items():
-        k_off, k_pos = stat_keys(layer)
-        tensors[k_off] = np.asarray(off, dtype=np.float64)
-        tensors[k_pos] = np.asarray([pos], dtype=np.float64)
-    return encode_tensors(tensors, result.metadata())
+    return encode_tensors(join_update(result.adapters, result.stats), result.metadata())
 
 
 def write_update(path: Path, result: RoundResult) -> Path:
@@ -131,34 +125,20 @@ class Update:
         return int(self.metadata["num_samples"])
 
 
-def split_update(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[int, tuple[np.ndarray, float]]]:
-    """(adapters, stats) from the tensors of an update; UpdateError on a malformed stats entry."""
-    adapters, parts = {}, {}
-    for k, v in tensors.items():
-        if not k.startswith(STATS_PREFIX):
-            adapters[k] = v
-            continue
-        m = _STAT_KEY.match(k)
-        if m is None:
-            raise UpdateError(f"unknown statistics tensor {k!r}")
-        parts.setdefault(int(m.group(1)), {})[m.group(2)] = v
-    stats = {}
-    for layer, p in sorted(parts.items()):
-        if set(p) != {"off_counts", "positions"} or p["off_counts"].ndim != 1 or p["positions"].size != 1:
-            raise UpdateError(f"layer {layer}: statistics need off_counts (neurons,) and positions (1,)")
-        stats[layer] = (p["off_counts"].astype(np.float64), float(p["positions"].reshape(-1)[0]))
-    return adapters, stats
-
-
-def decode_update(data: bytes) -> Update:
-    tensors, meta = decode_tensors(data)
-    if meta.get("format") != FORMAT:
-        raise UpdateError(f"not a {FORMAT} file (metadata format={meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UpdateError(f"{FORMAT} version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
-    adapters, stats = split_update(tensors)
+def decode_update(data: bytes, manifest: BundleManifest) -> Update:
+    """Parse and validate an update against the bundle it was trained from; UpdateError if malformed."""
+    try:
+        tensors, meta = decode_tensors(data)
+        if meta.get("format") != FORMAT:
+            raise UpdateError(f"not a {FORMAT} file (metadata format={meta.get('format')!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise UpdateError(f"{FORMAT} version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        expected = {t.key: (t.shape, t.dtype) for t in manifest.trainable}
+        adapters, stats = split_update(tensors, expected, {s.layer: s.neurons for s in manifest.stat_outputs})
+    except ProtocolError as exc:
+        raise UpdateError(str(exc)) from exc
     return Update(adapters, stats, meta)
 
 
-def read_update(path: Path) -> Update:
-    return decode_update(Path(path).read_bytes())
+def read_update(path: Path, manifest: BundleManifest) -> Update:
+    return decode_update(Path(path).read_bytes(), manifest)
