@@ -33,6 +33,9 @@ class PrepareConfig(BaseModel):
     batch_size: int = Field(default=16, ge=1)
     dropout: float | None = Field(default=None, ge=0, lt=1, description="override the FM's dropout in the training graph")
     seed: int = 0
+    # Ed25519 private key (fedpft-cloud keygen) that signs the manifest; a local path, so it is
+    # left out of the prepare_config the bundle records.
+    signing_key: Path | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "PrepareConfig":
@@ -86,6 +89,13 @@ class ServeConfig(BaseModel):
     max_update_norm: float | None = Field(default=None, gt=0)
     seed: int = 0
     resume: bool = False
+    # broker TLS and credentials (fedpft-cloud provision writes the cloud's password file)
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password: str | None = Field(default=None, exclude=True, description="never written to serve_config.json")
+    signing_key: Path | None = Field(default=None, description="Ed25519 private key that signs every Task")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -116,6 +126,9 @@ class AgentConfig(BaseModel):
     key: Path | None = None
     username: str | None = None
     password: str | None = None
+    # Ed25519 public key of the cloud: unsigned or tampered bundles and tasks are refused.
+    # None = development mode: everything is accepted (with one warning).
+    trust_key: Path | None = None
 
 
 SimMethod = Literal["fedpft", "full", "fedot", "noalign", "layeronly"]
@@ -151,4 +164,4 @@ class SimulateConfig(BaseModel):
     def resolved_align_every(self) -> int:
         if self.method != "fedpft":
             return 0
-        return max(1, self.rounds // 2) if self.align_every is None else self.align_every
+        return max(1, (self.rounds + 1) // 2) if self.align_every is None else self.align_every

@@ -1,0 +1,48 @@
+"""Shared bits of the benchmark scripts: BENCHMARKS.md sections and model folders."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+
+
+def command_line() -> str:
+    """The exact command that produced a table, as typed from the repository root."""
+    return " ".join(["python", shlex.quote(str(Path(sys.argv[0]).resolve().relative_to(ROOT)))] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def write_section(name: str, text: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) the section between <!-- name --> and <!-- /name --> markers."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    body = f"{begin}\n{text.strip()}\n{end}"
+    old = path.read_text() if path.is_file() else "# Benchmarks\n\nEvery table below was written by the script and command named above it.\n"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + body + rest.split(end, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + body + "\n"
+    path.write_text(new)
+
+
+def vit_base_folder(folder: Path, num_labels: int = 10) -> str:
+    """ViTConfig() defaults (ViT-base/16 at 224) with random weights, saved as an HF folder:
+    the hub is unreachable here, so google/vit-base-patch16-224-in21k cannot be downloaded."""
+    from transformers import ViTConfig
+
+    from fedpft.cloud.models import model_from_config
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        model_from_config(ViTConfig(num_labels=num_labels), seed=0).save_pretrained(str(folder))
+    return str(folder)
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
