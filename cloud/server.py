@@ -37,6 +37,7 @@ from fedpft.shared.messages import (
     decode,
     encode,
 )
+from fedpft.shared.signing import key_id, load_private_key, sign
 from fedpft.shared.transport import Transport
 from fedpft.shared.update import split_update
 
@@ -45,6 +46,9 @@ from .sampling import RoundStatus, RoundTracker, round_rng, sample_devices
 from .state import RunState, RunStore
 
 log = logging.getLogger("fedpft.serve")
+
+# What each device topic the cloud subscribes to may carry.
+_KIND_TYPES = {topics.HELLO: Hello, topics.PRESENCE: Presence, topics.UPDATE: Update, topics.ACK: Ack, topics.BLOBREQ: BlobRequest}
 
 
 @dataclass
@@ -109,12 +113,16 @@ class Federation:
         self.stat_layers = {s.layer: s.neurons for s in self.manifest.stat_outputs}
         self.tracker: RoundTracker | None = None
         self.round_id = -1
+        self.signing_key = load_private_key(cfg.signing_key) if cfg.signing_key is not None else None
+        if self.signing_key is not None and self.manifest.signer != key_id(self.signing_key.public_key()):
+            log.warning("the bundle is not signed by --signing-key; devices with --trust-key will refuse it "
+                        "(prepare it with --signing-key)")
 
     # ------------------------------------------------------------------ network side (handler thread)
     def _on_json(self, topic: str, payload: bytes) -> None:
         try:
             msg = decode(payload)
-            topics.check_sender(topic, msg.run_id, msg.sender)
+            self._check_route(topics.check_sender(topic, msg.run_id, msg.sender), msg)
         except ProtocolError as exc:
             log.warning("rejected message on %s: %s", topic, exc.reason)
             return
@@ -126,9 +134,21 @@ class Federation:
             return
         self.events.put(("msg", msg))
 
+    def _check_route(self, parsed: topics.Topic, msg) -> None:
+        """The message must be of the kind its topic carries, about the device the topic names
+        (a BlobRequest naming another device would have the cloud re-send chunks to that one)."""
+        if parsed.run != self.cfg.run_id:
+            raise ProtocolError(f"message for run {parsed.run!r}; this cloud serves {self.cfg.run_id!r}")
+        if _KIND_TYPES.get(parsed.kind) is not type(msg):
+            raise ProtocolError(f"a {msg.type} message does not belong on a {parsed.kind} topic")
+        if msg.device_id != parsed.device_id:
+            raise ProtocolError(f"message about device {msg.device_id!r} on device {parsed.device_id!r}'s topic")
+
     def _on_upload(self, topic: str, payload: bytes) -> None:
         try:
             parsed = topics.parse(topic)
+            if parsed.kind != topics.UPLOAD or parsed.run != self.cfg.run_id:
+                raise ProtocolError(f"not an upload topic of run {self.cfg.run_id!r}")
             chunk = Chunk.from_bytes(payload)
             if chunk.blob_id != topics.blob_id_of(topic):
                 raise ProtocolError(f"chunk of blob {chunk.blob_id} on topic for {topics.blob_id_of(topic)}")
@@ -218,6 +238,7 @@ class Federation:
             return self._reject(msg, "device was not selected for this round")
         if msg.device_id in tr.answered():
             self._drop_upload(msg)
+            log.info("duplicate update from %s for round %d ignored: already counted", msg.device_id, msg.round_id)
             return self._reply(msg, True, "duplicate (already counted)")  # QoS 1 redelivery: ack again, count once
         if msg.error is not None:
             tr.fail(msg.device_id, msg.error)
@@ -320,6 +341,8 @@ class Federation:
                 ffn=ffn_ref, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
                 report_stats=align_now, deadline=deadline, seed=cfg.seed * 100003 + r,
             )
+            if self.signing_key is not None:
+                task = sign(task, self.signing_key)
             self.round_id, self.tracker = r, RoundTracker(selected, deadline, cfg.min_clients)
             self.t.publish(topics.round_topic(cfg.run_id), encode(task))
             log.info("round %d: task sent to %s", r, ", ".join(selected))

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import queue
+import shutil
 import time
 from collections import deque
 from pathlib import Path
@@ -33,6 +34,7 @@ from fedpft.shared.messages import (
     decode,
     encode,
 )
+from fedpft.shared.signing import SignatureError, load_public_key, verify
 from fedpft.shared.transport import Transport
 
 log = logging.getLogger("fedpft.agent")
@@ -61,6 +63,10 @@ class EdgeAgent:
         self.done: dict[str, str] = json.loads(self.done_file.read_text()) if self.done_file.is_file() else {}
         self.bundle_version: str | None = None
         self.finished = False
+        # The cloud's public key: unsigned or tampered tasks and bundles are refused.
+        self.trusted = load_public_key(cfg.trust_key) if cfg.trust_key is not None else None
+        if self.trusted is None:
+            log.warning("no --trust-key: unsigned tasks and bundles are accepted (development mode)")
 
     # ------------------------------------------------------------------ handlers (dispatcher thread)
     def _on_json(self, topic: str, payload: bytes) -> None:
@@ -136,11 +142,12 @@ class EdgeAgent:
             return 0
         self._pub(topics.ACK, Ack(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, acked="task"))
         try:
+            self.check_signed(task, f"task for round {task.round_id}")
             bundle_dir = self.ensure_bundle(task.bundle)
             adapters = self.fetch(task.adapters)
             ffn = self.fetch(task.ffn) if task.ffn is not None else None
             update, fields = self.trainer(bundle_dir, task, adapters, ffn)
-        except (AgentError, BundleError, ProtocolError, ValueError, OSError) as exc:
+        except (AgentError, BundleError, ProtocolError, SignatureError, ValueError, OSError) as exc:
             reason = str(getattr(exc, "reason", exc)).splitlines()[0]
             log.error("round %d failed: %s", task.round_id, reason)
             self._pub(topics.UPDATE, Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, error=reason))
@@ -190,6 +197,11 @@ class EdgeAgent:
         finally:
             self.deferred.extend(held)
 
+    def check_signed(self, record: Task | BundleManifest, what: str) -> None:
+        """SignatureError unless signed by the trusted key; everything passes without one."""
+        if self.trusted is not None:
+            verify(record, self.trusted, what)
+
     # ------------------------------------------------------------------ blobs
     def fetch(self, ref: BlobRef) -> bytes:
         """Download a blob (resuming from the cache), verifying every chunk and the whole."""
@@ -234,13 +246,19 @@ class EdgeAgent:
         if folder.is_dir():
             try:
                 m = verify_bundle(folder, device_only=True)
+                self.check_signed(m, "cached bundle")
                 self.bundle_version = f"{m.bundle_id}:{m.bundle_version}"
                 return folder
-            except BundleError as exc:
+            except (BundleError, SignatureError) as exc:
                 log.warning("cached bundle failed verification (%s); fetching again", exc)
         data = self.fetch(ref)
         m: BundleManifest = unpack_bundle(data, folder)
         (self.cache / "blobs" / ref.sha256).unlink(missing_ok=True)  # the unpacked folder is the cache
+        try:
+            self.check_signed(m, f"bundle {m.bundle_id[:12]}")
+        except SignatureError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         self.bundle_version = f"{m.bundle_id}:{m.bundle_version}"
         log.info("bundle %s v%d installed", m.bundle_id[:12], m.bundle_version)
         return folder

@@ -43,6 +43,7 @@ def train(
     key: Optional[Path] = typer.Option(None, "--key", help="Online: client key for TLS."),
     username: Optional[str] = typer.Option(None, "--username", help="Online: broker user name."),
     password: Optional[str] = typer.Option(None, "--password", envvar="FEDPFT_MQTT_PASSWORD", help="Online: broker password (or env FEDPFT_MQTT_PASSWORD)."),
+    trust_key: Optional[Path] = typer.Option(None, "--trust-key", help="Online: the cloud's public signing key (signing.pub); unsigned or tampered tasks and bundles are refused. Without it everything is accepted (development mode)."),
     adapters: Optional[Path] = typer.Option(None, "--adapters", "-a", help="Global adapters to start from (safetensors, PEFT keys); default: the bundle's."),
     epochs: int = typer.Option(1, "--epochs", help="Passes over the local training split."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per training step."),
@@ -58,7 +59,7 @@ def train(
     from pydantic import ValidationError
 
     if broker is not None:
-        return _online(broker, device_id, run_id, data, cache, holdout, ca, cert, key, username, password)
+        return _online(broker, device_id, run_id, data, cache, holdout, ca, cert, key, username, password, trust_key)
     if bundle is None or out is None:
         fail("offline training needs --bundle and --out (or give --broker and --device-id to join a federation)")
 
@@ -106,7 +107,7 @@ def _progress(enabled: bool):
                lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"))
 
 
-def _online(broker, device_id, run_id, data, cache, holdout, ca, cert, key, username, password) -> None:
+def _online(broker, device_id, run_id, data, cache, holdout, ca, cert, key, username, password, trust_key) -> None:
     import logging
 
     from pydantic import ValidationError
@@ -123,7 +124,7 @@ def _online(broker, device_id, run_id, data, cache, holdout, ca, cert, key, user
         check_id(device_id, "--device-id")
         check_id(run_id, "--run-id")
         cfg = AgentConfig(broker=broker, device_id=device_id, run_id=run_id, data=data, cache=cache or Path(".fedpft-cache"),
-                          holdout=holdout, ca=ca, cert=cert, key=key, username=username, password=password)
+                          holdout=holdout, ca=ca, cert=cert, key=key, username=username, password=password, trust_key=trust_key)
     except ProtocolError as exc:
         fail(exc.reason)
     except ValidationError as exc:
@@ -131,6 +132,13 @@ def _online(broker, device_id, run_id, data, cache, holdout, ca, cert, key, user
         fail(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}")
     if not Path(data).exists():
         fail(f"data '{data}' does not exist")
+    if trust_key is not None:
+        from fedpft.shared.signing import SignatureError, load_public_key
+
+        try:
+            load_public_key(trust_key)  # a bad key file fails here, before connecting
+        except SignatureError as exc:
+            fail(str(exc))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedpft").setLevel(logging.INFO)
     try:

@@ -95,7 +95,8 @@ class BundleManifest(BaseModel):
     files: dict[str, FileEntry]
     versions: dict[str, str] = Field(default_factory=dict)
     config: dict = Field(default_factory=dict)
-    signature: str | None = None
+    signer: str | None = None  # key id of the Ed25519 key that signed (fedpft.shared.signing)
+    signature: str | None = None  # over the canonical manifest JSON without this field
 
     @property
     def num_labels(self) -> int:

@@ -129,6 +129,10 @@ class Task(_Message):
     report_stats: bool = False  # ask for per-neuron activation statistics (alignment rounds)
     seed: int = Field(default=0, ge=0)  # local shuffling seed: a resumed run trains exactly as an uninterrupted one
     deadline: float = Field(description="unix time after which the cloud stops waiting")
+    # Ed25519 over the canonical JSON of this Task without `signature` (fedpft.shared.signing):
+    # covers run, round and the sha256 of the adapters and FFN blobs. None: the cloud has no key.
+    signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$", description="key id of the signing key")
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
 
     @field_validator("devices")
     @classmethod
