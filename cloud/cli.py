@@ -82,6 +82,7 @@ def prepare(
     batch_size: int = typer.Option(16, "--batch-size", help="Distillation batch size."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Override the FM's dropout in the training graph (0 gives deterministic steps)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the head, adapters and data order."),
+    signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key (from `keygen`) that signs the manifest; devices check it with --trust-key."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Compress the FM into a proxy, distill it, and write the device bundle (ORT training artifacts + manifest)."""
@@ -94,7 +95,7 @@ def prepare(
             model=model, out=out, labels=read_labels(labels), num_labels=num_labels, public_data=public_data,
             proxy=proxy, distill_steps=distill_steps, distill_lr=distill_lr, distill_alpha=distill_alpha,
             keep_layers=parse_layers(keep_layers), ffn_keep=ffn_keep, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            max_length=max_length, batch_size=batch_size, dropout=dropout, seed=seed,
+            max_length=max_length, batch_size=batch_size, dropout=dropout, seed=seed, signing_key=signing_key,
         )
     except ValidationError as exc:
         err = exc.errors()[0]
@@ -152,6 +153,12 @@ def serve(
     max_update_norm: Optional[float] = typer.Option(None, "--max-update-norm", help="Clip each device's adapter delta to this L2 norm."),
     seed: int = typer.Option(0, "--seed", help="Seed for device sampling and local shuffles."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out at its next round."),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate for TLS to the broker."),
+    cert: Optional[Path] = typer.Option(None, "--cert", help="Client certificate for TLS."),
+    key: Optional[Path] = typer.Option(None, "--key", help="Client key for TLS."),
+    username: Optional[str] = typer.Option(None, "--username", help="Broker user name (`provision` creates fedpft-cloud)."),
+    password: Optional[str] = typer.Option(None, "--password", envvar="FEDPFT_MQTT_PASSWORD", help="Broker password (or env FEDPFT_MQTT_PASSWORD)."),
+    signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key (from `keygen`) that signs every task."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Run federated rounds over MQTT: sample devices, collect and aggregate adapters, align, evaluate the FM."""
@@ -167,12 +174,44 @@ def serve(
         local_epochs=local_epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, align_every=align_every,
         align_fraction=align_fraction, align_steps=align_steps, public_data=public_data, eval_data=eval_data,
         eval_max_samples=eval_max_samples, max_update_norm=max_update_norm, seed=seed, resume=resume,
+        ca=ca, cert=cert, key=key, username=username, password=password, signing_key=signing_key,
     )
+    from fedpft.shared.signing import SignatureError
+
     try:
         state = run_serve(cfg, show_progress=not quiet)
-    except (BundleError, TransportError, RuntimeError, FileNotFoundError) as exc:
+    except (BundleError, TransportError, RuntimeError, FileNotFoundError, SignatureError) as exc:
         fail(str(exc))
     typer.echo(f"run {cfg.run_id}: {state.next_round} rounds done -> {out}/report.md")
+
+
+@app.command()
+def keygen(out: Path = typer.Option(..., "--out", "-o", help="Folder for signing.key (private, 0600) and signing.pub (give it to devices).")) -> None:
+    """Make the cloud's Ed25519 signing key pair (for prepare/serve --signing-key and the devices' --trust-key)."""
+    from fedpft.shared.signing import generate_keypair, key_id, load_public_key
+
+    try:
+        priv, pub = generate_keypair(out)
+    except (FileExistsError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"key {key_id(load_public_key(pub))}: private {priv} (keep it in the cloud), public {pub} (devices: --trust-key)")
+
+
+@app.command()
+def provision(
+    device: str = typer.Option(..., "--device", help="Device id; it becomes the device's broker user name."),
+    run: str = typer.Option("default", "--run", help="Run the device takes part in (its topics fedpft/<run>/device/<id>/...)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Broker folder: mosquitto.passwd, mosquitto.acl, mosquitto.conf, passwords (0600)."),
+) -> None:
+    """Create or replace a device's broker credentials and ACL (own topics only), and the cloud's user."""
+    from .provision import CLOUD_USER, ProvisionError, provision as run_provision
+
+    try:
+        res = run_provision(out, device, run)
+    except (ProvisionError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"device {device} (run {run}): password in {res.password_file}; cloud user {CLOUD_USER}: "
+               f"{res.cloud_password_file}; broker files in {out} (reload Mosquitto to apply)")
 
 
 @app.command()

@@ -75,7 +75,18 @@ def validate(cfg: PrepareConfig):
     out = Path(cfg.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrepareError(f"--out {out} already exists and is not an empty folder")
+    if cfg.signing_key is not None:
+        signing_key(cfg)
     return config
+
+
+def signing_key(cfg: PrepareConfig):
+    from fedpft.shared.signing import SignatureError, load_private_key
+
+    try:
+        return load_private_key(cfg.signing_key)
+    except SignatureError as exc:
+        raise PrepareError(f"--signing-key: {exc}") from None
 
 
 def prepare(cfg: PrepareConfig, show_progress: bool = True) -> PrepareResult:
@@ -100,9 +111,15 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> PrepareResult:
                                  on_step=lambda i, loss: bar.advance(loss=loss))
         log.info("layer distillation: loss %.4f -> %.4f over %d steps", result.first, result.last, len(result.losses))
     proxy_params = count_params(proxy)
+    sign = None
+    if cfg.signing_key is not None:
+        from fedpft.shared.signing import sign as sign_record
+
+        key = signing_key(cfg)
+        sign = lambda m: sign_record(m, key)  # noqa: E731
     manifest = write_bundle(
         Path(cfg.out), proxy, spec, labels, fm_id=cfg.model, fm_source=model_id,
-        prepare_config=cfg.model_dump(mode="json"), max_length=cfg.max_length,
-        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=cfg.seed,
+        prepare_config=cfg.model_dump(mode="json", exclude={"signing_key"}), max_length=cfg.max_length,
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=cfg.seed, sign=sign,
     )
     return PrepareResult(manifest, spec, result, count_params(fm), proxy_params, time.perf_counter() - t0)

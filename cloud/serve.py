@@ -97,6 +97,10 @@ class Cloud:
         return res.ffn  # proxy state-dict keys, as manifest.ffn names them
 
 
+def _path(p: Path | None) -> str | None:
+    return str(p) if p is not None else None
+
+
 def serve(cfg: ServeConfig, show_progress: bool = True) -> RunState:
     from fedpft.shared.mqtt import MqttTransport
 
@@ -114,7 +118,8 @@ def serve(cfg: ServeConfig, show_progress: bool = True) -> RunState:
         log.info("embedded MQTT broker listening at %s", url)
         print(f"embedded MQTT broker: {url}", flush=True)
     try:
-        transport = MqttTransport(url, client_id=f"fedpft-cloud-{cfg.run_id}")
+        transport = MqttTransport(url, client_id=f"fedpft-cloud-{cfg.run_id}", ca=_path(cfg.ca), cert=_path(cfg.cert),
+                                  key=_path(cfg.key), username=cfg.username, password=cfg.password)
         with transport:
             fed = Federation(cfg, transport, evaluator=cloud.evaluate if cfg.eval_data else None,
                              aligner=cloud.align if cfg.align_every else None, show_progress=show_progress)

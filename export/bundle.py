@@ -10,6 +10,7 @@ import json
 import platform
 import shutil
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -107,8 +108,11 @@ def write_bundle(
     lora_alpha: float = 16.0,
     seed: int = 0,
     bundle_version: int = 1,
+    sign: Callable[[BundleManifest], BundleManifest] | None = None,
 ) -> BundleManifest:
-    """Add fresh adapters to `proxy` (in place), export it and write the bundle to `out` atomically."""
+    """Add fresh adapters to `proxy` (in place), export it and write the bundle to `out` atomically.
+
+    `sign` (e.g. `lambda m: signing.sign(m, key)`) signs the manifest before it is saved."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty")
@@ -119,6 +123,9 @@ def write_bundle(
         save_file(proxy_state, str(tmp / PROXY_WEIGHTS))
         peft_proxy = add_adapters(proxy, lora_rank, lora_alpha, seed)
         manifest = _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_length, bundle_version)
+        if sign is not None:
+            manifest = sign(manifest)
+            manifest.save(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
