@@ -64,7 +64,7 @@ class Accepted:
     adapters: dict[str, np.ndarray]
     stats: dict[int, tuple[np.ndarray, float]]
     num_samples: int
-    msg: Update
+    mean_loss: float | None
 
 
 class BlobServer:
@@ -263,10 +263,28 @@ class Federation:
         except ProtocolError as exc:
             return self._reject(msg, exc.reason)
         self.store.save_update(msg.round_id, msg.device_id, data)
-        tr.accept(msg.device_id, Accepted(adapters, stats, msg.num_samples, msg))
+        tr.accept(msg.device_id, Accepted(adapters, stats, msg.num_samples, msg.mean_loss))
         self._reply(msg, True, None)
         log.info("round %d: update from %s (%d samples, loss %s)", msg.round_id, msg.device_id, msg.num_samples,
                  f"{msg.mean_loss:.4f}" if msg.mean_loss is not None else "-")
+
+    def _restore_accepted(self, round_id: int) -> None:
+        """Count updates this round already accepted before a crash (they are on disk), once."""
+        assert self.tracker is not None
+        for path in self.store.stored_updates(round_id):
+            device = path.stem
+            if device not in self.tracker.selected:
+                continue
+            try:
+                tensors, meta = decode_tensors(path.read_bytes(), self.cfg.max_update_bytes)
+                adapters, stats = split_update(tensors, self.expected, self.stat_layers)
+                n = int(meta.get("num_samples", "0"))
+                mean_loss = float(meta["mean_loss"]) if meta.get("mean_loss") not in (None, "null", "") else None
+            except (ProtocolError, ValueError) as exc:
+                log.warning("stored update %s unusable (%s); the device will be asked again", path, exc)
+                continue
+            self.tracker.accept(device, Accepted(adapters, stats, n, mean_loss))
+            log.info("round %d: update from %s restored from disk (accepted before a restart)", round_id, device)
 
     def _drop_upload(self, msg: Update) -> None:
         if msg.blob is not None:
@@ -344,6 +362,7 @@ class Federation:
             if self.signing_key is not None:
                 task = sign(task, self.signing_key)
             self.round_id, self.tracker = r, RoundTracker(selected, deadline, cfg.min_clients)
+            self._restore_accepted(r)
             self.t.publish(topics.round_topic(cfg.run_id), encode(task))
             log.info("round %d: task sent to %s", r, ", ".join(selected))
             while self.tracker.status(time.time()) is RoundStatus.WAITING:
@@ -368,7 +387,7 @@ class Federation:
                 updates = [clip_update(u, adapters, cfg.max_update_norm) for u in updates]
             adapters = fedavg(updates, [max(a.num_samples, 1) for a in accepted])
             record.update(clients=len(accepted), devices=sorted(tracker.accepted),
-                          train_loss=float(np.average([a.msg.mean_loss or 0.0 for a in accepted], weights=[max(a.num_samples, 1) for a in accepted])))
+                          train_loss=float(np.average([a.mean_loss or 0.0 for a in accepted], weights=[max(a.num_samples, 1) for a in accepted])))
             state.adapters = self.store.write_tensors(f"checkpoints/adapters_round_{r:04d}.safetensors", adapters)
             stats = [a.stats for a in accepted if a.stats]
             if align_now and stats:

@@ -59,6 +59,10 @@ class RunStore:
         atomic_write(path, payload)
         return path
 
+    def stored_updates(self, round_id: int) -> list[Path]:
+        folder = self.folder / "updates" / f"round_{round_id:04d}"
+        return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+
     # -- state
     def load(self) -> RunState | None:
         p = self.folder / STATE
