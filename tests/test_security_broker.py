@@ -144,52 +144,49 @@ def hello(dev: str) -> bytes:
     return encode(Hello(run_id=RUN, sender=dev, device_id=dev, num_samples=1))
 
 
-def test_device_publishes_on_its_own_topics_only(broker):
+@pytest.fixture
+def clients(broker):
+    """(cloud, dev1), connected with their provisioned credentials."""
     cloud, dev1 = connect(broker, CLOUD_USER), connect(broker, "dev1")
+    yield cloud, dev1
+    dev1.close()
+    cloud.close()
+
+
+def test_device_publishes_on_its_own_topics_only(clients):
+    cloud, dev1 = clients
+    seen = inbox(cloud, topics.run_pattern(RUN))
+    forbidden = topics.device_topic(RUN, "dev2", topics.HELLO)
     try:
-        seen = inbox(cloud, topics.run_pattern(RUN))
-        forbidden = topics.device_topic(RUN, "dev2", topics.HELLO)
-        try:
-            dev1.publish(forbidden, hello("dev2"))  # MQTT 5: refused in the PUBACK; 3.1.1: dropped silently
-        except TransportError:
-            pass
-        own = topics.device_topic(RUN, "dev1", topics.HELLO)
-        dev1.publish(own, hello("dev1"))
-        got = received_until(seen, own)
-        assert forbidden not in got and own in got
-    finally:
-        dev1.close()
-        cloud.close()
+        dev1.publish(forbidden, hello("dev2"))  # MQTT 5: refused in the PUBACK; 3.1.1: dropped silently
+    except TransportError:
+        pass
+    own = topics.device_topic(RUN, "dev1", topics.HELLO)
+    dev1.publish(own, hello("dev1"))
+    got = received_until(seen, own)
+    assert forbidden not in got and own in got
 
 
-def test_device_cannot_read_another_devices_inbox(broker):
-    cloud, dev1 = connect(broker, CLOUD_USER), connect(broker, "dev1")
+def test_device_cannot_read_another_devices_inbox(clients):
+    cloud, dev1 = clients
+    other = topics.device_topic(RUN, "dev2", topics.INBOX)
+    q: queue.Queue = queue.Queue()
     try:
-        other = topics.device_topic(RUN, "dev2", topics.INBOX)
-        q = queue.Queue()
-        try:
-            dev1.subscribe(other, lambda topic, payload: q.put((topic, payload)))
-        except TransportError as exc:  # Mosquitto 2 refuses it in the SUBACK
-            assert "refused subscription" in str(exc)
-        own = topics.device_topic(RUN, "dev1", topics.INBOX)
-        dev1.subscribe(own, lambda topic, payload: q.put((topic, payload)))
-        cloud.publish(other, b"secret for dev2")
-        cloud.publish(own, b"for dev1")
-        assert received_until(q, own) == [own]
-    finally:
-        dev1.close()
-        cloud.close()
+        dev1.subscribe(other, lambda topic, payload: q.put((topic, payload)))
+    except TransportError as exc:  # brokers that refuse in the SUBACK; Mosquitto 2.0 grants and never delivers
+        assert "refused subscription" in str(exc)
+    own = topics.device_topic(RUN, "dev1", topics.INBOX)
+    dev1.subscribe(own, lambda topic, payload: q.put((topic, payload)))
+    cloud.publish(other, b"secret for dev2")
+    cloud.publish(own, b"for dev1")
+    assert received_until(q, own) == [own]
 
 
-def test_device_reads_the_runs_broadcasts(broker):
-    cloud, dev1 = connect(broker, CLOUD_USER), connect(broker, "dev1")
-    try:
-        q = inbox(dev1, topics.round_topic(RUN))
-        cloud.publish(topics.round_topic(RUN), b"task")
-        assert received_until(q, topics.round_topic(RUN)) == [topics.round_topic(RUN)]
-    finally:
-        dev1.close()
-        cloud.close()
+def test_device_reads_the_runs_broadcasts(clients):
+    cloud, dev1 = clients
+    q = inbox(dev1, topics.round_topic(RUN))
+    cloud.publish(topics.round_topic(RUN), b"task")
+    assert received_until(q, topics.round_topic(RUN)) == [topics.round_topic(RUN)]
 
 
 def test_wrong_password_is_refused_in_one_line(broker):
