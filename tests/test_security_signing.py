@@ -156,3 +156,13 @@ def test_unsigned_bundle_is_refused_and_the_cloud_logs_why(tiny_bert_bundle, tmp
     assert any(m.startswith("device dev failed round 0: bundle ") and "is not signed" in m for m in said), said
     assert any("the bundle is not signed by --signing-key" in m for m in said)
     assert not (tmp_path / "cache" / "bundles").exists() or not any((tmp_path / "cache" / "bundles").iterdir())
+
+
+def test_prepare_signs_the_manifest_and_keeps_the_key_path_out(tiny_bert_dir, tmp_path, keys):
+    from conftest import make_bundle
+
+    (priv, pub), _ = keys
+    bundle = make_bundle(str(tiny_bert_dir), tmp_path / "bundle", signing_key=priv)
+    m = verify_bundle(bundle)
+    verify(m, load_public_key(pub), "bundle")
+    assert "signing_key" not in m.config and str(priv) not in (bundle / "prepare_config.json").read_text()
