@@ -1,0 +1,578 @@
+"""Scale benchmark: one federated round with N simulated devices over a real MQTT broker.
+
+The cloud is the real `Federation` (cloud/server.py) on an `MqttTransport`; the devices are
+`simdevice.SimDevice`s — real MQTT clients, one connection and client id each, exchanging
+real-sized blobs with the real protocol, but "training" by sleeping. Devices live in worker
+processes (about 250 per process), the cloud in this one, so the cloud's RSS is its own.
+
+    python benchmarks/scale.py --devices 10 100 1000 --bundle /tmp/scale-bundle --write BENCHMARKS.md
+
+`--bundle` is a real bundle (`fedpft-cloud prepare --model minilm --out /tmp/scale-bundle
+--num-labels 13 --distill-steps 0 -q`); without it a synthetic bundle-shaped folder with the
+MiniLM r=8 adapter shapes is written (fast, no torch; what the smoke test uses).
+
+Times (unix clock, one machine, so device and cloud clocks agree):
+- t_task: the cloud publishes the Task; t_end: `run_round` returns (FedAvg done, checkpoint
+  and state committed).
+- round wall = t_end - t_task.
+- slowest device's work = max over devices of its simulated training time (what the round
+  would take with an infinitely fast cloud, broker and network).
+- overhead = round wall - slowest device's work: everything the federation adds (task fan-out,
+  adapters download, upload, validation, acks, aggregation, commit), including CPU contention
+  with the simulated fleet when they share a machine.
+- also the brief's form: round wall - max over devices of (Task received -> update Ack received),
+  i.e. the part of the round outside every device's own window (fan-out + close).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # simdevice, also in spawned workers
+
+from simdevice import WorkerSpec, run_worker  # noqa: E402
+
+from fedpft.cloud.server import Federation  # noqa: E402
+from fedpft.shared import topics  # noqa: E402
+from fedpft.shared.codec import encode_tensors  # noqa: E402
+from fedpft.shared.config import ServeConfig  # noqa: E402
+from fedpft.shared.manifest import (  # noqa: E402
+    BundleManifest, InputSpec, TensorSpec, file_entry, verify_bundle,
+)
+from fedpft.shared.mqtt import MqttTransport  # noqa: E402
+from fedpft.shared.transport import Handler  # noqa: E402
+
+log = logging.getLogger("fedpft.bench.scale")
+
+DEVICES_PER_WORKER = 25  # one MQTT connection = 2 threads; more per process and the GIL convoys (see BENCHMARKS.md)
+BEGIN, END = "<!-- scale -->", "<!-- /scale -->"
+
+
+# ---- a bundle-shaped folder without torch ------------------------------------------------------
+
+
+def synthetic_bundle(folder: Path, layers: int = 6, hidden: int = 384, rank: int = 8, labels: int = 13) -> Path:
+    """A folder `verify_bundle` accepts, with MiniLM's adapter shapes (LoRA r on query, key,
+    value, attention.output.dense of every layer, plus the classifier); the ONNX files are
+    placeholders, which the cloud only hashes and packs."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    trainable: list[TensorSpec] = []
+    modules = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+    for layer in range(layers):
+        for mod in modules:
+            for part, shape in (("lora_A", (rank, hidden)), ("lora_B", (hidden, rank))):
+                key = f"base_model.model.bert.encoder.layer.{layer}.{mod}.{part}.weight"
+                trainable.append(TensorSpec(name=key.replace(f".{part}.", f".{part}.default."), key=key, shape=shape))
+    trainable += [TensorSpec(name="classifier.weight", key="base_model.model.classifier.weight", shape=(labels, hidden)),
+                  TensorSpec(name="classifier.bias", key="base_model.model.classifier.bias", shape=(labels,))]
+    rng = np.random.default_rng(0)
+    init = {t.key: (0.02 * rng.standard_normal(t.shape)).astype(np.float32) for t in trainable}
+    (folder / "adapters_init.safetensors").write_bytes(encode_tensors(init))
+    files = {"adapters_init": "adapters_init.safetensors"}
+    for role, name, size in (("training_model", "training_model.onnx", 4096), ("eval_model", "eval_model.onnx", 4096),
+                             ("optimizer_model", "optimizer_model.onnx", 512), ("checkpoint", "checkpoint", 65536)):
+        (folder / name).write_bytes(rng.bytes(size))
+        files[role] = name
+    m = BundleManifest(
+        bundle_id=uuid.uuid4().hex, created=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), fm_id="synthetic-minilm",
+        family="bert", labels=[f"LABEL_{i}" for i in range(labels)], input=InputSpec(kind="text", names=("input_ids", "attention_mask")),
+        trainable=trainable, files={role: file_entry(folder, rel) for role, rel in files.items()},
+    )
+    m.save(folder)
+    verify_bundle(folder)
+    return folder
+
+
+# ---- measuring the cloud -------------------------------------------------------------------------
+
+
+class CountingTransport:
+    """Wraps the cloud's Transport: counts messages and bytes both ways, notes when the Task goes out."""
+
+    def __init__(self, inner, run_id: str) -> None:
+        self.inner, self.round_topic = inner, topics.round_topic(run_id)
+        self.lock = threading.Lock()
+        self.msgs_out = self.msgs_in = self.bytes_out = self.bytes_in = 0
+        self.task_published_at: float | None = None
+        self.at_task: tuple[int, int, int, int] | None = None  # counters when the Task went out
+
+    @property
+    def connected(self) -> bool:
+        return self.inner.connected
+
+    def connect(self) -> None:
+        self.inner.connect()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def counters(self) -> tuple[int, int, int, int]:
+        with self.lock:
+            return self.msgs_out, self.msgs_in, self.bytes_out, self.bytes_in
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        if topic == self.round_topic:
+            self.task_published_at, self.at_task = time.time(), self.counters()
+        self.inner.publish(topic, payload, qos=qos, retain=retain)
+        with self.lock:
+            self.msgs_out += 1
+            self.bytes_out += len(payload)
+
+    def subscribe(self, pattern: str, handler: Handler) -> None:
+        def counted(topic: str, payload: bytes) -> None:
+            with self.lock:
+                self.msgs_in += 1
+                self.bytes_in += len(payload)
+            handler(topic, payload)
+
+        self.inner.subscribe(pattern, counted)
+
+    def unsubscribe(self, pattern: str) -> None:
+        self.inner.unsubscribe(pattern)
+
+    def join(self, timeout: float | None = 10.0) -> bool:
+        return self.inner.join(timeout)
+
+
+class TimedFederation(Federation):
+    """The real Federation; only notes when `run_round` returns and samples RSS meanwhile."""
+
+    round_ended: float | None = None
+    cpu_s: float = 0.0
+
+    def run_round(self, state, bundle_ref):  # type: ignore[no-untyped-def]
+        sampler = RssSampler()
+        sampler.start()
+        cpu0 = _cpu_s()
+        try:
+            return super().run_round(state, bundle_ref)
+        finally:
+            self.round_ended = time.time()
+            self.cpu_s = _cpu_s() - cpu0
+            self.rss_peak = sampler.stop()
+
+
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _status_kb(pid: int | str, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler:
+    def __init__(self, period: float = 0.05) -> None:
+        self.period, self.peak = period, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="rss-sampler")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _status_kb("self", "VmRSS") * 1024)
+            self._stop.wait(self.period)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _status_kb("self", "VmRSS") * 1024)
+
+
+class OwnBroker:
+    """A private Mosquitto on a free port with our settings (the machine's broker keeps its own)."""
+
+    def __init__(self, max_queued: int, max_inflight: int = 20, binary: str = "mosquitto") -> None:
+        self.max_queued, self.max_inflight, self.binary = max_queued, max_inflight, binary
+        self.proc: subprocess.Popen | None = None
+        self.dir: Path | None = None
+
+    def __enter__(self) -> "OwnBroker":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = Path(tempfile.mkdtemp(prefix="fedpft-scale-broker-"))
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                        f"max_queued_messages {self.max_queued}\nmax_inflight_messages {self.max_inflight}\n"
+                        f"log_dest file {self.dir / 'mosquitto.log'}\n")
+        self.proc = subprocess.Popen([shutil.which(self.binary) or "/usr/sbin/mosquitto", "-c", str(conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.time() + 10
+        while time.time() < end:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"mosquitto did not start on port {self.port}")
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def drops(self) -> int:
+        """Lines where Mosquitto says it dropped a client's outgoing messages."""
+        log_file = self.dir / "mosquitto.log" if self.dir else None
+        return log_file.read_text().count("Outgoing messages are being dropped") if log_file and log_file.is_file() else 0
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _broker_pid() -> int | None:
+    for p in ("/run/mosquitto/mosquitto.pid", "/var/run/mosquitto/mosquitto.pid"):
+        try:
+            return int(Path(p).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+# ---- one run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ScaleConfig:
+    devices: int
+    bundle: Path
+    broker: str = "mqtt://127.0.0.1:1883"
+    train_s: float = 2.0
+    jitter_s: float = 0.5
+    per_worker: int = DEVICES_PER_WORKER
+    round_timeout: float = 300.0
+    ready_timeout: float = 180.0
+    seed: int = 0
+    broker_pid: int | None = None  # whose RSS to report; default: the system Mosquitto's pid file
+    broker_label: str = "system"
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def run_scale(sc: ScaleConfig) -> dict:
+    """One round with `sc.devices` simulated devices; returns the measurements (see module doc)."""
+    manifest = BundleManifest.load(sc.bundle)
+    expected = {t.key: (tuple(t.shape), t.dtype) for t in manifest.trainable}
+    stat_layers = {s.layer: s.neurons for s in manifest.stat_outputs}
+    run_id = f"scale{sc.devices}-{uuid.uuid4().hex[:8]}"
+    ids = [f"sim-{run_id[-8:]}-{i:05d}" for i in range(sc.devices)]
+    n_workers = max(1, math.ceil(sc.devices / sc.per_worker))
+    ctx = mp.get_context("spawn")  # workers must not inherit the cloud's memory or threads
+    workers = []
+    t_start = time.time()
+    for w in range(n_workers):
+        spec = WorkerSpec(broker=sc.broker, run_id=run_id, device_ids=ids[w::n_workers], expected=expected,
+                          stat_layers=stat_layers, train_s=sc.train_s, jitter_s=sc.jitter_s, seed=sc.seed * 1000 + w)
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=run_worker, args=(spec, child), name=f"simdev-{w}", daemon=True)
+        proc.start()
+        workers.append((proc, parent))
+    out = Path(tempfile.mkdtemp(prefix=f"fedpft-{run_id}-"))
+    cloud = None
+    try:
+        ready = []
+        for proc, conn in workers:
+            if not conn.poll(sc.ready_timeout):
+                raise RuntimeError(f"worker {proc.name} not ready after {sc.ready_timeout:.0f}s")
+            ready.append(conn.recv()[1])
+        n_err = sum(r["n_errors"] for r in ready)
+        if n_err:
+            raise RuntimeError(f"{n_err} devices failed to connect, e.g. {ready[0]['errors'] or [r['errors'] for r in ready]}")
+        fleet_up_s = time.time() - t_start
+
+        cfg = ServeConfig(bundle=sc.bundle, out=out / "run", broker=sc.broker, run_id=run_id, rounds=1, min_clients=sc.devices,
+                          clients_per_round=sc.devices, round_timeout=sc.round_timeout, wait_for_clients=60.0, max_round_retries=0,
+                          seed=sc.seed)
+        broker_pid = sc.broker_pid or _broker_pid()
+        broker_rss0 = _status_kb(broker_pid, "VmRSS") * 1024 if broker_pid else 0
+        cloud = CountingTransport(MqttTransport(sc.broker, client_id=f"fedpft-cloud-{run_id}", session_expiry=120), run_id)
+        cloud.connect()
+        rss_idle = _status_kb("self", "VmRSS") * 1024
+        fed = TimedFederation(cfg, cloud, show_progress=False)
+        state = fed.run()
+        broker_rss1 = _status_kb(broker_pid, "VmRSS") * 1024 if broker_pid else 0
+        # a retained EndOfRun is right for a real run; on a shared benchmark broker, clear it
+        cloud.publish(topics.control_topic(run_id), b"", retain=True)
+
+        timings, worker_rss = [], []
+        for proc, conn in workers:
+            conn.send(("collect", 30.0))
+        for proc, conn in workers:
+            if not conn.poll(60.0):
+                raise RuntimeError(f"worker {proc.name} sent no results")
+            _, tms, info = conn.recv()
+            timings += tms
+            worker_rss.append(info["rss"])
+    finally:
+        if cloud is not None:
+            cloud.close()  # first: devices clearing their retained presence are no news to the cloud
+        for proc, conn in workers:
+            try:
+                conn.send(("stop", None))
+            except (OSError, BrokenPipeError):
+                pass
+        for proc, conn in workers:
+            try:
+                if conn.poll(60.0):
+                    conn.recv()
+            except (EOFError, OSError):
+                pass
+            proc.join(10.0)
+            if proc.is_alive():
+                proc.terminate()
+        shutil.rmtree(out, ignore_errors=True)
+
+    record = state.history[-1]
+    t_task, t_end = cloud.task_published_at, fed.round_ended
+    assert t_task is not None and t_end is not None
+    wall = t_end - t_task
+    m_out0, m_in0, b_out0, b_in0 = cloud.at_task or (0, 0, 0, 0)
+    m_out, m_in, b_out, b_in = cloud.counters()
+    acked = [d for d in timings if d["acked_at"] is not None and d["ack_ok"]]
+    got = [d for d in timings if d["task_at"] is not None]
+    fetched = [d for d in timings if d["fetched_at"] is not None]
+    uploaded = [d for d in acked if d["trained_at"] is not None]
+    window = [d["acked_at"] - d["task_at"] for d in acked]
+    max_train = max((d["train_s"] for d in fetched), default=0.0)
+    last_ack = max((d["acked_at"] for d in acked), default=t_end)
+    fleet_msgs = sum(d["msgs_out"] + d["msgs_in"] for d in timings)
+    # Every device publish is on a topic the cloud subscribes to; only the Hellos sent before
+    # the cloud subscribed are missed by design (their retained presence reaches it instead).
+    device_to_cloud = sum(d["msgs_out"] for d in timings) - len(timings)
+    res = {
+        "devices": sc.devices,
+        "broker": sc.broker_label,
+        "workers": n_workers,
+        "accepted": record["clients"],
+        "acked_ok": len(acked),
+        "fleet_up_s": fleet_up_s,
+        "round_wall_s": wall,
+        "max_train_s": max_train,
+        "overhead_s": wall - max_train,
+        "overhead_outside_device_windows_s": wall - max(window, default=0.0),
+        "fanout_p50_s": _pct([d["task_at"] - t_task for d in got], 50),
+        "fanout_max_s": _pct([d["task_at"] - t_task for d in got], 100),
+        "fetch_p50_s": _pct([d["fetched_at"] - d["task_at"] for d in fetched], 50),
+        "fetch_max_s": _pct([d["fetched_at"] - d["task_at"] for d in fetched], 100),
+        "upload_ack_p50_s": _pct([d["acked_at"] - d["trained_at"] for d in uploaded], 50),
+        "upload_ack_max_s": _pct([d["acked_at"] - d["trained_at"] for d in uploaded], 100),
+        "close_s": t_end - last_ack,
+        "blob_requests": sum(d["blob_requests"] for d in timings),
+        "uploads": sum(d["uploads"] for d in timings),
+        "cloud_rss_idle_mb": rss_idle / 2**20,
+        "cloud_rss_peak_round_mb": fed.rss_peak / 2**20,
+        "cloud_cpu_round_s": fed.cpu_s,
+        "broker_rss_delta_mb": (broker_rss1 - broker_rss0) / 2**20,
+        "worker_rss_mb": [r / 2**20 for r in worker_rss],
+        "bytes_up_mb": record["bytes_up"] / 1e6,
+        "bytes_down_mb": record["bytes_down"] / 1e6,
+        "cloud_bytes_in_mb": (b_in - b_in0) / 1e6,
+        "cloud_bytes_out_mb": (b_out - b_out0) / 1e6,
+        "cloud_msgs": (m_in - m_in0) + (m_out - m_out0),
+        "cloud_msgs_per_s": ((m_in - m_in0) + (m_out - m_out0)) / wall,
+        "fleet_msgs_per_s": fleet_msgs / wall,
+        "dropped_to_cloud": max(0, device_to_cloud - m_in),
+        "errors": sorted({d["error"] for d in timings if d["error"]})[:3],
+    }
+    return res
+
+
+def _isolated_child(sc: ScaleConfig, conn) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        conn.send(("ok", run_scale(sc)))
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def run_isolated(sc: ScaleConfig) -> dict:
+    """`run_scale` in a fresh process, so each run's cloud RSS starts from nothing."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_isolated_child, args=(sc, child), name=f"scale-cloud-{sc.devices}")
+    proc.start()
+    try:
+        kind, value = parent.recv()
+    except EOFError:
+        kind, value = "error", f"cloud process died (exit code {proc.exitcode})"
+    proc.join(30)
+    if kind != "ok":
+        raise RuntimeError(value)
+    return value
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def _f(x: float, nd: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def table(results: list[dict]) -> str:
+    cols = [
+        ("devices", lambda r: str(r["devices"])),
+        ("broker", lambda r: r.get("broker", "-")),
+        ("accepted", lambda r: f"{r['accepted']}/{r['devices']}"),
+        ("round wall s", lambda r: _f(r["round_wall_s"])),
+        ("slowest device s", lambda r: _f(r["max_train_s"])),
+        ("**overhead s**", lambda r: f"**{_f(r['overhead_s'])}**"),
+        ("outside device windows s", lambda r: _f(r["overhead_outside_device_windows_s"])),
+        ("task fan-out p50/max s", lambda r: f"{_f(r['fanout_p50_s'], 3)}/{_f(r['fanout_max_s'], 3)}"),
+        ("adapters fetch p50/max s", lambda r: f"{_f(r['fetch_p50_s'])}/{_f(r['fetch_max_s'])}"),
+        ("upload->ack p50/max s", lambda r: f"{_f(r['upload_ack_p50_s'])}/{_f(r['upload_ack_max_s'])}"),
+        ("close s", lambda r: _f(r["close_s"], 3)),
+        ("cloud RSS idle/peak MB", lambda r: f"{_f(r['cloud_rss_idle_mb'], 0)}/{_f(r['cloud_rss_peak_round_mb'], 0)}"),
+        ("cloud CPU s", lambda r: _f(r["cloud_cpu_round_s"], 1)),
+        ("up/down MB", lambda r: f"{_f(r['bytes_up_mb'], 1)}/{_f(r['bytes_down_mb'], 1)}"),
+        ("cloud msgs/s", lambda r: _f(r["cloud_msgs_per_s"], 0)),
+        ("fleet msgs/s", lambda r: _f(r["fleet_msgs_per_s"], 0)),
+        ("re-requests/re-uploads", lambda r: f"{r['blob_requests'] - r['devices']}/{r['uploads'] - r['devices']}"),
+        ("msgs lost to cloud", lambda r: str(r["dropped_to_cloud"])),
+    ]
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fn(r) for _, fn in cols) + " |" for r in results]
+    return "\n".join(lines)
+
+
+def section(results: list[dict], command: str, bundle_note: str, notes: list[str]) -> str:
+    cpu = os.cpu_count()
+    return "\n".join([
+        BEGIN,
+        "## Scale: one round, N simulated devices over Mosquitto",
+        "",
+        f"Command: `{command}`  ",
+        f"Bundle: {bundle_note}  ",
+        f"Machine: {cpu} CPUs, Python {platform.python_version()}, Mosquitto on 127.0.0.1:1883; cloud, broker and "
+        f"every simulated device share these CPUs. Devices: real MQTT 5 clients (one `MqttTransport` each, "
+        f"{DEVICES_PER_WORKER} per worker process), simulated training {results[0]['train_s'] if results and 'train_s' in results[0] else 2}"
+        " s +- jitter, no bundle download (cached), real adapters download and real-sized update upload.",
+        "",
+        table(results),
+        "",
+        "- **round wall**: cloud publishes the Task -> `Federation.run_round` returns (FedAvg, checkpoint and state committed).",
+        "- **slowest device**: the longest simulated training time drawn; **overhead** = round wall - slowest device, i.e. "
+        "everything the federation adds to the critical path.",
+        "- **outside device windows** = round wall - max over devices of (Task received -> update Ack received): fan-out + close only.",
+        "- fan-out: Task published -> received by device; fetch: Task received -> adapters blob verified "
+        "(Ack(task), BlobRequest, chunk on `resend/`); upload->ack: training over -> Ack(update) received; "
+        "close: last Ack -> `run_round` returned.",
+        "- RSS: cloud process (this one; devices run in other processes), idle = connected, before the Federation; "
+        "peak = sampled every 50 ms during the round. up/down: the Federation's own counters (update chunks in, blob chunks out). "
+        "msgs/s: MQTT messages in+out during the round at the cloud client, and summed over all device clients.",
+        "",
+        *[f"- {n}" for n in notes],
+        END,
+    ])
+
+
+def write_section(path: Path, text: str) -> None:
+    old = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        new = head + text + rest.split(END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--devices", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--bundle", type=Path, default=None, help="a real bundle folder; default: a synthetic MiniLM-shaped one")
+    ap.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    ap.add_argument("--train-s", type=float, default=2.0)
+    ap.add_argument("--jitter-s", type=float, default=0.5)
+    ap.add_argument("--brokers", nargs="+", default=["system"], metavar="system|MAX_QUEUED",
+                    help="run every device count on each: 'system' = --broker; a number = a private Mosquitto with that "
+                         "max_queued_messages (1000 is Mosquitto's default; 0 = unlimited)")
+    ap.add_argument("--per-worker", type=int, default=DEVICES_PER_WORKER)
+    ap.add_argument("--round-timeout", type=float, default=300.0)
+    ap.add_argument("--write", type=Path, default=None, help="replace the scale section of this markdown file")
+    ap.add_argument("--json", type=Path, default=None, help="also dump the raw results here")
+    ap.add_argument("--note", action="append", default=[], help="a line added under the table")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    tmp = None
+    bundle = args.bundle
+    if bundle is None:
+        tmp = Path(tempfile.mkdtemp(prefix="fedpft-scale-bundle-"))
+        bundle = synthetic_bundle(tmp)
+        note = "synthetic (MiniLM r=8 adapter shapes, placeholder ONNX files)"
+    else:
+        m = verify_bundle(bundle)
+        note = f"`{bundle}` ({m.fm_id}, {len(m.trainable)} trainable tensors, adapters blob {(bundle / m.files['adapters_init'].path).stat().st_size / 1e6:.2f} MB)"
+    results = []
+    try:
+        for queued in [None if b == "system" else int(b) for b in args.brokers]:
+            for n in args.devices:
+                t0 = time.time()
+                print(f"--- {n} devices, broker: {'--broker' if queued is None else f'own, max_queued_messages {queued}'}", flush=True)
+                sc = ScaleConfig(devices=n, bundle=bundle, broker=args.broker, train_s=args.train_s, jitter_s=args.jitter_s,
+                                 per_worker=args.per_worker, round_timeout=args.round_timeout)
+                if queued is None:
+                    res = run_isolated(sc)
+                else:
+                    with OwnBroker(queued) as ob:
+                        sc.broker, sc.broker_pid = ob.url, ob.proc.pid
+                        sc.broker_label = f"max_queued {queued or 'unlimited'}"
+                        res = run_isolated(sc)
+                        res["broker_drop_lines"] = ob.drops()
+                res["train_s"], res["bench_s"] = args.train_s, time.time() - t0
+                print(json.dumps(res, indent=1, default=str), flush=True)
+                results.append(res)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    if args.write:
+        cmd = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_section(args.write, section(results, cmd, note, args.note))
+    return 0 if all(r["accepted"] == r["devices"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,402 @@
+"""A lightweight simulated device for scale benchmarks: the real wire protocol, no training.
+
+`SimDevice` speaks to the cloud exactly as `fedpft.edge.agent.EdgeAgent` does, over any
+`Transport` (one `MqttTransport` per device, with its own client id):
+
+    connect -> subscribe round, control, inbox, resend/+ -> Presence(online, retained) + Hello
+    Task naming me -> Ack(task) -> BlobRequest(adapters, missing=[]) -> chunks on resend/<id>
+    -> "train" for a fixed simulated time (no compute) -> update chunks on upload/<id>
+    -> Update(blob=...) -> Ack(update) in the inbox
+
+What it skips, on purpose: the bundle download (a fleet device has the bundle cached; the
+Task's bundle is never fetched) and the on-disk cache. The update is real: the received
+global adapters plus a little per-device noise, joined with `update.join_update` (activation
+statistics only when the Task asks for them) and encoded with `codec.encode_tensors`, so the
+cloud checks it against the bundle manifest as it would a real one.
+
+Resilience is the agent's: no chunk for `stall_s` -> ask again for the missing ones; no receipt
+for `ack_timeout` -> upload again (at most `max_retries` times). Handlers run on each device's
+dispatcher thread; timers and uploads run on one `Scheduler` shared by every device of a process.
+
+`run_worker` hosts a slice of a fleet in one process and talks to the benchmark over a pipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from fedpft.shared import topics
+from fedpft.shared.chunks import BlobSource, Chunk, Reassembler
+from fedpft.shared.codec import decode_tensors, encode_tensors
+from fedpft.shared.messages import Ack, BlobRequest, EndOfRun, Hello, Presence, ProtocolError, Task, Update, decode, encode
+from fedpft.shared.transport import Transport
+from fedpft.shared.update import join_update
+
+log = logging.getLogger("fedpft.simdevice")
+
+# name -> (shape, dtype), as in the bundle manifest's `trainable`
+Specs = Mapping[str, tuple[tuple[int, ...], str]]
+
+
+class Scheduler:
+    """One timer thread for a whole fleet slice; due callbacks run on a small thread pool
+    (they publish, and a QoS 1 publish blocks until the broker's PUBACK)."""
+
+    def __init__(self, workers: int = 16) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="simdev")
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="simdev-timer", daemon=True)
+        self._thread.start()
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (when, next(self._seq), fn))
+            self._cond.notify()
+
+    def soon(self, fn: Callable[[], None]) -> None:
+        self._pool.submit(_logged, fn)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(2.0)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.time()):
+                    self._cond.wait(None if not self._heap else max(0.0, self._heap[0][0] - time.time()))
+                if self._stopped:
+                    return
+                _, _, fn = heapq.heappop(self._heap)
+            self._pool.submit(_logged, fn)
+
+
+def _logged(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception as exc:  # a timer callback must not kill the pool silently
+        log.error("simulated device callback failed: %s: %s", type(exc).__name__, exc)
+
+
+@dataclass
+class DeviceTiming:
+    """What one device saw in one run (unix times; None if it never got there)."""
+
+    device_id: str
+    connected_at: float = 0.0
+    task_at: float | None = None  # Task received
+    fetched_at: float | None = None  # adapters blob complete and verified
+    trained_at: float | None = None  # simulated training over, upload starts
+    update_sent_at: float | None = None  # last chunk and Update PUBACKed
+    acked_at: float | None = None  # Ack(update) received
+    train_s: float = 0.0  # simulated training time drawn for this device
+    ack_ok: bool | None = None
+    ack_reason: str | None = None
+    error: str | None = None
+    blob_requests: int = 0
+    uploads: int = 0
+    ended: bool = False  # EndOfRun received
+    msgs_out: int = 0
+    msgs_in: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+
+class SimDevice:
+    def __init__(
+        self,
+        transport: Transport,
+        run_id: str,
+        device_id: str,
+        expected: Specs,
+        stat_layers: Mapping[int, int],
+        scheduler: Scheduler,
+        *,
+        train_s: float = 2.0,
+        jitter_s: float = 0.0,
+        num_samples: int = 100,
+        seed: int = 0,
+        stall_s: float = 5.0,
+        ack_timeout: float = 30.0,
+        max_retries: int = 3,
+        on_finish: Callable[["SimDevice"], None] | None = None,
+    ) -> None:
+        self.t, self.run, self.me = transport, run_id, device_id
+        self.expected, self.stat_layers = dict(expected), dict(stat_layers)
+        self.sched = scheduler
+        self.rng = np.random.default_rng(seed)
+        self.train_s, self.jitter_s, self.num_samples = train_s, jitter_s, num_samples
+        self.stall_s, self.ack_timeout, self.max_retries = stall_s, ack_timeout, max_retries
+        self.on_finish = on_finish
+        self.timing = DeviceTiming(device_id)
+        self._lock = threading.Lock()
+        self._task: Task | None = None
+        self._asm: Reassembler | None = None
+        self._last_chunk = 0.0
+        self._upload: tuple[BlobSource, Update] | None = None
+
+    # ------------------------------------------------------------------ wire
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.t.publish(topic, payload, retain=retain)
+        with self._lock:
+            self.timing.msgs_out += 1
+            self.timing.bytes_out += len(payload)
+
+    def _pub(self, kind: str, msg) -> None:
+        self._publish(topics.device_topic(self.run, self.me, kind), encode(msg), retain=kind == topics.PRESENCE)
+
+    def _count_in(self, payload: bytes) -> None:
+        with self._lock:
+            self.timing.msgs_in += 1
+            self.timing.bytes_in += len(payload)
+
+    def start(self) -> None:
+        """Subscribe as the agent does, then announce: retained presence (a late cloud still sees
+        it) and a Hello."""
+        for pattern in (topics.round_topic(self.run), topics.control_topic(self.run),
+                        topics.device_topic(self.run, self.me, topics.INBOX)):
+            self.t.subscribe(pattern, self._on_json)
+        self.t.subscribe(topics.resend_pattern(self.run, self.me), self._on_chunk)
+        self._pub(topics.PRESENCE, Presence(run_id=self.run, sender=self.me, device_id=self.me, status="online"))
+        self._pub(topics.HELLO, Hello(run_id=self.run, sender=self.me, device_id=self.me, num_samples=self.num_samples,
+                                      capabilities={"runtime": "simulated"}))
+        self.timing.connected_at = time.time()
+
+    def clear_presence(self) -> None:
+        """Leave no retained message behind on a shared broker."""
+        self.t.publish(topics.device_topic(self.run, self.me, topics.PRESENCE), b"", retain=True)
+
+    # ------------------------------------------------------------------ handlers (dispatcher thread)
+    def _on_json(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        self._count_in(payload)
+        try:
+            msg = decode(payload)
+            topics.check_sender(topic, msg.run_id, msg.sender)
+        except ProtocolError as exc:
+            log.warning("%s ignored message on %s: %s", self.me, topic, exc.reason)
+            return
+        if isinstance(msg, Task) and self.me in msg.devices:
+            self._on_task(msg)
+        elif isinstance(msg, Ack) and msg.acked == "update":
+            self._on_ack(msg)
+        elif isinstance(msg, EndOfRun):
+            self.timing.ended = True
+            self._finish()
+        # BlobRequest in the inbox (missing upload chunks): the current cloud never sends one.
+
+    def _on_task(self, task: Task) -> None:
+        with self._lock:
+            if self._task is not None and self._task.round_id >= task.round_id:
+                return  # QoS 1 redelivery
+            self._task = task
+            self.timing.task_at = time.time()
+            self._asm = Reassembler.for_ref(task.adapters)
+        self._pub(topics.ACK, Ack(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, acked="task"))
+        self._request(task)
+
+    def _request(self, task: Task) -> None:
+        asm = self._asm
+        if asm is None or asm.done or self._task is not task:
+            return
+        if time.time() > task.deadline:
+            return self._fail(task, f"adapters not complete by the deadline ({asm.received}/{asm.count or '?'} chunks)")
+        with self._lock:
+            self.timing.blob_requests += 1
+            self._last_chunk = time.time()
+        self._pub(topics.BLOBREQ, BlobRequest(run_id=self.run, sender=self.me, device_id=self.me,
+                                              blob_id=task.adapters.blob_id, missing=asm.missing() or []))
+        self.sched.at(time.time() + self.stall_s, lambda: self._check_stall(task))
+
+    def _check_stall(self, task: Task) -> None:
+        asm = self._asm
+        if asm is not None and not asm.done and self._task is task and time.time() - self._last_chunk >= self.stall_s:
+            self._request(task)
+        elif asm is not None and not asm.done and self._task is task:
+            self.sched.at(self._last_chunk + self.stall_s, lambda: self._check_stall(task))
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        self._count_in(payload)
+        task, asm = self._task, self._asm
+        if task is None or asm is None or asm.done:
+            return  # stray chunk of a finished download
+        try:
+            chunk = Chunk.from_bytes(payload)
+            if chunk.blob_id != asm.blob_id or not asm.add(chunk):
+                return
+            self._last_chunk = time.time()
+            if not asm.done:
+                return
+            adapters, _ = decode_tensors(asm.result())
+        except ProtocolError as exc:
+            log.warning("%s: bad adapters chunk: %s", self.me, exc.reason)
+            return
+        self.timing.fetched_at = time.time()
+        train = max(0.0, self.train_s + (self.rng.uniform(-self.jitter_s, self.jitter_s) if self.jitter_s else 0.0))
+        self.timing.train_s = train
+        self.sched.at(self.timing.fetched_at + train, lambda: self._trained(task, adapters))
+
+    # ------------------------------------------------------------------ "training" and upload (scheduler)
+    def _trained(self, task: Task, adapters: dict[str, np.ndarray]) -> None:
+        self.timing.trained_at = time.time()
+        out = {}
+        for key, (shape, dtype) in self.expected.items():
+            base = adapters.get(key)
+            if base is None or tuple(base.shape) != tuple(shape):
+                base = np.zeros(shape, dtype=dtype)
+            out[key] = (base + 1e-3 * self.rng.standard_normal(base.shape, dtype=np.float32)).astype(dtype)
+        stats = {}
+        if task.report_stats:
+            positions = float(self.num_samples * 64)
+            stats = {layer: (self.rng.uniform(0, positions, n).astype(np.float32), positions) for layer, n in self.stat_layers.items()}
+        steps = max(1, self.num_samples // task.batch_size)
+        meta = {"num_samples": str(self.num_samples), "steps": str(steps), "mean_loss": "1.0"}
+        data = encode_tensors(join_update(out, stats), meta)
+        src = BlobSource(f"upd-{self.me}-r{task.round_id}-{hashlib.sha256(data).hexdigest()[:10]}", data)
+        msg = Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, blob=src.ref,
+                     num_samples=self.num_samples, steps=steps, mean_loss=1.0)
+        self._upload = (src, msg)
+        self._send_update(task)
+
+    def _send_update(self, task: Task) -> None:
+        if self._upload is None or self.timing.acked_at is not None:
+            return
+        src, msg = self._upload
+        self.timing.uploads += 1
+        for payload in src.payloads():
+            self._publish(topics.upload_topic(self.run, self.me, src.blob_id), payload)
+        self._pub(topics.UPDATE, msg)
+        self.timing.update_sent_at = time.time()
+        attempt = self.timing.uploads
+        self.sched.at(time.time() + self.ack_timeout, lambda: self._check_ack(task, attempt))
+
+    def _check_ack(self, task: Task, attempt: int) -> None:
+        if self.timing.acked_at is not None or self.timing.uploads != attempt:
+            return
+        if attempt > self.max_retries:
+            return self._fail(task, f"no receipt for the update after {attempt} uploads", publish=False)
+        log.warning("%s: no receipt for the update after %.0fs (attempt %d); uploading again", self.me, self.ack_timeout, attempt)
+        self._send_update(task)
+
+    def _fail(self, task: Task, reason: str, publish: bool = True) -> None:
+        self.timing.error = reason
+        if publish:  # a failed client replies with an error, never silence
+            self._pub(topics.UPDATE, Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, error=reason))
+        self._finish()
+
+    def _on_ack(self, ack: Ack) -> None:
+        if self._task is None or ack.round_id != self._task.round_id or self.timing.acked_at is not None:
+            return
+        self.timing.acked_at = time.time()
+        self.timing.ack_ok, self.timing.ack_reason = ack.ok, ack.reason
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.on_finish is not None:
+            self.on_finish(self)
+
+
+# ---- one process hosting a slice of the fleet ----------------------------------------------------
+
+
+@dataclass
+class WorkerSpec:
+    broker: str
+    run_id: str
+    device_ids: list[str]
+    expected: dict[str, tuple[tuple[int, ...], str]]
+    stat_layers: dict[int, int] = field(default_factory=dict)
+    train_s: float = 2.0
+    jitter_s: float = 0.0
+    seed: int = 0
+    session_expiry: int = 120  # keep persistent sessions, but do not leave them on the broker for an hour
+    connect_threads: int = 16
+    log_level: str = "WARNING"
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_worker(spec: WorkerSpec, conn) -> None:
+    """Connect and start every device of `spec`, say ("ready", info), then wait for ("collect",
+    timeout): answer ("results", [DeviceTiming dicts], info) and disconnect cleanly."""
+    from fedpft.shared.mqtt import MqttTransport
+
+    logging.basicConfig(level=spec.log_level, format="%(levelname)s %(name)s: %(message)s")
+    sched = Scheduler()
+    finished = threading.Event()
+    done: set[str] = set()
+    done_lock = threading.Lock()
+
+    def on_finish(dev: SimDevice) -> None:
+        with done_lock:
+            done.add(dev.me)
+            if len(done) == len(devices):
+                finished.set()
+
+    devices: list[SimDevice] = []
+    for i, did in enumerate(spec.device_ids):
+        t = MqttTransport(spec.broker, client_id=did, session_expiry=spec.session_expiry,
+                          will=(topics.device_topic(spec.run_id, did, topics.PRESENCE),
+                                encode(Presence(run_id=spec.run_id, sender=did, device_id=did, status="offline", reason="connection lost"))))
+        devices.append(SimDevice(t, spec.run_id, did, spec.expected, spec.stat_layers, sched, train_s=spec.train_s,
+                                 jitter_s=spec.jitter_s, num_samples=100 + i % 50, seed=spec.seed * 1_000_003 + i, on_finish=on_finish))
+    t0 = time.time()
+    errors: list[str] = []
+
+    def up(dev: SimDevice) -> None:
+        try:
+            dev.t.connect()
+            dev.start()
+        except Exception as exc:
+            errors.append(f"{dev.me}: {type(exc).__name__}: {exc}")
+
+    with ThreadPoolExecutor(spec.connect_threads) as pool:
+        list(pool.map(up, devices))
+    conn.send(("ready", {"devices": len(devices), "errors": errors[:5], "n_errors": len(errors),
+                         "connect_s": time.time() - t0, "rss": _rss_bytes()}))
+    try:
+        while True:
+            cmd, timeout = conn.recv()
+            if cmd == "collect":
+                finished.wait(timeout)
+                conn.send(("results", [asdict(d.timing) for d in devices], {"rss": _rss_bytes()}))
+            elif cmd == "stop":
+                break
+    finally:
+        def down(dev: SimDevice) -> None:
+            try:
+                dev.clear_presence()
+                dev.t.close()
+            except Exception:
+                pass
+
+        with ThreadPoolExecutor(spec.connect_threads) as pool:
+            list(pool.map(down, devices))
+        sched.stop()
+        conn.send(("stopped", None))

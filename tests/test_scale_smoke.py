@@ -1,0 +1,57 @@
+"""Smoke test of benchmarks/scale.py: one real round, 5 simulated devices, the machine's Mosquitto."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BROKER = ("127.0.0.1", 1883)
+
+
+def _broker_up() -> bool:
+    try:
+        socket.create_connection(BROKER, 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _broker_up(), reason="no MQTT broker on 127.0.0.1:1883")
+
+
+@pytest.fixture(scope="module")
+def scale():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import scale as mod
+
+        yield mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_one_round_with_five_simulated_devices(scale, tmp_path: Path) -> None:
+    bundle = scale.synthetic_bundle(tmp_path / "bundle")
+    res = scale.run_scale(scale.ScaleConfig(devices=5, bundle=bundle, broker="mqtt://%s:%d" % BROKER, train_s=0.3,
+                                            jitter_s=0.1, round_timeout=30.0, ready_timeout=30.0))
+    assert res["accepted"] == 5 and res["acked_ok"] == 5, res
+    assert res["errors"] == [] and res["dropped_to_cloud"] == 0
+    # every device fetched the real adapters blob and uploaded one real-sized update
+    adapters = (bundle / "adapters_init.safetensors").stat().st_size
+    assert res["bytes_down_mb"] * 1e6 >= 5 * adapters
+    assert res["bytes_up_mb"] * 1e6 >= 5 * adapters
+    assert res["max_train_s"] <= res["round_wall_s"] < 30.0
+    assert res["overhead_s"] == pytest.approx(res["round_wall_s"] - res["max_train_s"])
+
+
+def test_markdown_section_is_replaced_in_place(scale, tmp_path: Path) -> None:
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(f"# Benchmarks\n\nkeep me\n\n{scale.BEGIN}\nold\n{scale.END}\n\n## other\n")
+    scale.write_section(md, f"{scale.BEGIN}\nnew\n{scale.END}")
+    text = md.read_text()
+    assert "keep me" in text and "## other" in text and "new" in text and "old" not in text
+    assert text.count(scale.BEGIN) == 1
