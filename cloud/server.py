@@ -7,6 +7,7 @@ handler thread (read-only data behind a lock), so downloads proceed while the lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
@@ -120,6 +121,10 @@ class Federation:
 
     # ------------------------------------------------------------------ network side (handler thread)
     def _on_json(self, topic: str, payload: bytes) -> None:
+        if not payload and topic.endswith(f"/{topics.PRESENCE}"):
+            # clearing a retained presence delivers an empty payload: housekeeping, not an attack
+            log.debug("ignored empty payload on %s", topic)
+            return
         try:
             msg = decode(payload)
             self._check_route(topics.check_sender(topic, msg.run_id, msg.sender), msg)
@@ -158,6 +163,10 @@ class Federation:
         self.events.put(("chunk", parsed.device_id, chunk, len(payload)))
 
     def subscribe(self) -> None:
+        """Listen to every device of the run (idempotent: callers may subscribe before run())."""
+        if getattr(self, "_subscribed", False):
+            return
+        self._subscribed = True
         run = self.cfg.run_id
         for kind in (topics.HELLO, topics.PRESENCE, topics.UPDATE, topics.ACK, topics.BLOBREQ):
             self.t.subscribe(topics.all_devices_pattern(run, kind), self._on_json)
@@ -256,7 +265,7 @@ class Federation:
         self.uploads.pop(key)
         try:
             data = asm.result()
-            if data and __import__("hashlib").sha256(data).hexdigest() != ref.sha256:
+            if data and hashlib.sha256(data).hexdigest() != ref.sha256:
                 raise ProtocolError("update blob sha256 does not match the update message")
             tensors, _meta = decode_tensors(data, self.cfg.max_update_bytes)
             adapters, stats = split_update(tensors, self.expected, self.stat_layers)
