@@ -37,13 +37,9 @@ from fedpft.shared.messages import (
 from fedpft.shared.signing import SignatureError, load_public_key, verify
 from fedpft.shared.transport import Transport
 
+from .blobs import STALL_SECONDS, AgentError, BlobFetcher  # noqa: F401  (AgentError, STALL_SECONDS re-exported)
+
 log = logging.getLogger("fedpft.agent")
-
-STALL_SECONDS = 5.0  # no new chunk for this long: ask again for the missing ones
-
-
-class AgentError(Exception):
-    pass
 
 
 class EdgeAgent:
@@ -63,6 +59,7 @@ class EdgeAgent:
         self.done: dict[str, str] = json.loads(self.done_file.read_text()) if self.done_file.is_file() else {}
         self.bundle_version: str | None = None
         self.finished = False
+        self.blobs = BlobFetcher(self.cache, self._request_chunks, self.next_event, self.deferred.extend, cfg.fetch_timeout)
         # The cloud's public key: unsigned or tampered tasks and bundles are refused.
         self.trusted = load_public_key(cfg.trust_key) if cfg.trust_key is not None else None
         if self.trusted is None:
@@ -205,41 +202,10 @@ class EdgeAgent:
     # ------------------------------------------------------------------ blobs
     def fetch(self, ref: BlobRef) -> bytes:
         """Download a blob (resuming from the cache), verifying every chunk and the whole."""
-        done = self.cache / "blobs" / ref.sha256
-        if done.is_file():
-            return done.read_bytes()
-        asm = Reassembler.for_ref(ref, folder=self.cache / "partial")
-        deadline = time.time() + self.cfg.fetch_timeout
-        held = []
-        try:
-            while not asm.done:
-                if time.time() > deadline:
-                    raise AgentError(f"blob {ref.blob_id}: {asm.received}/{asm.count or '?'} chunks after {self.cfg.fetch_timeout:.0f}s")
-                missing = asm.missing()
-                self._pub(topics.BLOBREQ, BlobRequest(run_id=self.run, sender=self.me, device_id=self.me, blob_id=ref.blob_id, missing=missing or []))
-                last = time.time()
-                while not asm.done and time.time() - last < STALL_SECONDS:
-                    ev = self.next_event(0.5)
-                    if ev is None:
-                        continue
-                    if ev[0] == "chunk":
-                        if ev[1].blob_id == ref.blob_id:
-                            try:
-                                if asm.add(ev[1]):
-                                    last = time.time()
-                            except ProtocolError as exc:
-                                log.warning("%s", exc.reason)
-                    else:
-                        held.append(ev)
-            data = asm.result()
-        finally:
-            self.deferred.extend(held)
-        done.parent.mkdir(parents=True, exist_ok=True)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(done)
-        asm.discard()
-        return data
+        return self.blobs.fetch(ref)
+
+    def _request_chunks(self, ref: BlobRef, missing: list[int]) -> None:
+        self._pub(topics.BLOBREQ, BlobRequest(run_id=self.run, sender=self.me, device_id=self.me, blob_id=ref.blob_id, missing=missing))
 
     def ensure_bundle(self, ref: BlobRef) -> Path:
         folder = self.cache / "bundles" / ref.sha256[:16]
