@@ -192,12 +192,68 @@ class EndOfRun(_Message):
     reason: Reason = "completed"
 
 
+# ---- fleet rollouts: on fedpft/fleet/<fleet>/..., `run_id` holds the fleet name ----------------
+
+
+class BundleVersion(_Record):
+    """One installable version of a bundle: the manifest's bundle_id and bundle_version."""
+
+    bundle_id: SafeId
+    bundle_version: int = Field(ge=1)
+
+    def __str__(self) -> str:
+        return f"v{self.bundle_version} ({self.bundle_id[:8]})"
+
+
+class Rollout(_Message):
+    """Install `target` (fetched as `bundle`) on a cohort or on listed devices; or, with
+    `rollback`, switch back to `target`, which the devices kept as their previous version."""
+
+    type: Literal["rollout"] = "rollout"
+    rollout_id: SafeId
+    target: BundleVersion
+    bundle: BlobRef | None = None  # None exactly for a rollback: nothing to download
+    rollback: bool = False
+    cohort: SafeId | None = None
+    devices: list[SafeId] | None = Field(default=None, min_length=1)
+    deadline: float = Field(description="unix time after which devices ignore this rollout (the cloud stopped serving it)")
+    # Ed25519 over the canonical JSON without `signature`, as for a Task (fedpft.shared.signing).
+    signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$", description="key id of the signing key")
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Rollout":
+        if (self.cohort is None) == (self.devices is None):
+            raise ValueError("a rollout names exactly one of cohort or devices")
+        if self.devices is not None and len(set(self.devices)) != len(self.devices):
+            raise ValueError("devices has duplicates")
+        if self.rollback == (self.bundle is not None):
+            raise ValueError("a rollout carries a bundle; a rollback carries none")
+        return self
+
+    def addresses(self, device_id: str, cohort: str) -> bool:
+        return self.cohort == cohort if self.cohort is not None else device_id in (self.devices or ())
+
+
+class DeviceStatus(_FromDevice):
+    """A fleet device's versions and install state, retained so the fleet is readable while
+    devices are offline. Naming a `rollout_id` in a final state (installed/failed) acks it."""
+
+    type: Literal["status"] = "status"
+    cohort: SafeId
+    installed: BundleVersion | None = None
+    previous: BundleVersion | None = None
+    state: Literal["idle", "installing", "installed", "failed"]
+    rollout_id: SafeId | None = None
+    reason: Reason | None = None
+
+
 Message = Annotated[
-    Union[Hello, Presence, Task, Update, Ack, BlobRequest, EndOfRun],
+    Union[Hello, Presence, Task, Update, Ack, BlobRequest, EndOfRun, Rollout, DeviceStatus],
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
-MESSAGE_MODELS: tuple[type[_Message], ...] = (Hello, Presence, Task, Update, Ack, BlobRequest, EndOfRun)
+MESSAGE_MODELS: tuple[type[_Message], ...] = (Hello, Presence, Task, Update, Ack, BlobRequest, EndOfRun, Rollout, DeviceStatus)
 MESSAGE_TYPES = tuple(m.model_fields["type"].default for m in MESSAGE_MODELS)
 
 

@@ -16,6 +16,17 @@ Layout (one run = one subtree, so runs never see each other's traffic):
 
 Everything a device may write sits under `fedpft/<run>/device/<id>/`, so a broker ACL confines
 each device to that subtree plus read on the three broadcast topics (see `device_acl`).
+
+Fleet rollouts live beside runs, in their own subtree (`fleet` is therefore not a valid run id):
+
+    fedpft/fleet/<fleet>/rollout                          cloud -> all   Rollout
+    fedpft/fleet/<fleet>/device/<id>/status               device -> cloud  DeviceStatus (retained; the rollout ack)
+    fedpft/fleet/<fleet>/device/<id>/presence             device -> cloud  Presence (retained; last will)
+    fedpft/fleet/<fleet>/device/<id>/blobreq              device -> cloud  BlobRequest (chunks of a rollout's bundle)
+    fedpft/fleet/<fleet>/device/<id>/resend/<blob_id>     cloud -> device  chunks asked for by blobreq
+
+Fleet messages carry the fleet name in `run_id`; `parse_fleet` splits a fleet topic and
+`fleet_device_acl` confines a device to its own fleet subtree in the same way.
 """
 
 from __future__ import annotations
@@ -48,14 +59,30 @@ BLOB_KINDS = frozenset({BLOB, UPLOAD, RESEND})
 DEVICE_WRITES = (HELLO, PRESENCE, UPDATE, ACK, BLOBREQ, UPLOAD)
 
 
+# Fleet layer (rollouts).
+FLEET = "fleet"  # the subtree's level after ROOT; reserved, so no run can be called that
+ROLLOUT = "rollout"
+STATUS = "status"
+FLEET_DEVICE_KINDS = frozenset({STATUS, PRESENCE, BLOBREQ})
+FLEET_WRITES = (STATUS, PRESENCE, BLOBREQ)
+
+
 class Topic(NamedTuple):
     run: str
     device_id: str | None
     kind: str
 
 
+class FleetTopic(NamedTuple):
+    fleet: str
+    device_id: str | None
+    kind: str
+
+
 def _run(run: str) -> str:
-    return f"{ROOT}/{check_id(run, 'run id')}"
+    if check_id(run, "run id") == FLEET:
+        raise ProtocolError(f"invalid run id {run!r}: {FLEET!r} is reserved for fleet rollouts")
+    return f"{ROOT}/{run}"
 
 
 def _device(run: str, device_id: str) -> str:
@@ -127,7 +154,84 @@ def device_acl(run: str, device_id: str) -> dict[str, list[str]]:
     }
 
 
+# ---- fleet rollouts ----------------------------------------------------------------------------
+
+
+def _fleet(fleet: str) -> str:
+    return f"{ROOT}/{FLEET}/{check_id(fleet, 'fleet name')}"
+
+
+def _fleet_device(fleet: str, device_id: str) -> str:
+    return f"{_fleet(fleet)}/device/{check_id(device_id, 'device id')}"
+
+
+def rollout_topic(fleet: str) -> str:
+    return f"{_fleet(fleet)}/{ROLLOUT}"
+
+
+def fleet_device_topic(fleet: str, device_id: str, kind: str) -> str:
+    """A device's fleet topic: status, presence or blobreq."""
+    if kind not in FLEET_DEVICE_KINDS:
+        raise ValueError(f"unknown fleet device topic kind {kind!r}; expected one of {sorted(FLEET_DEVICE_KINDS)}")
+    return f"{_fleet_device(fleet, device_id)}/{kind}"
+
+
+def fleet_resend_topic(fleet: str, device_id: str, blob_id: str) -> str:
+    return f"{_fleet_device(fleet, device_id)}/{RESEND}/{check_id(blob_id, 'blob id')}"
+
+
+def fleet_resend_pattern(fleet: str, device_id: str) -> str:
+    return f"{_fleet_device(fleet, device_id)}/{RESEND}/+"
+
+
+def fleet_devices_pattern(fleet: str, kind: str) -> str:
+    """What the cloud subscribes to, e.g. every device's status: fedpft/fleet/<fleet>/device/+/status."""
+    if kind not in FLEET_DEVICE_KINDS:
+        raise ValueError(f"unknown fleet device topic kind {kind!r}")
+    return f"{_fleet(fleet)}/device/+/{kind}"
+
+
+def fleet_device_acl(fleet: str, device_id: str) -> dict[str, list[str]]:
+    """Least-privilege fleet ACL for one device: read rollouts and its re-sends, write only its own."""
+    dev = _fleet_device(fleet, device_id)
+    return {"read": [rollout_topic(fleet), f"{dev}/{RESEND}/+"], "write": [f"{dev}/{k}" for k in FLEET_WRITES]}
+
+
+def parse_fleet(topic: str) -> FleetTopic:
+    """Split a concrete fleet topic into (fleet, device_id | None, kind); ProtocolError if it is not one."""
+    parts = topic.split("/")
+    if len(parts) < 4 or parts[0] != ROOT or parts[1] != FLEET:
+        raise ProtocolError(f"not a {ROOT}/{FLEET} topic: {topic!r}")
+    fleet, rest = check_id(parts[2], "fleet name"), parts[3:]
+    if rest == [ROLLOUT]:
+        return FleetTopic(fleet, None, ROLLOUT)
+    if rest[0] == "device" and len(rest) >= 3 and _device_kind_fits(rest, FLEET_DEVICE_KINDS, (RESEND,)):
+        return FleetTopic(fleet, rest[1], rest[2])
+    raise ProtocolError(f"unknown fleet topic: {topic!r}")
+
+
+def check_fleet_sender(topic: str, fleet: str, sender: str) -> FleetTopic:
+    """`check_sender` for fleet topics: the fleet (message run_id) and device must match the topic."""
+    parsed = parse_fleet(topic)
+    if parsed.fleet != fleet:
+        raise ProtocolError(f"message for fleet {fleet!r} arrived on fleet {parsed.fleet!r}'s topic")
+    if parsed.device_id is not None and parsed.kind != RESEND and parsed.device_id != sender:
+        raise ProtocolError(f"sender {sender!r} published on device {parsed.device_id!r}'s topic")
+    return parsed
+
+
 # ---- parsing -----------------------------------------------------------------------------------
+
+
+def _device_kind_fits(rest: list[str], kinds: frozenset[str], blob_kinds: tuple[str, ...]) -> bool:
+    """`rest` = ["device", <id>, <kind>, *tail]: a known JSON kind with no tail, or a blob kind
+    followed by one blob id. Ids are checked (ProtocolError)."""
+    check_id(rest[1], "device id")
+    kind, tail = rest[2], rest[3:]
+    if kind in blob_kinds and len(tail) == 1:
+        check_id(tail[0], "blob id")
+        return True
+    return kind in kinds and not tail
 
 
 def parse(topic: str) -> Topic:
@@ -135,18 +239,15 @@ def parse(topic: str) -> Topic:
     parts = topic.split("/")
     if len(parts) < 3 or parts[0] != ROOT:
         raise ProtocolError(f"not a {ROOT} topic: {topic!r}")
+    if parts[1] == FLEET:
+        raise ProtocolError(f"a fleet topic, not a run's: {topic!r} (see parse_fleet)")
     run = check_id(parts[1], "run id")
     rest = parts[2:]
     if rest[0] == "device":
         if len(rest) < 3:
             raise ProtocolError(f"device topic without kind: {topic!r}")
-        device_id = check_id(rest[1], "device id")
-        kind, tail = rest[2], rest[3:]
-        if kind in (UPLOAD, RESEND) and len(tail) == 1:
-            check_id(tail[0], "blob id")
-            return Topic(run, device_id, kind)
-        if kind in DEVICE_KINDS and not tail:
-            return Topic(run, device_id, kind)
+        if _device_kind_fits(rest, DEVICE_KINDS, (UPLOAD, RESEND)):
+            return Topic(run, rest[1], rest[2])
         raise ProtocolError(f"unknown device topic: {topic!r}")
     kind, tail = rest[0], rest[1:]
     if kind == BLOB and len(tail) == 1:

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpft.shared.messages import (
-    PROTOCOL_VERSION, Ack, BlobRef, BlobRequest, EndOfRun, Hello, Presence, ProtocolError, Task, Update, decode, encode,
+    PROTOCOL_VERSION, Ack, BlobRef, BlobRequest, BundleVersion, DeviceStatus, EndOfRun, Hello, Presence, ProtocolError, Rollout,
+    Task, Update, decode, encode,
 )
 
 SHA = "ab" * 32
@@ -26,6 +27,10 @@ def samples():
         Ack(run_id="r", round_id=3, sender="cloud", device_id="d1", acked="update"),
         BlobRequest(run_id="r", sender="d1", device_id="d1", blob_id="b1", missing=[0, 5]),
         EndOfRun(run_id="r", round_id=10, sender="cloud"),
+        Rollout(run_id="f", sender="cloud", rollout_id="ro-1", target=BundleVersion(bundle_id="abc", bundle_version=2),
+                bundle=REF, cohort="canary", deadline=now + 60),
+        DeviceStatus(run_id="f", sender="d1", device_id="d1", cohort="canary", installed=BundleVersion(bundle_id="abc", bundle_version=1),
+                     state="failed", rollout_id="ro-1", reason="sha256 does not match"),
     ]
 
 
@@ -123,5 +128,21 @@ def test_asyncapi_document_matches_the_models():
     assert doc["components"]["schemas"] == json.loads(json.dumps(fresh["$defs"])), "regenerate docs/asyncapi.yaml"
     from fedpft.shared import topics
 
-    kinds = {topics.parse(name.format(run="r", deviceId="d", blobId="b")).kind for name in doc["channels"]}
+    names = [name.format(run="r", fleet="f", deviceId="d", blobId="b") for name in doc["channels"]]
+    kinds = {topics.parse(n).kind for n in names if not n.startswith("fedpft/fleet/")}
     assert kinds == topics.BROADCAST_KINDS | topics.DEVICE_KINDS | topics.BLOB_KINDS
+    fleet_kinds = {topics.parse_fleet(n).kind for n in names if n.startswith("fedpft/fleet/")}
+    assert fleet_kinds == {topics.ROLLOUT, topics.RESEND} | topics.FLEET_DEVICE_KINDS
+
+
+def test_rollout_shape():
+    r = samples()[-2]
+    with pytest.raises(ValueError, match="exactly one of cohort or devices"):
+        Rollout(**{**r.model_dump(), "devices": ["d1"]})
+    with pytest.raises(ValueError, match="carries no"):
+        Rollout(**{**r.model_dump(), "rollback": True})
+    with pytest.raises(ValueError, match="carries a bundle"):
+        Rollout(**{**r.model_dump(), "bundle": None})
+    assert r.addresses("anyone", "canary") and not r.addresses("anyone", "stable")
+    listed = Rollout(**{**r.model_dump(), "cohort": None, "devices": ["d2"]})
+    assert listed.addresses("d2", "stable") and not listed.addresses("d1", "canary")

@@ -88,3 +88,43 @@ def test_check_sender_binds_json_to_topic():
         T.check_sender(T.device_topic("r", "d1", "update"), "other", "d1")
     T.check_sender(T.device_topic("r", "d1", "inbox"), "r", "cloud")
     T.check_sender(T.round_topic("r"), "r", "cloud")
+
+
+def test_fleet_topics_round_trip_and_stay_apart_from_runs():
+    assert T.rollout_topic("f1") == "fedpft/fleet/f1/rollout"
+    assert T.parse_fleet(T.rollout_topic("f1")) == ("f1", None, "rollout")
+    for kind in sorted(T.FLEET_DEVICE_KINDS):
+        assert T.parse_fleet(T.fleet_device_topic("f1", "d1", kind)) == ("f1", "d1", kind)
+        assert topic_matches(T.fleet_devices_pattern("f1", kind), T.fleet_device_topic("f1", "d9", kind))
+    rs = T.fleet_resend_topic("f1", "d1", "bundle-x")
+    assert T.parse_fleet(rs) == ("f1", "d1", "resend") and topic_matches(T.fleet_resend_pattern("f1", "d1"), rs)
+    with pytest.raises(ProtocolError, match="fleet topic"):
+        T.parse(T.rollout_topic("f1"))  # a fleet is no run ...
+    with pytest.raises(ProtocolError, match="reserved"):
+        T.round_topic("fleet")  # ... and no run may be called "fleet"
+    for bad in ["fedpft/fleet/f1", "fedpft/fleet/f1/round", "fedpft/fleet/f1/device/d/update", "fedpft/fleet/f1/device/d/resend",
+                "fedpft/fleet/f+/rollout", "fedpft/r/device/d/status", "fedpft/fleet/f1/rollout/x"]:
+        with pytest.raises(ProtocolError):
+            T.parse_fleet(bad)
+    with pytest.raises(ValueError):
+        T.fleet_device_topic("f1", "d1", "update")
+
+
+def test_fleet_acl_confines_a_device_to_its_subtree():
+    acl = T.fleet_device_acl("f", "d1")
+    mine = [T.fleet_device_topic("f", "d1", k) for k in sorted(T.FLEET_DEVICE_KINDS)]
+    assert all(any(topic_matches(p, t) for p in acl["write"]) for t in mine)
+    others = [T.fleet_device_topic("f", "d2", "status"), T.rollout_topic("f"), T.fleet_resend_topic("f", "d1", "b"),
+              T.fleet_device_topic("g", "d1", "status")]
+    assert not any(topic_matches(p, t) for p in acl["write"] for t in others)
+    assert all(any(topic_matches(p, t) for p in acl["read"]) for t in (T.rollout_topic("f"), T.fleet_resend_topic("f", "d1", "b")))
+    assert not any(topic_matches(p, T.fleet_resend_topic("f", "d2", "b")) for p in acl["read"])
+
+
+def test_check_fleet_sender():
+    assert T.check_fleet_sender(T.fleet_device_topic("f", "d1", "status"), "f", "d1").device_id == "d1"
+    with pytest.raises(ProtocolError, match="sender 'd2'"):
+        T.check_fleet_sender(T.fleet_device_topic("f", "d1", "status"), "f", "d2")
+    with pytest.raises(ProtocolError, match="fleet"):
+        T.check_fleet_sender(T.rollout_topic("f"), "g", "cloud")
+    T.check_fleet_sender(T.fleet_resend_topic("f", "d1", "b"), "f", "cloud")
