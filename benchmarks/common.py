@@ -45,4 +45,6 @@ def machine() -> str:
     import os
     import platform
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    load = os.getloadavg()[0]
+    busy = " (the machine was shared: times are inflated)" if load > (os.cpu_count() or 1) else ""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, 1-min load average {load:.1f} when the table was written{busy}"
