@@ -82,6 +82,7 @@ def prepare(
     batch_size: int = typer.Option(16, "--batch-size", help="Distillation batch size."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Override the FM's dropout in the training graph (0 gives deterministic steps)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the head, adapters and data order."),
+    bundle_version: int = typer.Option(1, "--bundle-version", help="Version number written to the manifest (fleet rollouts install and roll back by it)."),
     signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key (from `keygen`) that signs the manifest; devices check it with --trust-key."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -95,7 +96,7 @@ def prepare(
             model=model, out=out, labels=read_labels(labels), num_labels=num_labels, public_data=public_data,
             proxy=proxy, distill_steps=distill_steps, distill_lr=distill_lr, distill_alpha=distill_alpha,
             keep_layers=parse_layers(keep_layers), ffn_keep=ffn_keep, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            max_length=max_length, batch_size=batch_size, dropout=dropout, seed=seed, signing_key=signing_key,
+            max_length=max_length, batch_size=batch_size, dropout=dropout, seed=seed, bundle_version=bundle_version, signing_key=signing_key,
         )
     except ValidationError as exc:
         err = exc.errors()[0]
@@ -195,6 +196,87 @@ def keygen(out: Path = typer.Option(..., "--out", "-o", help="Folder for signing
     except (FileExistsError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"key {key_id(load_public_key(pub))}: private {priv} (keep it in the cloud), public {pub} (devices: --trust-key)")
+
+
+# Broker connection options shared by the fleet commands (typer reads an Option's metadata, so one serves many).
+BROKER_OPT = typer.Option("mqtt://127.0.0.1:1883", "--broker", help="mqtt://host:port (or mqtts://) of the fleet's broker.")
+FLEET_OPT = typer.Option("default", "--fleet", help="Fleet name: scopes the topics (fedpft/fleet/<fleet>/...).")
+CA_OPT = typer.Option(None, "--ca", help="CA certificate for TLS to the broker.")
+CERT_OPT = typer.Option(None, "--cert", help="Client certificate for TLS.")
+KEY_OPT = typer.Option(None, "--key", help="Client key for TLS.")
+USER_OPT = typer.Option(None, "--username", help="Broker user name.")
+PASSWORD_OPT = typer.Option(None, "--password", envvar="FEDPFT_MQTT_PASSWORD", help="Broker password (or env FEDPFT_MQTT_PASSWORD).")
+
+
+def _broker_options(broker, ca, cert, key, username, password) -> dict:
+    return dict(broker=broker, ca=ca, cert=cert, key=key, username=username, password=password)
+
+
+@app.command()
+def rollout(
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle folder from `prepare` (its manifest's bundle_id and bundle_version name the version)."),
+    cohort: Optional[str] = typer.Option(None, "--cohort", help="Roll out to the devices that declared this cohort."),
+    fraction: Optional[float] = typer.Option(None, "--fraction", help="Roll out to this share (0, 1] of the known devices, chosen deterministically by --seed."),
+    rollback: bool = typer.Option(False, "--rollback", help="Return the cohort (or the devices of that --fraction) to the version they had before the last rollout."),
+    broker: str = BROKER_OPT,
+    fleet: str = FLEET_OPT,
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds to serve the bundle and wait for the devices' acks."),
+    state: Path = typer.Option(Path("fleet-state"), "--state", help="Folder of the rollout history and each group's previous version (what --rollback returns to)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --fraction selection."),
+    signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key that signs the rollout message (devices with --trust-key require it)."),
+    ca: Optional[Path] = CA_OPT,
+    cert: Optional[Path] = CERT_OPT,
+    key: Optional[Path] = KEY_OPT,
+    username: Optional[str] = USER_OPT,
+    password: Optional[str] = PASSWORD_OPT,
+) -> None:
+    """Publish a bundle version to a cohort or a fraction of the fleet (or roll it back) and print who installed it."""
+    from fedpft.shared.config import RolloutConfig
+    from fedpft.shared.manifest import BundleError
+    from fedpft.shared.messages import ProtocolError
+    from fedpft.shared.signing import SignatureError
+    from fedpft.shared.transport import TransportError
+
+    from .rollout import RolloutError, rollout as run_rollout
+
+    cfg = _validated(RolloutConfig, bundle=bundle, cohort=cohort, fraction=fraction, rollback=rollback, fleet=fleet, timeout=timeout,
+                     state=state, seed=seed, signing_key=signing_key, **_broker_options(broker, ca, cert, key, username, password))
+    try:
+        report = run_rollout(cfg)
+    except (RolloutError, BundleError, TransportError, SignatureError, ProtocolError, OSError, ValueError) as exc:
+        fail(str(getattr(exc, "reason", exc)).splitlines()[0])
+    what = "rollback to" if report.rollout.rollback else "rollout of"
+    typer.echo(f"{report.rollout.rollout_id}: {what} {report.rollout.target} on {report.group}")
+    for device, result in report.results.items():
+        typer.echo(f"  {device}: {result}")
+    typer.echo(f"{len(report.installed)}/{len(report.results)} installed")
+
+
+@app.command()
+def status(
+    broker: str = BROKER_OPT,
+    fleet: str = FLEET_OPT,
+    ca: Optional[Path] = CA_OPT,
+    cert: Optional[Path] = CERT_OPT,
+    key: Optional[Path] = KEY_OPT,
+    username: Optional[str] = USER_OPT,
+    password: Optional[str] = PASSWORD_OPT,
+) -> None:
+    """Show each device's installed and previous version, cohort, presence, install state and last seen."""
+    from rich.console import Console
+
+    from fedpft.shared.config import BrokerConfig
+    from fedpft.shared.messages import ProtocolError
+    from fedpft.shared.transport import TransportError
+
+    from .rollout import read_fleet, status_table
+
+    cfg = _validated(BrokerConfig, **_broker_options(broker, ca, cert, key, username, password))
+    try:
+        views = read_fleet(cfg, fleet)
+    except (TransportError, ProtocolError) as exc:
+        fail(str(getattr(exc, "reason", exc)))
+    Console(width=160).print(status_table(views, fleet))
 
 
 @app.command()

@@ -120,6 +120,6 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> PrepareResult:
     manifest = write_bundle(
         Path(cfg.out), proxy, spec, labels, fm_id=cfg.model, fm_source=model_id,
         prepare_config=cfg.model_dump(mode="json", exclude={"signing_key"}), max_length=cfg.max_length,
-        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=cfg.seed, sign=sign,
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=cfg.seed, bundle_version=cfg.bundle_version, sign=sign,
     )
     return PrepareResult(manifest, spec, result, count_params(fm), proxy_params, time.perf_counter() - t0)

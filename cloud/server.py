@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,8 +72,10 @@ class Accepted:
 class BlobServer:
     """Blobs the cloud offers; re-sends the chunks a device asks for on that device's topic."""
 
-    def __init__(self, transport: Transport, run_id: str, chunk_size: int):
+    def __init__(self, transport: Transport, run_id: str, chunk_size: int, resend_topic: Callable[[str, str], str] | None = None):
+        """resend_topic(device_id, blob_id): where re-sent chunks go; default the run's resend topic."""
         self.t, self.run, self.chunk_size = transport, run_id, chunk_size
+        self.resend_topic = resend_topic or (lambda device, blob: topics.resend_topic(run_id, device, blob))
         self._blobs: dict[str, BlobSource] = {}
         self._lock = threading.Lock()
         self.bytes_sent = 0
@@ -88,7 +91,7 @@ class BlobServer:
             src = self._blobs.get(req.blob_id)
         if src is None:
             raise ProtocolError(f"device {req.device_id} asked for unknown blob {req.blob_id}")
-        topic = topics.resend_topic(self.run, req.device_id, req.blob_id)
+        topic = self.resend_topic(req.device_id, req.blob_id)
         for payload in src.payloads(req.missing):
             self.t.publish(topic, payload)
             with self._lock:

@@ -37,7 +37,7 @@ from fedpft.shared.messages import (
 from fedpft.shared.signing import SignatureError, load_public_key, verify
 from fedpft.shared.transport import Transport
 
-from .blobs import STALL_SECONDS, AgentError, BlobFetcher  # noqa: F401  (AgentError, STALL_SECONDS re-exported)
+from .blobs import STALL_SECONDS, AgentError, BlobFetcher, take_event  # noqa: F401  (AgentError, STALL_SECONDS re-exported)
 
 log = logging.getLogger("fedpft.agent")
 
@@ -100,12 +100,7 @@ class EdgeAgent:
         self.hello()
 
     def next_event(self, timeout: float):
-        if self.deferred:
-            return self.deferred.popleft()
-        try:
-            return self.events.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        return take_event(self.events, self.deferred, timeout)
 
     # ------------------------------------------------------------------ main loop
     def serve(self) -> int:

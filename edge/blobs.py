@@ -9,7 +9,9 @@ chunks, so the caller's loop sees them afterwards, in order.
 from __future__ import annotations
 
 import logging
+import queue
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,16 @@ STALL_SECONDS = 5.0  # no new chunk for this long: ask again for the missing one
 
 class AgentError(Exception):
     pass
+
+
+def take_event(events: queue.Queue, deferred: deque, timeout: float):
+    """An agent's next event: the ones handed back first (in order), else the queue's; None on timeout."""
+    if deferred:
+        return deferred.popleft()
+    try:
+        return events.get(timeout=timeout)
+    except queue.Empty:
+        return None
 
 
 class BlobFetcher:

@@ -148,5 +148,56 @@ def _online(broker, device_id, run_id, data, cache, holdout, ca, cert, key, user
     typer.echo(f"run {run_id} ended: trained {rounds} rounds as {device_id}")
 
 
+@app.command()
+def fleet(
+    broker: str = typer.Option(..., "--broker", help="mqtt://host:port (mqtts:// for TLS) of the fleet's broker."),
+    device_id: str = typer.Option(..., "--device-id", help="This device's id (topic level; [A-Za-z0-9_.-], up to 64 chars)."),
+    cohort: str = typer.Option(..., "--cohort", help="Cohort this device declares (e.g. canary, stable); rollouts name a cohort or devices."),
+    cache: Path = typer.Option(..., "--cache", help="Folder of the installed versions (versions/<bundle_id>/), the current/previous pointers and downloads."),
+    fleet_name: str = typer.Option("default", "--fleet", help="Fleet name (topics fedpft/fleet/<fleet>/...); must match the cloud's --fleet."),
+    trust_key: Optional[Path] = typer.Option(None, "--trust-key", help="The cloud's public signing key (signing.pub); unsigned or tampered rollouts and bundles are refused. Without it everything is accepted (development mode)."),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate for TLS."),
+    cert: Optional[Path] = typer.Option(None, "--cert", help="Client certificate for TLS."),
+    key: Optional[Path] = typer.Option(None, "--key", help="Client key for TLS."),
+    username: Optional[str] = typer.Option(None, "--username", help="Broker user name."),
+    password: Optional[str] = typer.Option(None, "--password", envvar="FEDPFT_MQTT_PASSWORD", help="Broker password (or env FEDPFT_MQTT_PASSWORD)."),
+    heartbeat: float = typer.Option(30.0, "--heartbeat", help="Seconds between re-published statuses (the cloud's 'last seen')."),
+) -> None:
+    """Serve fleet rollouts: install the bundle versions sent to this device's cohort, keep the previous one, roll back; until SIGTERM."""
+    import logging
+    import signal
+    import threading
+
+    from pydantic import ValidationError
+
+    from fedpft.shared.config import FleetConfig
+    from fedpft.shared.signing import SignatureError, load_public_key
+    from fedpft.shared.transport import TransportError
+
+    from .blobs import AgentError
+    from .fleet import run_fleet
+
+    try:
+        cfg = FleetConfig(broker=broker, device_id=device_id, cohort=cohort, cache=cache, fleet=fleet_name, trust_key=trust_key,
+                          ca=ca, cert=cert, key=key, username=username, password=password, heartbeat=heartbeat)
+        if trust_key is not None:
+            load_public_key(trust_key)  # a bad key file fails here, before connecting
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        fail(f"{'.'.join(str(x) for x in err['loc']) or 'options'}: {err['msg'].removeprefix('Value error, ')}")
+    except SignatureError as exc:
+        fail(str(exc))
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedpft").setLevel(logging.INFO)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        pointers = run_fleet(cfg, stop)
+    except (TransportError, AgentError) as exc:
+        fail(str(exc))
+    typer.echo(f"{device_id} stopped; current {pointers.current or 'none'}, previous {pointers.previous or 'none'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

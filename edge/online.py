@@ -48,16 +48,20 @@ def make_trainer(cfg: AgentConfig):
     return train
 
 
-def connect_with_backoff(cfg: AgentConfig, max_wait: float = 300.0):
-    """Connect, retrying with exponential backoff + jitter (a fleet must not reconnect in lockstep)."""
+def connect_with_backoff(cfg, max_wait: float = 300.0, *, client_id: str | None = None, will: tuple[str, bytes] | None = None):
+    """Connect, retrying with exponential backoff + jitter (a fleet must not reconnect in lockstep).
+
+    `cfg` holds the broker, TLS and credentials (AgentConfig, FleetConfig); the client id and last
+    will default to the run's (an offline Presence on the device's run presence topic)."""
     from fedpft.shared.mqtt import MqttTransport
 
-    will = Presence(run_id=cfg.run_id, sender=cfg.device_id, device_id=cfg.device_id, status="offline", reason="connection lost")
+    if will is None:
+        bye = Presence(run_id=cfg.run_id, sender=cfg.device_id, device_id=cfg.device_id, status="offline", reason="connection lost")
+        will = (topics.device_topic(cfg.run_id, cfg.device_id, topics.PRESENCE), encode(bye))
     delay, waited = 1.0, 0.0
     while True:
         t = MqttTransport(
-            cfg.broker, client_id=f"fedpft-{cfg.run_id}-{cfg.device_id}",
-            will=(topics.device_topic(cfg.run_id, cfg.device_id, topics.PRESENCE), encode(will)),
+            cfg.broker, client_id=client_id or f"fedpft-{cfg.run_id}-{cfg.device_id}", will=will,
             ca=str(cfg.ca) if cfg.ca else None, cert=str(cfg.cert) if cfg.cert else None, key=str(cfg.key) if cfg.key else None,
             username=cfg.username, password=cfg.password,
         )

@@ -33,6 +33,7 @@ class PrepareConfig(BaseModel):
     batch_size: int = Field(default=16, ge=1)
     dropout: float | None = Field(default=None, ge=0, lt=1, description="override the FM's dropout in the training graph")
     seed: int = 0
+    bundle_version: int = Field(default=1, ge=1, description="version number in the manifest (fleet rollouts install by it)")
     # Ed25519 private key (fedpft-cloud keygen) that signs the manifest; a local path, so it is
     # left out of the prepare_config the bundle records.
     signing_key: Path | None = None
@@ -129,6 +130,68 @@ class AgentConfig(BaseModel):
     # Ed25519 public key of the cloud: unsigned or tampered bundles and tasks are refused.
     # None = development mode: everything is accepted (with one warning).
     trust_key: Path | None = None
+
+
+class BrokerConfig(BaseModel):
+    """Broker URL, TLS and credentials, as every MQTT command takes them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password: str | None = Field(default=None, exclude=True, description="never written to disk")
+
+
+def _safe_id(value: str | None, what: str) -> str | None:
+    from .messages import check_id
+
+    return None if value is None else check_id(value, what)  # ProtocolError is a ValueError
+
+
+class FleetConfig(BrokerConfig):
+    """`fedpft-edge fleet`: a device that installs the bundle versions rolled out to its cohort."""
+
+    device_id: str
+    cohort: str
+    cache: Path = Path(".fedpft-fleet")
+    fleet: str = "default"
+    heartbeat: float = Field(default=30.0, gt=0, description="seconds between re-published (retained) statuses")
+    fetch_timeout: float = Field(default=300.0, gt=0)
+    # Ed25519 public key of the cloud: unsigned or tampered rollouts and bundles are refused.
+    trust_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _ids(self) -> "FleetConfig":
+        _safe_id(self.device_id, "--device-id"), _safe_id(self.cohort, "--cohort"), _safe_id(self.fleet, "--fleet")
+        return self
+
+
+class RolloutConfig(BrokerConfig):
+    """`fedpft-cloud rollout`: a bundle version (or a rollback) to a cohort or a fraction of the fleet."""
+
+    bundle: Path | None = None
+    cohort: str | None = None
+    fraction: float | None = Field(default=None, gt=0, le=1)
+    rollback: bool = False
+    fleet: str = "default"
+    timeout: float = Field(default=120.0, gt=0, description="seconds to wait for the devices' acks")
+    state: Path = Path("fleet-state")
+    seed: int = Field(default=0, ge=0, description="seed of the --fraction selection")
+    chunk_size: int = Field(default=1 << 20, ge=1024)
+    settle: float = Field(default=0.5, ge=0, description="seconds to collect the retained device statuses")
+    signing_key: Path | None = Field(default=None, description="Ed25519 private key that signs the Rollout message")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RolloutConfig":
+        if (self.cohort is None) == (self.fraction is None):
+            raise ValueError("give exactly one of --cohort or --fraction")
+        if self.rollback == (self.bundle is not None):
+            raise ValueError("a rollback takes no --bundle" if self.rollback else "give --bundle (or --rollback)")
+        _safe_id(self.cohort, "--cohort"), _safe_id(self.fleet, "--fleet")
+        return self
 
 
 SimMethod = Literal["fedpft", "full", "fedot", "noalign", "layeronly"]

@@ -71,6 +71,17 @@ def make_bundle(model: str, out: Path, **overrides):
     return out
 
 
+def mosquitto_up(port: int = 1883) -> bool:
+    """Is the machine's Mosquitto (or any broker) listening on 127.0.0.1:port?"""
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def copy_bundle(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

