@@ -507,13 +507,10 @@ def section(results: list[dict], command: str, bundle_note: str, notes: list[str
 
 
 def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
+    """`text` carries its own markers (see `section`); the one writer of BENCHMARKS.md sections does the rest."""
+    from common import write_section as write_named
+
+    write_named("scale", text.strip().removeprefix(BEGIN).removesuffix(END), path)
 
 
 def main(argv: list[str] | None = None) -> int:
