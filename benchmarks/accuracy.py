@@ -51,7 +51,7 @@ def run_method(method: str, args, out: Path) -> dict:
     cfg = SimulateConfig(out=out, clients=args.clients, rounds=args.rounds, partition=args.partition, method=method,
                          max_samples=args.max_samples, eval_samples=args.eval_samples, distill_steps=args.distill_steps,
                          align_every=args.align_every, align_steps=args.align_steps, lr=args.lr, seed=args.seed,
-                         local_epochs=args.local_epochs, batch_size=args.batch_size)
+                         local_epochs=args.local_epochs, batch_size=args.batch_size, broker=args.broker)
     t0 = time.time()
     simulate(cfg, show_progress=False)
     wall = time.time() - t0
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--broker", default=None, help="MQTT broker URL (default: the embedded one)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench-accuracy"))
     args = ap.parse_args()
     results = []
@@ -89,8 +90,8 @@ def main() -> None:
         out = args.work / m
         if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == args.rounds:
             print(f"{m}: reusing {out}")
-        elif out.exists():
-            shutil.rmtree(out)
+        elif (out / "federation").exists():
+            shutil.rmtree(out / "federation")  # an unfinished run: start its rounds again (the bundle is kept)
         twin = args.work / SAME_BUNDLE.get(m, m) / "bundle"
         if m in SAME_BUNDLE and (twin / "manifest.json").is_file() and not (out / "bundle").exists():
             shutil.copytree(twin, out / "bundle")  # identical proxy: prepare once
