@@ -337,7 +337,7 @@ def simulate(
     )
     try:
         run = run_simulate(cfg, show_progress=not quiet)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0])
     typer.echo(f"simulation done: {run}/report.md, {run}/accuracy.png, {run}/metrics.jsonl")
 

@@ -96,6 +96,8 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
     from .serve import serve
 
     run = Path(cfg.out)
+    if (run / "federation" / "state.json").is_file():
+        raise FileExistsError(f"--out {run} already holds a simulation; choose another --out or delete it")
     run.mkdir(parents=True, exist_ok=True)
     (run / "simulate_config.json").write_text(cfg.model_dump_json(indent=2))
     t0 = time.time()

@@ -100,3 +100,20 @@ def test_prepare_minilm_writes_a_verifiable_bundle(tmp_path):
     assert "base_model.model.bert.encoder.layer.5.attention.output.dense.lora_B.weight" in keys
     assert len(m.trainable) == 6 * 4 * 2 + 2
     assert json.loads((out / "prepare_config.json").read_text())["ffn_keep"] == 0.25
+
+
+def test_simulate_refuses_an_out_folder_that_holds_a_run(tmp_path):
+    fed = tmp_path / "sim" / "federation"
+    fed.mkdir(parents=True)
+    (fed / "state.json").write_text("{}")
+    res = runner.invoke(app, ["simulate", "--out", str(tmp_path / "sim"), "-q"])
+    assert res.exit_code == 2
+    assert "already holds a simulation" in res.output
+
+
+def test_simulate_rejects_bad_partition_and_method(tmp_path):
+    res = runner.invoke(app, ["simulate", "--out", str(tmp_path / "s"), "--partition", "dirichlet:-1"])
+    assert res.exit_code == 2 and "--partition" in res.output
+    res = runner.invoke(app, ["simulate", "--out", str(tmp_path / "s"), "--method", "magic"])
+    assert res.exit_code == 2 and "method" in res.output
+    assert not (tmp_path / "s").exists()
