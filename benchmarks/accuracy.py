@@ -109,7 +109,7 @@ def main() -> None:
         f"{args.distill_steps} steps on public.txt. Alignment (fedpft only) every {args.align_every} rounds, 50% of neurons frozen, "
         f"{args.align_steps} steps. Seed {args.seed} for all methods.",
         "",
-        "| method | FM accuracy, last round | best round | MB up / client / round | MB down / client / round | edge s / step | wall time |",
+        "| method | FM accuracy, last round | best round | MB up / client / round | MB down / client / round | device round s / step (incl. ORT session load + held-out eval) | wall time |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
