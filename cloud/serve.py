@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedpft.export.adapters import add_adapters
 from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 
 from .models import resolve_model_id
-from .proxy import ProxySpec, skeleton_from_spec
 from .state import RunState
 
 log = logging.getLogger("fedpft.serve")
@@ -22,20 +20,6 @@ log = logging.getLogger("fedpft.serve")
 
 def prepare_config(bundle: Path) -> dict:
     return json.loads((Path(bundle) / "prepare_config.json").read_text())
-
-
-def load_proxy(bundle: Path, manifest: BundleManifest) -> tuple[torch.nn.Module, ProxySpec]:
-    """The cloud's copy of the proxy (plain, no adapters), rebuilt from the bundle's cloud files."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    bundle = Path(bundle)
-    spec = ProxySpec.load(bundle / manifest.files["proxy_spec"].path)
-    config = AutoConfig.from_pretrained(bundle / manifest.files["fm_config"].path)
-    config._attn_implementation = "eager"
-    model = skeleton_from_spec(config, spec)
-    model.load_state_dict(load_file(str(bundle / manifest.files["proxy_weights"].path)))
-    return model.eval(), spec
 
 
 class Cloud:
@@ -75,8 +59,10 @@ class Cloud:
         from .public_data import batch_stream, list_public_samples, make_encoder
 
         if self._proxy is None:
-            proxy, spec = load_proxy(self.cfg.bundle, self.manifest)
-            self._proxy = (add_adapters(proxy, self.pc["lora_rank"], self.pc["lora_alpha"], self.pc["seed"]), spec)
+            from .bundle_model import load_proxy
+
+            # the bundle's own proxy + adapters, exactly as devices start from
+            self._proxy = load_proxy(self.cfg.bundle, with_adapters=True)
             public = self.cfg.public_data or self.pc.get("public_data")
             if public is None:
                 raise ValueError("alignment needs public data: pass --public-data")
@@ -88,11 +74,9 @@ class Cloud:
         stream = batch_stream(samples, encoder, self.pc.get("batch_size", 16), self.cfg.seed * 7919 + round_id)
         if current_ffn:
             # resume: the proxy must carry the FFN weights of the last alignment
-            from .models import unwrap
+            from .bundle_model import set_ffn_state
 
-            missing, unexpected = unwrap(proxy).load_state_dict({k: torch.from_numpy(v) for k, v in current_ffn.items()}, strict=False)
-            if unexpected:
-                raise ValueError(f"stored FFN weights do not fit the proxy: {unexpected[:2]}")
+            set_ffn_state(proxy, {k: torch.from_numpy(v) for k, v in current_ffn.items()})
         res = align(self.fm.model, proxy, spec, adapters, stats, stream, self.cfg.align_fraction, self.cfg.align_steps, self.cfg.align_lr)
         return res.ffn  # proxy state-dict keys, as manifest.ffn names them
 
