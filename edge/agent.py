@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedpft.shared import topics
 from fedpft.shared.archive import unpack_bundle
-from fedpft.shared.chunks import Chunk, Reassembler
+from fedpft.shared.chunks import Reassembler
 from fedpft.shared.config import AgentConfig
 from fedpft.shared.manifest import BundleError, BundleManifest, verify_bundle
 from fedpft.shared.messages import (
@@ -37,7 +37,7 @@ from fedpft.shared.messages import (
 from fedpft.shared.signing import SignatureError, load_public_key, verify
 from fedpft.shared.transport import Transport
 
-from .blobs import STALL_SECONDS, AgentError, BlobFetcher, take_event  # noqa: F401  (AgentError, STALL_SECONDS re-exported)
+from .blobs import STALL_SECONDS, AgentError, BlobFetcher, enqueue_chunk, take_event  # noqa: F401  (AgentError, STALL_SECONDS re-exported)
 
 log = logging.getLogger("fedpft.agent")
 
@@ -78,10 +78,7 @@ class EdgeAgent:
         self.events.put(("msg", msg))
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
-        try:
-            self.events.put(("chunk", Chunk.from_bytes(payload)))
-        except ProtocolError as exc:
-            log.warning("ignored chunk on %s: %s", topic, exc.reason)
+        enqueue_chunk(self.events, topic, payload)
 
     # ------------------------------------------------------------------ wire helpers
     def _pub(self, kind: str, msg) -> None:

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from fedpft.shared.chunks import Reassembler
+from fedpft.shared.chunks import Chunk, Reassembler
 from fedpft.shared.messages import BlobRef, ProtocolError
 
 log = logging.getLogger("fedpft.agent")
@@ -25,6 +25,14 @@ STALL_SECONDS = 5.0  # no new chunk for this long: ask again for the missing one
 
 class AgentError(Exception):
     pass
+
+
+def enqueue_chunk(events: queue.Queue, topic: str, payload: bytes) -> None:
+    """Handler body for chunk topics: parse off the network thread's queue, never raise."""
+    try:
+        events.put(("chunk", Chunk.from_bytes(payload)))
+    except ProtocolError as exc:
+        log.warning("ignored chunk on %s: %s", topic, exc.reason)
 
 
 def take_event(events: queue.Queue, deferred: deque, timeout: float):

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from fedpft.shared import topics
 from fedpft.shared.archive import unpack_bundle
-from fedpft.shared.chunks import Chunk
 from fedpft.shared.config import FleetConfig
 from fedpft.shared.manifest import BundleError, BundleManifest, verify_bundle
 from fedpft.shared.messages import (
@@ -33,7 +32,7 @@ from fedpft.shared.messages import (
 from fedpft.shared.signing import SignatureError, load_public_key, verify
 from fedpft.shared.transport import Transport, TransportError
 
-from .blobs import AgentError, BlobFetcher, take_event
+from .blobs import AgentError, BlobFetcher, enqueue_chunk, take_event
 
 log = logging.getLogger("fedpft.fleet")
 
@@ -129,10 +128,7 @@ class FleetAgent:
         self.events.put(("msg", msg))
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
-        try:
-            self.events.put(("chunk", Chunk.from_bytes(payload)))
-        except ProtocolError as exc:
-            log.warning("ignored chunk on %s: %s", topic, exc.reason)
+        enqueue_chunk(self.events, topic, payload)
 
     # ------------------------------------------------------------------ wire
     def _pub(self, kind: str, msg, retain: bool = False) -> None:
