@@ -17,7 +17,7 @@ import torch
 from fedpft.export.adapters import load_adapter_state
 
 from .aggregate import apoz, most_used
-from .distill import DistillResult, distill
+from .distill import DistillResult, distill, evaluate_layer_loss
 from .models import encoder_layers, ffn_linears
 from .proxy import ProxySpec
 
@@ -27,9 +27,22 @@ log = logging.getLogger("fedpft.alignment")
 @dataclass
 class AlignmentResult:
     ffn: dict[str, np.ndarray]  # proxy state-dict key -> tensor, every compressed layer
-    frozen: dict[int, int]  # proxy layer -> neurons frozen
+    frozen: dict[int, int]  # FM layer -> neurons frozen
     distill: DistillResult
     mean_apoz: dict[int, float]
+    # proxy-vs-FM layer loss on held-out public batches, both carrying the aggregated adapters:
+    # what alignment exists to reduce (NaN when no held-out batches were given)
+    gap_before: float = float("nan")
+    gap_after: float = float("nan")
+
+    def summary(self) -> dict:
+        """JSON-ready facts for the round's metrics record."""
+        return {
+            "frozen": {str(k): v for k, v in self.frozen.items()},
+            "mean_apoz": {str(k): round(v, 4) for k, v in self.mean_apoz.items()},
+            "steps": len(self.distill.losses), "loss_first": self.distill.first, "loss_last": self.distill.last,
+            "gap_before": self.gap_before, "gap_after": self.gap_after,
+        }
 
 
 def frozen_masks(stats: dict[int, tuple[np.ndarray, float]], spec: ProxySpec, fraction: float) -> dict[int, torch.Tensor]:
@@ -68,17 +81,23 @@ def align(
     fraction: float,
     steps: int,
     lr: float,
+    held_out: list[dict[str, torch.Tensor]] | None = None,
 ) -> AlignmentResult:
-    """fm and proxy are PEFT-wrapped with the same LoRA config; both get `adapters` first."""
+    """fm and proxy are PEFT-wrapped with the same LoRA config; both get `adapters` first.
+    held_out: fixed public batches on which the proxy-vs-FM layer loss is measured before and after."""
     as_torch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapters.items()}
     load_adapter_state(fm, as_torch)
     load_adapter_state(proxy, as_torch, spec.layer_map)
     masks = frozen_masks(stats, spec, fraction)
+    gap = (lambda: evaluate_layer_loss(fm, proxy, spec, held_out)) if held_out else (lambda: float("nan"))
+    before = gap()
     result = distill(fm, proxy, spec, public, steps, lr=lr, frozen=masks)
+    after = gap()
     mean = {spec.layer_map[p]: float(apoz(*stats[spec.layer_map[p]]).mean()) for p in masks}
     log.info(
-        "alignment: froze %s neurons, distilled %d steps (loss %.4f -> %.4f), mean APoZ %s",
+        "alignment: froze %s neurons, distilled %d steps (loss %.4f -> %.4f; held-out %.4f -> %.4f), mean APoZ %s",
         {spec.layer_map[p]: int(m.sum()) for p, m in masks.items()}, len(result.losses), result.first, result.last,
-        {k: round(v, 3) for k, v in mean.items()},
+        before, after, {k: round(v, 3) for k, v in mean.items()},
     )
-    return AlignmentResult(ffn_state(proxy, spec), {p: int(m.sum()) for p, m in masks.items()}, result, mean)
+    frozen = {spec.layer_map[p]: int(m.sum()) for p, m in masks.items()}
+    return AlignmentResult(ffn_state(proxy, spec), frozen, result, mean, before, after)

@@ -24,17 +24,23 @@ class PluggedFM:
     def plug(self, adapters: dict[str, np.ndarray]) -> None:
         load_adapter_state(self.model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapters.items()})
 
-    @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) over the batches."""
-        correct, loss_sum, n = 0, 0.0, 0
-        for inputs, labels in batches:
-            feed = {k: torch.from_numpy(v) for k, v in inputs.items()}
-            logits = self.model(**feed).logits
-            y = torch.from_numpy(labels).long()
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-            n += len(y)
-        if n == 0:
-            raise ValueError("no evaluation samples")
-        return correct / n, loss_sum / n
+        return evaluate_model(self.model, batches)
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, batches: Iterable[Batch]) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of a sequence classifier (the FM or a proxy) over the batches."""
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for inputs, labels in batches:
+        feed = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        logits = model(**feed).logits
+        y = torch.from_numpy(labels).long()
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+        n += len(y)
+    if n == 0:
+        raise ValueError("no evaluation samples")
+    return correct / n, loss_sum / n

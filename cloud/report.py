@@ -64,8 +64,31 @@ def write_report(run_dir: Path, header: str = "") -> Path:
         note = f" (skipped: {r['skipped']})" if r.get("skipped") else ""
         lines.append(f"| {r['round']}{note} | {r['clients']} | {acc} | {loss} | {tl} | {'yes' if r.get('aligned') else ''} | "
                      f"{r.get('bytes_up', 0) / 1e6:.2f} | {r.get('bytes_down', 0) / 1e6:.2f} | {r.get('seconds', 0):.1f} |")
+    lines += alignment_lines(rows)
     if png is not None:
         lines += ["", "![FM accuracy per round](accuracy.png)"]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def alignment_lines(rows: list[dict]) -> list[str]:
+    """What each neuron-level alignment did: the proxy-vs-FM gap it exists to close."""
+    aligned = [r for r in rows if r.get("alignment")]
+    if not aligned:
+        return []
+
+    def pct(v):
+        return f"{100 * v:.1f}%" if v is not None else "-"
+
+    lines = ["", "Neuron-level alignments (layer loss = relative MSE of the compressed layers' outputs, proxy vs FM, "
+             "both with the round's adapters, on held-out public batches):", "",
+             "| after round | neurons frozen | mean APoZ | layer loss before -> after | proxy accuracy before -> after | FM accuracy |",
+             "|---|---|---|---|---|---|"]
+    for r in aligned:
+        a = r["alignment"]
+        frozen = ", ".join(f"L{k}: {v}" for k, v in a.get("frozen", {}).items())
+        apz = ", ".join(f"{v:.2f}" for v in a.get("mean_apoz", {}).values())
+        lines.append(f"| {r['round']} | {frozen} | {apz} | {a.get('gap_before', float('nan')):.4f} -> {a.get('gap_after', float('nan')):.4f} | "
+                     f"{pct(a.get('proxy_accuracy_before'))} -> {pct(a.get('proxy_accuracy_after'))} | {pct(r.get('fm_accuracy'))} |")
+    return lines

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedpft.export.adapters import load_adapter_state
 from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 
@@ -54,8 +55,12 @@ class Cloud:
         return self.fm.evaluate(self.eval_batches())
 
     # -- alignment
-    def align(self, adapters, stats, current_ffn: dict[str, np.ndarray] | None, round_id: int) -> dict[str, np.ndarray]:
+    HELD_OUT_BATCHES = 8  # public batches kept out of alignment to measure the proxy-vs-FM gap on
+
+    def align(self, adapters, stats, current_ffn: dict[str, np.ndarray] | None, round_id: int) -> tuple[dict[str, np.ndarray], dict]:
+        """(re-aligned FFN tensors under proxy state-dict keys, facts for the round's record)."""
         from .alignment import align
+        from .evaluate import evaluate_model
         from .public_data import batch_stream, list_public_samples, make_encoder
 
         if self._proxy is None:
@@ -67,7 +72,12 @@ class Cloud:
             if public is None:
                 raise ValueError("alignment needs public data: pass --public-data")
             kind = self.manifest.input.kind
-            self._public = (list_public_samples(Path(public), kind), make_encoder(kind, self.manifest.input, self.cfg.bundle))
+            samples, encoder = list_public_samples(Path(public), kind), make_encoder(kind, self.manifest.input, self.cfg.bundle)
+            bs = self.pc.get("batch_size", 16)
+            n_held = min(self.HELD_OUT_BATCHES * bs, len(samples) // 4)
+            held = [samples[i : i + bs] for i in range(len(samples) - n_held, len(samples), bs)]
+            self._held = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in encoder(c).items()} for c in held]
+            self._public = (samples[: len(samples) - n_held], encoder)
         proxy, spec = self._proxy
         samples, encoder = self._public
         # a stream seeded by the round, so a resumed run aligns on exactly the same batches
@@ -77,8 +87,17 @@ class Cloud:
             from .bundle_model import set_ffn_state
 
             set_ffn_state(proxy, {k: torch.from_numpy(v) for k, v in current_ffn.items()})
-        res = align(self.fm.model, proxy, spec, adapters, stats, stream, self.cfg.align_fraction, self.cfg.align_steps, self.cfg.align_lr)
-        return res.ffn  # proxy state-dict keys, as manifest.ffn names them
+        # the proxy's own accuracy with the aggregated adapters, before and after: does alignment
+        # make the model the devices train on behave more like the FM they are training for?
+        def proxy_acc() -> float | None:
+            return evaluate_model(proxy, self.eval_batches())[0] if self.cfg.eval_data else None
+
+        load_adapter_state(proxy, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapters.items()}, spec.layer_map)
+        before = proxy_acc()
+        res = align(self.fm.model, proxy, spec, adapters, stats, stream, self.cfg.align_fraction, self.cfg.align_steps,
+                    self.cfg.align_lr, held_out=self._held)
+        info = res.summary() | {"proxy_accuracy_before": before, "proxy_accuracy_after": proxy_acc()}
+        return res.ffn, info  # proxy state-dict keys, as manifest.ffn names them
 
 
 def _path(p: Path | None) -> str | None:

@@ -111,7 +111,8 @@ class Federation:
         self.waiting: dict[tuple[str, str], Update] = {}  # update messages whose blob is still arriving
         self.bytes_up = 0
         self.evaluator = evaluator  # callable(adapters) -> (accuracy, loss) | None
-        self.aligner = aligner  # callable(adapters, stats, current ffn | None, round) -> dict[manifest.ffn key, array]
+        # callable(adapters, stats, current ffn | None, round) -> ({manifest.ffn key: array}, JSON-ready facts)
+        self.aligner = aligner
         self.show_progress = show_progress
         self.expected = {t.key: (tuple(t.shape), t.dtype) for t in self.manifest.trainable}
         self.stat_layers = {s.layer: s.neurons for s in self.manifest.stat_outputs}
@@ -355,7 +356,7 @@ class Federation:
         ffn_ref = None
         if state.ffn is not None:
             ffn_ref = self.blobs.offer(f"ffn-a{state.alignments}", (Path(cfg.out) / state.ffn).read_bytes())
-        align_now = bool(cfg.align_every) and (r + 1) % cfg.align_every == 0 and bool(self.stat_layers) and self.aligner is not None
+        align_now = align_due(r, cfg.rounds, cfg.align_every) and bool(self.stat_layers) and self.aligner is not None
         tracker, reason = None, ""
         for attempt in range(cfg.max_round_retries + 1):
             online = self.wait_for_devices(cfg.min_clients, cfg.wait_for_clients)
@@ -403,7 +404,8 @@ class Federation:
             state.adapters = self.store.write_tensors(f"checkpoints/adapters_round_{r:04d}.safetensors", adapters)
             stats = [a.stats for a in accepted if a.stats]
             if align_now and stats:
-                ffn = self.aligner(adapters, sum_stats(stats), self.store.read_tensors(state.ffn) if state.ffn else None, r)
+                ffn, info = self.aligner(adapters, sum_stats(stats), self.store.read_tensors(state.ffn) if state.ffn else None, r)
+                record["alignment"] = info
                 state.alignments += 1
                 state.ffn = self.store.write_tensors(f"checkpoints/ffn_align_{state.alignments:03d}.safetensors", ffn)
                 record["aligned"] = True
@@ -419,6 +421,12 @@ class Federation:
                  f"{acc:.4f}" if acc is not None else "-", f"{record['fm_loss']:.4f}" if record["fm_loss"] is not None else "-",
                  record["bytes_up"] / 1e6, record["bytes_down"] / 1e6, record["seconds"], " (aligned)" if record["aligned"] else "")
         return record
+
+
+def align_due(round_id: int, rounds: int, every: int | None) -> bool:
+    """Align after every `every`-th round, but never after the last one: no device would ever
+    train on that proxy in this run, and its cost would be wasted."""
+    return bool(every) and (round_id + 1) % every == 0 and round_id + 1 < rounds
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -73,7 +73,10 @@ def start_devices(shards: list[Path], url: str, run_id: str, run: Path) -> list[
         dev = f"client{i:03d}"
         log_path = run / "clients" / dev / "agent.log"
         cmd = [sys.executable, "-m", "fedpft.edge.cli", "train", "--broker", url, "--device-id", dev,
-               "--data", str(shard), "--cache", str(run / "clients" / dev / "cache"), "--run-id", run_id]
+               "--data", str(shard), "--cache", str(run / "clients" / dev / "cache"), "--run-id", run_id,
+               # one thread each: N devices share this machine's cores, and ORT's default pool per
+               # process would oversubscribe them (and spin)
+               "--threads", "1"]
         procs.append(subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT))
     return procs
 

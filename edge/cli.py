@@ -52,14 +52,14 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and the shuffling."),
     holdout: float = typer.Option(0.1, "--holdout", help="Share of the local data held out for accuracy before/after, in [0, 1)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Offline: folder to start from and save the updated checkpoint. Online: the device's cache (bundle, downloads, updates; default .fedpft-cache)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: ORT decides)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads, offline and online (default: ORT decides; give 1 when several devices share a CPU)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train LoRA adapters of the proxy on local data: one offline round (--bundle/--out), or online (--broker/--device-id)."""
     from pydantic import ValidationError
 
     if broker is not None:
-        return _online(broker, device_id, run_id, data, cache, holdout, ca, cert, key, username, password, trust_key)
+        return _online(broker, device_id, run_id, data, cache, holdout, threads, ca, cert, key, username, password, trust_key)
     if bundle is None or out is None:
         fail("offline training needs --bundle and --out (or give --broker and --device-id to join a federation)")
 
@@ -107,7 +107,7 @@ def _progress(enabled: bool):
                lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"))
 
 
-def _online(broker, device_id, run_id, data, cache, holdout, ca, cert, key, username, password, trust_key) -> None:
+def _online(broker, device_id, run_id, data, cache, holdout, threads, ca, cert, key, username, password, trust_key) -> None:
     import logging
 
     from pydantic import ValidationError
@@ -124,7 +124,8 @@ def _online(broker, device_id, run_id, data, cache, holdout, ca, cert, key, user
         check_id(device_id, "--device-id")
         check_id(run_id, "--run-id")
         cfg = AgentConfig(broker=broker, device_id=device_id, run_id=run_id, data=data, cache=cache or Path(".fedpft-cache"),
-                          holdout=holdout, ca=ca, cert=cert, key=key, username=username, password=password, trust_key=trust_key)
+                          holdout=holdout, threads=threads, ca=ca, cert=cert, key=key, username=username, password=password,
+                          trust_key=trust_key)
     except ProtocolError as exc:
         fail(exc.reason)
     except ValidationError as exc:

@@ -105,3 +105,11 @@ def test_bad_partition_scheme(bad):
 
     with pytest.raises(ValueError, match="--partition"):
         parse_scheme(bad)
+
+
+def test_alignment_schedule_skips_the_last_round():
+    from fedpft.cloud.server import align_due
+
+    assert [r for r in range(10) if align_due(r, 10, 3)] == [2, 5, 8]
+    assert [r for r in range(6) if align_due(r, 6, 3)] == [2]  # after round 6 no device would use it
+    assert not any(align_due(r, 5, 0) for r in range(5)) and not any(align_due(r, 5, None) for r in range(5))

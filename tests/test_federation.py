@@ -91,6 +91,12 @@ def check_run(run: Path, clients: int) -> list[dict]:
         assert 0.0 <= r["fm_accuracy"] <= 1.0 and r["fm_loss"] > 0
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
     assert [r["aligned"] for r in rows] == [False, True, False]
+    # the alignment says what it did to the proxy-vs-FM gap, measured on held-out public batches
+    info = rows[1]["alignment"]
+    assert 0 < info["gap_before"] < float("inf") and 0 < info["gap_after"] < float("inf")
+    assert 0.0 <= info["proxy_accuracy_before"] <= 1.0 and 0.0 <= info["proxy_accuracy_after"] <= 1.0
+    assert info["steps"] == 3 and sum(info["frozen"].values()) > 0
+    assert "Neuron-level alignments" in (run / "report.md").read_text()
     state = json.loads((run / "state.json").read_text())
     assert state["alignments"] == 1 and state["ffn"]
     assert (run / "report.md").is_file() and (run / "accuracy.png").is_file()
