@@ -67,7 +67,8 @@ def train(
     from fedpft.shared.manifest import BundleError
 
     try:
-        cfg = EdgeTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, holdout=holdout, threads=threads)
+        cfg = EdgeTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, holdout_seed=seed, holdout=holdout,
+                              threads=threads)
     except ValidationError as exc:
         err = exc.errors()[0]
         fail(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg'].removeprefix('Value error, ')}")

@@ -243,7 +243,7 @@ def train_round(
     bundle_dir = Path(bundle_dir)
     manifest = verify_bundle(bundle_dir, device_only=True)
     data = read_local_data(data_path, manifest)
-    train, held = data.split(cfg.holdout, cfg.seed)
+    train, held = data.split(cfg.holdout, cfg.holdout_seed)
     maker = BatchMaker(bundle_dir, manifest)
     session = open_session(bundle_dir, cache_dir, cfg.threads, manifest)
     if adapters is not None:

@@ -14,7 +14,10 @@ class EdgeTrainConfig(BaseModel):
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=1e-4, gt=0, description="AdamW learning rate")
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
-    seed: int = Field(default=0, ge=0, description="seed of the holdout split and the per-epoch shuffles")
+    seed: int = Field(default=0, ge=0, description="seed of the per-epoch shuffles (the cloud sends a new one each round)")
+    # Its own seed, fixed for the device's life: were it the round's seed, samples held out in one
+    # round would be trained on in the next, and acc_before/acc_after would measure memorisation.
+    holdout_seed: int = Field(default=0, ge=0, description="seed of the held-out split; keep it fixed across rounds")
     holdout: float = Field(default=0.1, ge=0, lt=1, description="share of local samples held out for acc_before/acc_after")
     eval_batch_size: int = Field(default=32, ge=1)
     report_stats: bool = Field(default=True, description="sum the per-neuron activation counts of compressed layers")

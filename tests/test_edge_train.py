@@ -206,3 +206,23 @@ print("HEAVY", heavy)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout, proc.stdout
     assert out.is_file()
+
+
+def test_held_out_split_stays_fixed_while_the_round_seed_changes(monkeypatch, tiny_bert_bundle, text_data):
+    """The cloud sends a new seed every round; were it to move the held-out split, samples held out
+    in one round would be trained on in the next and acc_before/acc_after would measure memorisation."""
+    from fedpft.edge.data import LocalData
+
+    held_out_sets = []
+    real_split = LocalData.split
+
+    def spy(self, holdout, seed):
+        train, held = real_split(self, holdout, seed)
+        held_out_sets.append([r.where for r in held])
+        return train, held
+
+    monkeypatch.setattr(LocalData, "split", spy)
+    for round_seed in (1, 2, 3):
+        train_round(tiny_bert_bundle, text_data, EdgeTrainConfig(seed=round_seed, holdout=0.3, max_steps=1))
+    assert len(held_out_sets) == 3 and held_out_sets[0]
+    assert held_out_sets[0] == held_out_sets[1] == held_out_sets[2]
