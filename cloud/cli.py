@@ -284,15 +284,16 @@ def provision(
     device: str = typer.Option(..., "--device", help="Device id; it becomes the device's broker user name."),
     run: str = typer.Option("default", "--run", help="Run the device takes part in (its topics fedpft/<run>/device/<id>/...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Broker folder: mosquitto.passwd, mosquitto.acl, mosquitto.conf, passwords (0600)."),
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="Also let the device follow this fleet's rollouts (`fedpft-edge fleet`; its topics fedpft/fleet/<fleet>/device/<id>/...)."),
 ) -> None:
     """Create or replace a device's broker credentials and ACL (own topics only), and the cloud's user."""
     from .provision import CLOUD_USER, ProvisionError, provision as run_provision
 
     try:
-        res = run_provision(out, device, run)
+        res = run_provision(out, device, run, fleet)
     except (ProvisionError, OSError) as exc:
         fail(str(exc))
-    typer.echo(f"device {device} (run {run}): password in {res.password_file}; cloud user {CLOUD_USER}: "
+    typer.echo(f"device {device} (run {run}{f', fleet {fleet}' if fleet else ''}): password in {res.password_file}; cloud user {CLOUD_USER}: "
                f"{res.cloud_password_file}; broker files in {out} (reload Mosquitto to apply)")
 
 

@@ -191,6 +191,11 @@ def fleet_devices_pattern(fleet: str, kind: str) -> str:
     return f"{_fleet(fleet)}/device/+/{kind}"
 
 
+def fleet_pattern(fleet: str) -> str:
+    """Everything of one fleet (the cloud's ACL grant)."""
+    return f"{_fleet(fleet)}/#"
+
+
 def fleet_device_acl(fleet: str, device_id: str) -> dict[str, list[str]]:
     """Least-privilege fleet ACL for one device: read rollouts and its re-sends, write only its own."""
     dev = _fleet_device(fleet, device_id)

@@ -27,6 +27,9 @@ pytestmark = [pytest.mark.security, pytest.mark.skipif(shutil.which("mosquitto",
 RUN = "acl"
 
 
+FLEET = "lab"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,7 +89,7 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> 
 def broker(tmp_path_factory):
     root = tmp_path_factory.mktemp("broker")
     creds = root / "creds"
-    dev1, dev2 = provision(creds, "dev1", RUN), provision(creds, "dev2", RUN)
+    dev1, dev2 = provision(creds, "dev1", RUN, fleet=FLEET), provision(creds, "dev2", RUN)
     ca, ca_cert, ca_key = make_ca(root, "test-ca")
     wrong_ca, _, _ = make_ca(root, "other-ca")
     crt, key = make_server_cert(root, ca_cert, ca_key)
@@ -187,6 +190,32 @@ def test_device_reads_the_runs_broadcasts(clients):
     q = inbox(dev1, topics.round_topic(RUN))
     cloud.publish(topics.round_topic(RUN), b"task")
     assert received_until(q, topics.round_topic(RUN)) == [topics.round_topic(RUN)]
+
+
+def test_fleet_device_follows_rollouts_and_writes_only_its_own_fleet_topics(broker):
+    """dev1 was provisioned into the fleet, dev2 was not."""
+    cloud, dev1, dev2 = connect(broker, CLOUD_USER), connect(broker, "dev1"), connect(broker, "dev2")
+    try:
+        rollout = topics.rollout_topic(FLEET)
+        got1, got2 = inbox(dev1, rollout), queue.Queue()
+        try:
+            dev2.subscribe(rollout, lambda topic, payload: got2.put(topic))
+        except TransportError:
+            pass
+        cloud.publish(rollout, b"rollout")
+        assert received_until(got1, rollout) == [rollout]
+        statuses = inbox(cloud, topics.fleet_devices_pattern(FLEET, topics.STATUS))
+        for dev, t in (("dev2", dev2), ("dev1", dev1)):  # dev2's first: refused, so it never arrives
+            try:
+                t.publish(topics.fleet_device_topic(FLEET, dev, topics.STATUS), b"status")
+            except TransportError:
+                pass
+        own = topics.fleet_device_topic(FLEET, "dev1", topics.STATUS)
+        assert received_until(statuses, own) == [own]
+        assert got2.empty()
+    finally:
+        for t in (dev2, dev1, cloud):
+            t.close()
 
 
 def test_wrong_password_is_refused_in_one_line(broker):

@@ -76,3 +76,22 @@ def test_cli_keygen_and_provision(tmp_path):
     assert (tmp_path / "broker" / "devices" / "dev9.password").is_file()
     res = runner.invoke(app, ["provision", "--device", "bad id", "--out", str(tmp_path / "broker")])
     assert res.exit_code == 2 and "invalid device id" in res.output
+
+
+def test_fleet_grants_follow_the_registry_and_old_registries_still_load(tmp_path):
+    text = acl_text({"r1": ["dev1", "dev2"]}, fleets={"lab": ["dev1"]})
+    blocks = {b.splitlines()[0]: b.splitlines()[1:] for b in text.split("\n\n")[1:]}
+    assert f"topic read {topics.rollout_topic('lab')}" in blocks["user dev1"]
+    assert f"topic write {topics.fleet_device_topic('lab', 'dev1', topics.STATUS)}" in blocks["user dev1"]
+    assert not [l for l in blocks["user dev2"] if "/fleet/" in l]
+    assert f"topic readwrite {topics.fleet_pattern('lab')}" in text.split("\n\n")[0]
+    # a registry written before fleets existed (run -> devices only) is read as it was
+    (tmp_path / "registry.json").write_text('{"r1": ["old"]}')
+    provision(tmp_path, "dev9", "r1", fleet="lab")
+    provision(tmp_path, "dev9", "r1", fleet="lab")  # idempotent
+    acl = (tmp_path / ACL).read_text()
+    assert "user old\n" in acl and acl.count(f"topic read {topics.rollout_topic('lab')}") == 1
+    with pytest.raises(ProvisionError, match="reserved"):
+        provision(tmp_path, "dev9", "fleet")  # the registry's fleet key can never be a run
+    with pytest.raises(ProvisionError, match="invalid fleet name"):
+        provision(tmp_path, "dev9", "r1", fleet="a/b")
