@@ -152,6 +152,7 @@ def serve(
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Labelled data (JSONL/CSV text or image folder) to evaluate the FM on each round."),
     eval_max_samples: Optional[int] = typer.Option(None, "--eval-max-samples", help="Evaluate on at most this many samples."),
     max_update_norm: Optional[float] = typer.Option(None, "--max-update-norm", help="Clip each device's adapter delta to this L2 norm."),
+    max_devices: int = typer.Option(100_000, "--max-devices", help="Devices the cloud keeps track of; when full, the offline device seen longest ago makes room and, with all online, new hellos are refused."),
     seed: int = typer.Option(0, "--seed", help="Seed for device sampling and local shuffles."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out at its next round."),
     ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate for TLS to the broker."),
@@ -174,7 +175,7 @@ def serve(
         fraction=fraction, min_clients=min_clients, round_timeout=round_timeout, wait_for_clients=wait_for_clients,
         local_epochs=local_epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, align_every=align_every,
         align_fraction=align_fraction, align_steps=align_steps, public_data=public_data, eval_data=eval_data,
-        eval_max_samples=eval_max_samples, max_update_norm=max_update_norm, seed=seed, resume=resume,
+        eval_max_samples=eval_max_samples, max_update_norm=max_update_norm, max_devices=max_devices, seed=seed, resume=resume,
         ca=ca, cert=cert, key=key, username=username, password=password, signing_key=signing_key,
     )
     from fedpft.shared.signing import SignatureError

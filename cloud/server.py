@@ -204,18 +204,37 @@ class Federation:
             return
         msg = ev[1]
         if isinstance(msg, Hello):
-            info = self.devices.setdefault(msg.device_id, DeviceInfo())
+            info = self._register(msg.device_id)
             info.online, info.num_samples, info.last_seen, info.bundle_version = True, msg.num_samples, time.time(), msg.bundle_version
             log.debug("device %s online (%d samples)", msg.device_id, msg.num_samples)
         elif isinstance(msg, Presence):
-            info = self.devices.setdefault(msg.device_id, DeviceInfo())
-            info.online, info.last_seen = msg.status == "online", time.time()
-            if not info.online:
-                log.info("device %s went offline%s", msg.device_id, f" ({msg.reason})" if msg.reason else "")
+            # only a Hello introduces a device; a presence of an unknown one tells nothing
+            info = self.devices.get(msg.device_id)
+            if info is not None:
+                info.online, info.last_seen = msg.status == "online", time.time()
+                if not info.online:
+                    log.info("device %s went offline%s", msg.device_id, f" ({msg.reason})" if msg.reason else "")
         elif isinstance(msg, Update):
             self._on_update(msg)
         elif isinstance(msg, Ack):
-            self.devices.setdefault(msg.device_id, DeviceInfo()).last_seen = time.time()
+            if msg.device_id in self.devices:
+                self.devices[msg.device_id].last_seen = time.time()
+
+    def _register(self, device_id: str) -> DeviceInfo:
+        """The device's entry, made on its first Hello. The registry is bounded (hellos from
+        arbitrary ids must not grow the cloud's memory): when full, the offline device seen
+        longest ago makes room; with every device online, the newcomer is refused."""
+        info = self.devices.get(device_id)
+        if info is not None:
+            return info
+        if len(self.devices) >= self.cfg.max_devices:
+            offline = [d for d, i in self.devices.items() if not i.online and (self.tracker is None or d not in self.tracker.selected)]
+            if not offline:
+                raise ProtocolError(f"device registry full ({self.cfg.max_devices} online devices, --max-devices); "
+                                    f"hello from {device_id} ignored")
+            del self.devices[min(offline, key=lambda d: self.devices[d].last_seen)]
+        info = self.devices[device_id] = DeviceInfo()
+        return info
 
     def _on_chunk(self, device: str, chunk: Chunk, nbytes: int) -> None:
         key = (device, chunk.blob_id)

@@ -88,6 +88,7 @@ class ServeConfig(BaseModel):
     chunk_size: int = Field(default=1 << 20, ge=1024)
     max_update_bytes: int = Field(default=256 << 20, ge=1024)
     max_update_norm: float | None = Field(default=None, gt=0)
+    max_devices: int = Field(default=100_000, ge=1, description="devices the cloud keeps track of; offline ones make room")
     seed: int = 0
     resume: bool = False
     # broker TLS and credentials (fedpft-cloud provision writes the cloud's password file)

@@ -426,3 +426,29 @@ def test_hostile_update_blobs_are_accepted_or_refused_with_a_reason(fuzz_fed, lo
     assert not [r for r in log_counter.records[before:] if r.levelno >= logging.ERROR]
     verdicts = [m for m in said if f"update from {device} " in m or m.startswith(f"rejected update from {device} ")]
     assert len(verdicts) == 1, said
+
+
+def test_hellos_from_arbitrary_ids_cannot_grow_the_device_registry(tiny_bert_bundle, tmp_path, caplog):
+    hub = InMemoryHub()
+    cloud = hub.transport("cloud")
+    cloud.connect()
+    fed = Federation(ServeConfig(bundle=tiny_bert_bundle, out=tmp_path / "run", run_id=RUN, max_devices=3), cloud, show_progress=False)
+
+    def say(msg) -> None:
+        kind = {Hello: topics.HELLO, Presence: topics.PRESENCE, Ack: topics.ACK}[type(msg)]
+        fed._on_json(topics.device_topic(RUN, msg.device_id, kind), encode(msg))
+        drain(fed)
+
+    base = dict(run_id=RUN, round_id=0, sent_at=1.0)
+    for d in ("a", "b", "c"):
+        say(Hello(**base, sender=d, device_id=d, num_samples=1))
+    say(Presence(**base, sender="b", device_id="b", status="offline"))
+    say(Presence(**base, sender="ghost", device_id="ghost", status="online"))  # no hello: not registered
+    say(Ack(**base, sender="ghost2", device_id="ghost2", acked="task"))
+    assert sorted(fed.devices) == ["a", "b", "c"]
+    say(Hello(**base, sender="d", device_id="d", num_samples=1))  # b, offline, makes room
+    assert sorted(fed.devices) == ["a", "c", "d"]
+    with caplog.at_level(logging.WARNING, logger="fedpft"):
+        say(Hello(**base, sender="e", device_id="e", num_samples=1))  # all online: refused, in one line
+    assert sorted(fed.devices) == ["a", "c", "d"]
+    assert any("device registry full" in r.getMessage() and "e" in r.getMessage() for r in caplog.records)
