@@ -106,11 +106,15 @@ def acl_text(registry: dict[str, list[str]], cloud_user: str = CLOUD_USER, fleet
 
 
 def broker_conf(folder: Path, port: int = 8883, cafile: Path | None = None, certfile: Path | None = None,
-                keyfile: Path | None = None, bind: str | None = None) -> str:
+                keyfile: Path | None = None, bind: str | None = None, max_queued: int = 20000) -> str:
     """A Mosquitto 2 configuration using the folder's password file and ACL (TLS if certificates given)."""
     folder = Path(folder).resolve()
     lines = ["per_listener_settings false", "allow_anonymous false",
-             f"password_file {folder / PASSWD}", f"acl_file {folder / ACL}", f"listener {port}{f' {bind}' if bind else ''}"]
+             f"password_file {folder / PASSWD}", f"acl_file {folder / ACL}",
+             # the cloud's one session takes a burst of ~2 messages per device at each round start
+             # (task ack + blob request); Mosquitto's default of 1000 drops QoS 1 messages beyond
+             # ~500 devices (BENCHMARKS.md, scale)
+             f"max_queued_messages {max_queued}", f"listener {port}{f' {bind}' if bind else ''}"]
     if certfile is not None:
         lines += [f"cafile {cafile}", f"certfile {certfile}", f"keyfile {keyfile}"]
     return "\n".join(lines) + "\n"
