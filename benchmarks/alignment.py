@@ -1,0 +1,204 @@
+"""Does neuron-level alignment make proxy-trained adapters transfer better to the FM?
+
+A paired, controlled test on a finished `simulate --method fedpft` run (e.g. the accuracy
+benchmark's). Starting point: the run's aggregated adapters after round R and the activation
+statistics its devices reported that round — exactly what the cloud's alignment saw. For each
+variant of the proxy (as prepared; the run's own alignment; re-aligned here with other settings),
+the same adapters are trained further on that proxy for --steps steps, on the same pooled training
+batches in the same order with the same dropout seed, then plugged into the FM and evaluated on the
+whole test split. The variants differ only in the proxy's FFN weights, so what differs in the
+FM's accuracy is the alignment's doing (plus the noise of one training order: --orders repeats
+the whole comparison with other orders). `fm` trains the adapters on the FM itself: the bound.
+
+    python benchmarks/alignment.py --run runs/bench-accuracy/fedpft
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import command_line, machine, write_section
+
+VARIANTS = ["prepared", "run", "align300", "alignall300", "fm"]
+LABEL = {
+    "prepared": "proxy as prepared (layer-level distillation only)",
+    "run": "the run's own alignment (50% most-used neurons frozen, run's steps)",
+    "align300": "re-aligned: 50% frozen, 300 steps",
+    "alignall300": "re-aligned: nothing frozen, 300 steps",
+    "fm": "adapters trained on the FM itself (bound)",
+}
+
+
+def load_run(run: Path, round_id: int | None):
+    """(metrics rows, aligned round, its alignment index, adapters, summed statistics)."""
+    from safetensors.numpy import load_file
+
+    from fedpft.cloud.aggregate import sum_stats
+    from fedpft.shared.update import STATS_PREFIX
+
+    fed = run / "federation"
+    rows = [json.loads(l) for l in (fed / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    aligned = [r["round"] for r in rows if r.get("aligned")]
+    if not aligned:
+        raise SystemExit(f"{run}: no alignment happened in this run; give a fedpft run with --align-every")
+    r = aligned[0] if round_id is None else round_id
+    if r not in aligned:
+        raise SystemExit(f"{run}: round {r} was not an alignment round (those were {aligned})")
+    adapters = load_file(str(fed / "checkpoints" / f"adapters_round_{r:04d}.safetensors"))
+    per_device = []
+    for f in sorted((fed / "updates" / f"round_{r:04d}").glob("*.safetensors")):
+        t = load_file(str(f))
+        layers = {int(k.split(".")[2]) for k in t if k.startswith(STATS_PREFIX)}
+        per_device.append({l: (t[f"{STATS_PREFIX}layer.{l}.off_counts"].astype(np.float64),
+                               float(t[f"{STATS_PREFIX}layer.{l}.positions"][0])) for l in layers})
+    return rows, r, aligned.index(r) + 1, adapters, sum_stats([s for s in per_device if s])
+
+
+def encoded(path: Path, bundle: Path, manifest, batch_size: int, order_seed: int | None = None):
+    """Batches (inputs, labels) as the devices build them; shuffled when order_seed is given."""
+    from fedpft.edge.data import BatchMaker, batches, read_local_data
+
+    data = read_local_data(path, manifest)
+    records = data.records
+    if order_seed is not None:
+        records = [records[i] for i in np.random.default_rng(order_seed).permutation(len(records))]
+    return [(b.inputs, b.labels) for b in batches(records, BatchMaker(bundle, manifest), batch_size, data.skips)]
+
+
+def as_torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+def train_adapters(model, train: list, steps: int, lr: float, seed: int) -> list[float]:
+    """AdamW on the model's trainable parameters (LoRA + head), HF-style eps as ORT's on devices."""
+    torch.manual_seed(seed)  # dropout masks: the same for every variant
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, eps=1e-6, weight_decay=0.0)
+    model.train()
+    losses = []
+    for i in range(steps):
+        inputs, labels = train[i % len(train)]
+        logits = model(**as_torch(inputs)).logits
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels).long())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="a finished `simulate --method fedpft` run folder")
+    ap.add_argument("--round", type=int, default=None, help="alignment round to start from (default: the run's first)")
+    ap.add_argument("--steps", type=int, default=150, help="adapter training steps after the alignment")
+    ap.add_argument("--lr", type=float, default=None, help="adapter learning rate (default: the run's)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--orders", type=int, default=1, help="repeat with this many training orders")
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from fedpft.cloud.alignment import align, ffn_state
+    from fedpft.cloud.bundle_model import load_proxy, set_ffn_state
+    from fedpft.cloud.distill import evaluate_layer_loss
+    from fedpft.cloud.evaluate import PluggedFM, evaluate_model
+    from fedpft.cloud.models import encoder_layers, resolve_model_id
+    from fedpft.cloud.public_data import batch_stream, list_public_samples, make_encoder
+    from fedpft.export.adapters import adapter_state, load_adapter_state
+    from fedpft.shared.manifest import verify_bundle
+
+    run, bundle = args.run, args.run / "bundle"
+    manifest = verify_bundle(bundle)
+    pc = json.loads((bundle / "prepare_config.json").read_text())
+    sc = json.loads((run / "federation" / "serve_config.json").read_text())
+    lr = args.lr or sc["lr"]
+    rows, r, k, adapters, stats = load_run(run, args.round)
+    fm = PluggedFM(resolve_model_id(pc["model"]), manifest.labels, pc["lora_rank"], pc["lora_alpha"], pc["seed"])
+    test = encoded(run / "data" / "test.jsonl", bundle, manifest, 64)
+    small = encoded(run / "eval.jsonl", bundle, manifest, 64)  # the run's own evaluation samples
+    pooled = run / "pooled_train.jsonl"
+    pooled.write_text("".join(p.read_text() for p in sorted((run / "clients").glob("*/train.jsonl"))))
+    public_file = run / "data" / "public.txt" if (run / "data" / "public.txt").is_file() else Path(sc["public_data"])
+    public = list_public_samples(public_file, "text")
+    enc = make_encoder("text", manifest.input, bundle)
+    held = [as_torch(enc(public[i: i + 16])) for i in range(len(public) - 128, len(public), 16)]  # as serve keeps out
+    align_pool = public[: len(public) - 128]
+
+    fm.plug(adapters)
+    start_acc = fm.evaluate(test)[0]
+    print(f"round {r + 1} adapters on the FM: {100 * start_acc:.1f}% ({len(rows)} rounds in the run)", flush=True)
+
+    aligned_ffn: dict[str, dict] = {}  # variant -> FFN tensors, so each alignment runs once for all orders
+
+    def proxy_variant(v: str):
+        proxy, spec = load_proxy(bundle, with_adapters=True)
+        load_adapter_state(proxy, as_torch(adapters), spec.layer_map)
+        if v in aligned_ffn:
+            set_ffn_state(proxy, aligned_ffn[v])
+        elif v == "run":
+            from safetensors.torch import load_file
+
+            set_ffn_state(proxy, load_file(str(run / "federation" / "checkpoints" / f"ffn_align_{k:03d}.safetensors")))
+        elif v.startswith("align"):
+            fm.plug(adapters)
+            stream = batch_stream(align_pool, enc, 16, 7919 * sc["seed"] + r)
+            align(fm.model, proxy, spec, adapters, stats, stream, 0.0 if v == "alignall300" else 0.5, 300, sc["align_lr"])
+            aligned_ffn[v] = {n: torch.from_numpy(t) for n, t in ffn_state(proxy, spec).items()}
+        gap = evaluate_layer_loss(fm.model, proxy, spec, held) if spec.compressed else 0.0
+        return proxy, spec, gap
+
+    results = []
+    for v in args.variants:
+        for order in range(args.orders):
+            t0 = time.time()
+            train = encoded(pooled, bundle, manifest, args.batch_size, order_seed=1000 + order)
+            if v == "fm":
+                fm.plug(adapters)
+                model, spec, gap = fm.model, None, 0.0
+            else:
+                fm.plug(adapters)
+                model, spec, gap = proxy_variant(v)
+            losses = train_adapters(model, train, args.steps, lr, seed=order)
+            layer_map = spec.layer_map if spec else list(range(len(encoder_layers(model))))
+            trained = {kk: vv.numpy() for kk, vv in adapter_state(model, layer_map).items()}
+            own = evaluate_model(model, small)[0]
+            fm.plug(trained)
+            acc = fm.evaluate(test)[0]
+            results.append({"variant": v, "order": order, "gap": gap, "fm": acc, "own": own, "loss": float(np.mean(losses[-20:])),
+                            "seconds": time.time() - t0})
+            print(f"{v} order {order}: layer gap {gap:.4f}, FM {100 * acc:.1f}%, own {100 * own:.1f}%, "
+                  f"final loss {results[-1]['loss']:.3f} ({results[-1]['seconds']:.0f}s)", flush=True)
+
+    lines = [
+        "## Alignment, isolated: does an aligned proxy train adapters that transfer better to the FM?",
+        "",
+        f"Command: `{command_line()}` — {machine()}. Start: the run's aggregated adapters after round {r + 1} (of {len(rows)}) "
+        f"and the activation statistics its {len(list((run / 'federation' / 'updates' / f'round_{r:04d}').glob('*.safetensors')))} "
+        f"devices reported that round; FM with these adapters: {100 * start_acc:.1f}%. Each variant then trains the same "
+        f"adapters {args.steps} steps (batch {args.batch_size}, AdamW lr {lr}) on the pooled client data in the same order "
+        f"with the same dropout seed; FM accuracy on all {sum(len(b[1]) for b in test)} test samples. Layer gap = relative "
+        "MSE of the compressed layers' outputs, proxy vs FM with the starting adapters, on 8 held-out public batches.",
+        "",
+        f"| proxy the adapters were trained on | layer gap | FM accuracy after training | that model's own accuracy ({sum(len(b[1]) for b in small)} of the test samples) |",
+        "|---|---|---|---|",
+    ]
+    for v in args.variants:
+        rs = [x for x in results if x["variant"] == v]
+        fm_accs = ", ".join(f"{100 * x['fm']:.1f}" for x in rs)
+        own = ", ".join(f"{100 * x['own']:.1f}" for x in rs)
+        lines.append(f"| {LABEL[v]} | {rs[0]['gap']:.4f} | {fm_accs}% | {own}% |")
+    write_section("alignment", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
