@@ -181,7 +181,7 @@ def main() -> None:
     lines = [
         "## Alignment, isolated: does an aligned proxy train adapters that transfer better to the FM?",
         "",
-        f"Command: `{command_line()}` — {machine()}. Start: the run's aggregated adapters after round {r + 1} (of {len(rows)}) "
+        f"Command: `{command_line()}` — {machine()}. Start: the run's aggregated adapters after round {r + 1} "
         f"and the activation statistics its {len(list((run / 'federation' / 'updates' / f'round_{r:04d}').glob('*.safetensors')))} "
         f"devices reported that round; FM with these adapters: {100 * start_acc:.1f}%. Each variant then trains the same "
         f"adapters {args.steps} steps (batch {args.batch_size}, AdamW lr {lr}) on the pooled client data in the same order "

@@ -208,8 +208,9 @@ class Federation:
             info.online, info.num_samples, info.last_seen, info.bundle_version = True, msg.num_samples, time.time(), msg.bundle_version
             log.debug("device %s online (%d samples)", msg.device_id, msg.num_samples)
         elif isinstance(msg, Presence):
-            # only a Hello introduces a device; a presence of an unknown one tells nothing
-            info = self.devices.get(msg.device_id)
+            # a retained "online" introduces a device to a cloud that started after its Hello;
+            # "offline" from a device never seen tells nothing
+            info = self._register(msg.device_id) if msg.status == "online" else self.devices.get(msg.device_id)
             if info is not None:
                 info.online, info.last_seen = msg.status == "online", time.time()
                 if not info.online:
@@ -221,7 +222,7 @@ class Federation:
                 self.devices[msg.device_id].last_seen = time.time()
 
     def _register(self, device_id: str) -> DeviceInfo:
-        """The device's entry, made on its first Hello. The registry is bounded (hellos from
+        """The device's entry, made on its first Hello (or retained online presence). The registry is bounded (hellos from
         arbitrary ids must not grow the cloud's memory): when full, the offline device seen
         longest ago makes room; with every device online, the newcomer is refused."""
         info = self.devices.get(device_id)

@@ -443,12 +443,13 @@ def test_hellos_from_arbitrary_ids_cannot_grow_the_device_registry(tiny_bert_bun
     for d in ("a", "b", "c"):
         say(Hello(**base, sender=d, device_id=d, num_samples=1))
     say(Presence(**base, sender="b", device_id="b", status="offline"))
-    say(Presence(**base, sender="ghost", device_id="ghost", status="online"))  # no hello: not registered
+    say(Presence(**base, sender="ghost", device_id="ghost", status="offline"))  # never seen: not registered
     say(Ack(**base, sender="ghost2", device_id="ghost2", acked="task"))
     assert sorted(fed.devices) == ["a", "b", "c"]
     say(Hello(**base, sender="d", device_id="d", num_samples=1))  # b, offline, makes room
     assert sorted(fed.devices) == ["a", "c", "d"]
     with caplog.at_level(logging.WARNING, logger="fedpft"):
         say(Hello(**base, sender="e", device_id="e", num_samples=1))  # all online: refused, in one line
+        say(Presence(**base, sender="f", device_id="f", status="online"))  # a retained presence too
     assert sorted(fed.devices) == ["a", "c", "d"]
     assert any("device registry full" in r.getMessage() and "e" in r.getMessage() for r in caplog.records)
