@@ -112,7 +112,7 @@ def main() -> None:
     from fedpft.cloud.distill import evaluate_layer_loss
     from fedpft.cloud.evaluate import PluggedFM, evaluate_model
     from fedpft.cloud.models import encoder_layers, resolve_model_id
-    from fedpft.cloud.public_data import batch_stream, list_public_samples, make_encoder
+    from fedpft.cloud.public_data import batch_stream, hold_out, list_public_samples, make_encoder
     from fedpft.export.adapters import adapter_state, load_adapter_state
     from fedpft.shared.manifest import verify_bundle
 
@@ -128,10 +128,9 @@ def main() -> None:
     pooled = run / "pooled_train.jsonl"
     pooled.write_text("".join(p.read_text() for p in sorted((run / "clients").glob("*/train.jsonl"))))
     public_file = run / "data" / "public.txt" if (run / "data" / "public.txt").is_file() else Path(sc["public_data"])
-    public = list_public_samples(public_file, "text")
     enc = make_encoder("text", manifest.input, bundle)
-    held = [as_torch(enc(public[i: i + 16])) for i in range(len(public) - 128, len(public), 16)]  # as serve keeps out
-    align_pool = public[: len(public) - 128]
+    align_pool, held_chunks = hold_out(list_public_samples(public_file, "text"), pc.get("batch_size", 16))  # as serve does
+    held = [as_torch(enc(c)) for c in held_chunks]
 
     fm.plug(adapters)
     start_acc = fm.evaluate(test)[0]

@@ -37,6 +37,17 @@ def list_public_samples(path: Path, kind: str) -> list:
     return samples
 
 
+HELD_OUT_BATCHES = 8  # public batches kept out of alignment to measure the proxy-vs-FM gap on
+
+
+def hold_out(samples: list, batch_size: int, n_batches: int = HELD_OUT_BATCHES) -> tuple[list, list[list]]:
+    """(samples to align on, fixed held-out chunks of batch_size): the last samples are held out,
+    at most a quarter of them."""
+    n = min(n_batches * batch_size, len(samples) // 4)
+    cut = len(samples) - n
+    return samples[:cut], [samples[i : i + batch_size] for i in range(cut, len(samples), batch_size)]
+
+
 def batch_stream(samples: list, encode, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches (reshuffled each pass); `encode(list) -> dict of numpy arrays`."""
     rng = random.Random(seed)

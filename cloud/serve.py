@@ -55,13 +55,11 @@ class Cloud:
         return self.fm.evaluate(self.eval_batches())
 
     # -- alignment
-    HELD_OUT_BATCHES = 8  # public batches kept out of alignment to measure the proxy-vs-FM gap on
-
     def align(self, adapters, stats, current_ffn: dict[str, np.ndarray] | None, round_id: int) -> tuple[dict[str, np.ndarray], dict]:
         """(re-aligned FFN tensors under proxy state-dict keys, facts for the round's record)."""
         from .alignment import align
         from .evaluate import evaluate_model
-        from .public_data import batch_stream, list_public_samples, make_encoder
+        from .public_data import batch_stream, hold_out, list_public_samples, make_encoder
 
         if self._proxy is None:
             from .bundle_model import load_proxy
@@ -72,12 +70,10 @@ class Cloud:
             if public is None:
                 raise ValueError("alignment needs public data: pass --public-data")
             kind = self.manifest.input.kind
-            samples, encoder = list_public_samples(Path(public), kind), make_encoder(kind, self.manifest.input, self.cfg.bundle)
-            bs = self.pc.get("batch_size", 16)
-            n_held = min(self.HELD_OUT_BATCHES * bs, len(samples) // 4)
-            held = [samples[i : i + bs] for i in range(len(samples) - n_held, len(samples), bs)]
+            encoder = make_encoder(kind, self.manifest.input, self.cfg.bundle)
+            samples, held = hold_out(list_public_samples(Path(public), kind), self.pc.get("batch_size", 16))
             self._held = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in encoder(c).items()} for c in held]
-            self._public = (samples[: len(samples) - n_held], encoder)
+            self._public = (samples, encoder)
         proxy, spec = self._proxy
         samples, encoder = self._public
         # a stream seeded by the round, so a resumed run aligns on exactly the same batches
