@@ -310,6 +310,7 @@ def simulate(
     max_samples: Optional[int] = typer.Option(900, "--max-samples", help="Training samples used across all clients."),
     eval_samples: Optional[int] = typer.Option(300, "--eval-samples", help="Test samples the FM is evaluated on each round."),
     distill_steps: int = typer.Option(60, "--distill-steps", help="Layer-level distillation steps when preparing the proxy."),
+    ffn_keep: float = typer.Option(0.25, "--ffn-keep", help="Share of FFN neurons the proxy keeps in compressed layers (fedpft-family and fedot budgets follow it)."),
     align_every: Optional[int] = typer.Option(None, "--align-every", help="Alignment period for fedpft (default: halfway through the run)."),
     align_steps: int = typer.Option(30, "--align-steps", help="Distillation steps per alignment."),
     local_epochs: int = typer.Option(2, "--local-epochs", help="Local epochs per round."),
@@ -335,7 +336,7 @@ def simulate(
         SimulateConfig, out=out, model=model, data=data, clients=clients, rounds=rounds, partition=partition, method=method,
         max_samples=max_samples, eval_samples=eval_samples, distill_steps=distill_steps, align_every=align_every,
         align_steps=align_steps, local_epochs=local_epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
-        max_length=max_length, seed=seed, broker=broker,
+        max_length=max_length, seed=seed, broker=broker, ffn_keep=ffn_keep,
     )
     try:
         run = run_simulate(cfg, show_progress=not quiet)

@@ -112,7 +112,7 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
     if not (bundle / "manifest.json").is_file():
         prep = PrepareConfig(
             model=cfg.model, out=bundle, labels=labels, public_data=public if public.is_file() else None,
-            proxy=PROXY_FOR[cfg.method], distill_steps=0 if cfg.method == "noalign" else cfg.distill_steps,
+            proxy=PROXY_FOR[cfg.method], distill_steps=0 if cfg.method == "noalign" else cfg.distill_steps, ffn_keep=cfg.ffn_keep,
             max_length=cfg.max_length, seed=cfg.seed,
         )
         res = prepare(prep, show_progress=show_progress)

@@ -214,6 +214,7 @@ class SimulateConfig(BaseModel):
     max_samples: int | None = Field(default=900, ge=1, description="training samples used across all clients")
     eval_samples: int | None = Field(default=300, ge=1)
     distill_steps: int = Field(default=60, ge=0)
+    ffn_keep: float = Field(default=0.25, gt=0, le=1, description="share of FFN neurons the proxy keeps in compressed layers")
     align_every: int | None = Field(default=None, ge=0, description="None = halfway through the run for fedpft")
     align_steps: int = Field(default=30, ge=0)
     align_fraction: float = Field(default=0.5, ge=0, le=1)
