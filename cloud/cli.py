@@ -100,7 +100,9 @@ def prepare(
         )
     except ValidationError as exc:
         err = exc.errors()[0]
-        fail(f"{'.'.join(str(x) for x in err['loc']) or 'options'}: {err['msg'].removeprefix('Value error, ')}")
+        msg = err["msg"].removeprefix("Value error, ")
+        # name the option as the user typed it; model-level checks already name theirs
+        fail(f"--{str(err['loc'][0]).replace('_', '-')}: {msg}" if err["loc"] else msg)
     from .models import ModelError
     from .prepare import PrepareError, prepare as run_prepare
     from .proxy import ProxyError
@@ -126,7 +128,9 @@ def _validated(model_cls, **kwargs):
         return model_cls(**kwargs)
     except ValidationError as exc:
         err = exc.errors()[0]
-        fail(f"{'.'.join(str(x) for x in err['loc']) or 'options'}: {err['msg'].removeprefix('Value error, ')}")
+        msg = err["msg"].removeprefix("Value error, ")
+        # name the option as the user typed it; model-level checks already name theirs
+        fail(f"--{str(err['loc'][0]).replace('_', '-')}: {msg}" if err["loc"] else msg)
 
 
 @app.command()

@@ -116,4 +116,6 @@ def test_simulate_rejects_bad_partition_and_method(tmp_path):
     assert res.exit_code == 2 and "--partition" in res.output
     res = runner.invoke(app, ["simulate", "--out", str(tmp_path / "s"), "--method", "magic"])
     assert res.exit_code == 2 and "method" in res.output
+    res = runner.invoke(app, ["simulate", "--out", str(tmp_path / "s"), "--ffn-keep", "0"])
+    assert res.exit_code == 2 and "--ffn-keep" in res.output
     assert not (tmp_path / "s").exists()
