@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--orders", type=int, default=1, help="repeat with this many training orders")
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--section", default="alignment", help="BENCHMARKS.md section to write (one per proxy size)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -178,9 +179,10 @@ def main() -> None:
                   f"final loss {results[-1]['loss']:.3f} ({results[-1]['seconds']:.0f}s)", flush=True)
 
     lines = [
-        "## Alignment, isolated: does an aligned proxy train adapters that transfer better to the FM?",
+        f"## Alignment, isolated ({pc['ffn_keep']:.0%}-FFN proxy): does an aligned proxy train adapters that transfer better to the FM?",
         "",
-        f"Command: `{command_line()}` — {machine()}. Start: the run's aggregated adapters after round {r + 1} "
+        f"Command: `{command_line()}` — {machine()}. Proxy: {pc['ffn_keep']:.0%} of the FFN neurons kept in compressed "
+        f"layers. Start: the run's aggregated adapters after round {r + 1} "
         f"and the activation statistics its {len(list((run / 'federation' / 'updates' / f'round_{r:04d}').glob('*.safetensors')))} "
         f"devices reported that round; FM with these adapters: {100 * start_acc:.1f}%. Each variant then trains the same "
         f"adapters {args.steps} steps (batch {args.batch_size}, AdamW lr {lr}) on the pooled client data in the same order "
@@ -195,7 +197,7 @@ def main() -> None:
         fm_accs = ", ".join(f"{100 * x['fm']:.1f}" for x in rs)
         own = ", ".join(f"{100 * x['own']:.1f}" for x in rs)
         lines.append(f"| {LABEL[v]} | {rs[0]['gap']:.4f} | {fm_accs}% | {own}% |")
-    write_section("alignment", "\n".join(lines))
+    write_section(args.section, "\n".join(lines))
     print("\n".join(lines))
 
 
