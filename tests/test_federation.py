@@ -83,13 +83,16 @@ def final_adapters(run: Path) -> dict[str, np.ndarray]:
     return decode_tensors((run / state["adapters"]).read_bytes())[0]
 
 
-def check_run(run: Path, clients: int) -> list[dict]:
+def check_run(run: Path, clients: int, resumed_round: int | None = None) -> list[dict]:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows:
         assert r["clients"] == clients
         assert 0.0 <= r["fm_accuracy"] <= 1.0 and r["fm_loss"] > 0
-        assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+        assert r["bytes_up"] > 0
+        # devices that fetched the round's blobs from the killed cloud keep them: the resumed
+        # round may send nothing down (its blob ids are the same)
+        assert r["bytes_down"] > 0 or r["round"] == resumed_round
     assert [r["aligned"] for r in rows] == [False, True, False]
     # the alignment says what it did to the proxy-vs-FM gap, measured on held-out public batches
     info = rows[1]["alignment"]
@@ -143,7 +146,7 @@ def test_mosquitto_run_and_resume_after_kill_matches_uninterrupted(fed, tmp_path
     resumed = subprocess.run(serve_cmd(fed, MOSQUITTO, run_b, out_b, 3, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert finish(agents) == [0, 0, 0]
-    check_run(out_b, 3)
+    check_run(out_b, 3, resumed_round=1)
     a, b = final_adapters(tmp_path / "a"), final_adapters(out_b)
     assert a.keys() == b.keys()
     for k in a:
