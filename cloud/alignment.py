@@ -8,7 +8,7 @@ The result is the compressed layers' FFN tensors, shipped to devices under their
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +34,8 @@ class AlignmentResult:
     # what alignment exists to reduce (NaN when no held-out batches were given)
     gap_before: float = float("nan")
     gap_after: float = float("nan")
+    score_before: float | None = None  # `score(proxy)` before and after, when given (e.g. test accuracy)
+    score_after: float | None = None
 
     def summary(self) -> dict:
         """JSON-ready facts for the round's metrics record."""
@@ -42,6 +44,7 @@ class AlignmentResult:
             "mean_apoz": {str(k): round(v, 4) for k, v in self.mean_apoz.items()},
             "steps": len(self.distill.losses), "loss_first": self.distill.first, "loss_last": self.distill.last,
             "gap_before": self.gap_before, "gap_after": self.gap_after,
+            "proxy_accuracy_before": self.score_before, "proxy_accuracy_after": self.score_after,
         }
 
 
@@ -82,17 +85,19 @@ def align(
     steps: int,
     lr: float,
     held_out: list[dict[str, torch.Tensor]] | None = None,
+    score: Callable[[torch.nn.Module], float | None] | None = None,
 ) -> AlignmentResult:
     """fm and proxy are PEFT-wrapped with the same LoRA config; both get `adapters` first.
-    held_out: fixed public batches on which the proxy-vs-FM layer loss is measured before and after."""
+    held_out: fixed public batches on which the proxy-vs-FM layer loss is measured before and after.
+    score: a measure of the proxy itself (with the adapters), taken before and after."""
     as_torch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapters.items()}
     load_adapter_state(fm, as_torch)
     load_adapter_state(proxy, as_torch, spec.layer_map)
     masks = frozen_masks(stats, spec, fraction)
     gap = (lambda: evaluate_layer_loss(fm, proxy, spec, held_out)) if held_out else (lambda: float("nan"))
-    before = gap()
+    before, score_before = gap(), score(proxy) if score else None
     result = distill(fm, proxy, spec, public, steps, lr=lr, frozen=masks)
-    after = gap()
+    after, score_after = gap(), score(proxy) if score else None
     mean = {spec.layer_map[p]: float(apoz(*stats[spec.layer_map[p]]).mean()) for p in masks}
     log.info(
         "alignment: froze %s neurons, distilled %d steps (loss %.4f -> %.4f; held-out %.4f -> %.4f), mean APoZ %s",
@@ -100,4 +105,4 @@ def align(
         before, after, {k: round(v, 3) for k, v in mean.items()},
     )
     frozen = {spec.layer_map[p]: int(m.sum()) for p, m in masks.items()}
-    return AlignmentResult(ffn_state(proxy, spec), frozen, result, mean, before, after)
+    return AlignmentResult(ffn_state(proxy, spec), frozen, result, mean, before, after, score_before, score_after)

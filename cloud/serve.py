@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedpft.export.adapters import load_adapter_state
 from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 
@@ -85,15 +84,10 @@ class Cloud:
             set_ffn_state(proxy, {k: torch.from_numpy(v) for k, v in current_ffn.items()})
         # the proxy's own accuracy with the aggregated adapters, before and after: does alignment
         # make the model the devices train on behave more like the FM they are training for?
-        def proxy_acc() -> float | None:
-            return evaluate_model(proxy, self.eval_batches())[0] if self.cfg.eval_data else None
-
-        load_adapter_state(proxy, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapters.items()}, spec.layer_map)
-        before = proxy_acc()
+        score = (lambda model: evaluate_model(model, self.eval_batches())[0]) if self.cfg.eval_data else None
         res = align(self.fm.model, proxy, spec, adapters, stats, stream, self.cfg.align_fraction, self.cfg.align_steps,
-                    self.cfg.align_lr, held_out=self._held)
-        info = res.summary() | {"proxy_accuracy_before": before, "proxy_accuracy_after": proxy_acc()}
-        return res.ffn, info  # proxy state-dict keys, as manifest.ffn names them
+                    self.cfg.align_lr, held_out=self._held, score=score)
+        return res.ffn, res.summary()  # proxy state-dict keys, as manifest.ffn names them
 
 
 def _path(p: Path | None) -> str | None:
