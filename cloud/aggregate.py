@@ -1,4 +1,6 @@
-"""Pure math of a round: FedAvg of adapters, activation statistics, neuron selection, norm bound.
+"""Pure math of a round: FedAvg of adapters, activation statistics, neuron selection, and the
+bounds that keep one device from steering the aggregate (norm bound, weight cap, median,
+trimmed mean).
 
 No I/O and no torch: numpy in, numpy out, so each piece is tested against a one-line reference.
 """
@@ -88,3 +90,88 @@ def clip_update(update: Tensors, reference: Tensors, max_norm: float) -> dict[st
         return dict(update)
     s = max_norm / norm
     return {k: (reference[k] + s * (update[k] - reference[k])).astype(update[k].dtype) for k in reference}
+
+
+# The norm bound never drops below this: when the typical change is ~0 (devices that took no step,
+# or a majority sending zeros) a bound of 3 x 0 would erase every honest update.
+MIN_NORM_BOUND = 1e-3
+AGGREGATORS = ("fedavg", "median", "trimmed-mean")
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The median, or of an even count the lower of the two middle values: with two devices, one
+    honest and one inflating its number, the honest one is the reference (a plain median would
+    take half of the inflated value)."""
+    if len(values) == 0:
+        raise ValueError("lower_median of nothing")
+    return float(np.sort(np.asarray(values, dtype=np.float64))[(len(values) - 1) // 2])
+
+
+def norm_bound(norms: Sequence[float], factor: float, ceiling: float | None = None,
+               previous: float | None = None, floor: float = MIN_NORM_BOUND) -> tuple[float | None, float | None]:
+    """(bound on a device's change, typical change) for one round.
+
+    typical = lower median of this round's change norms and the previous round's typical norm
+    (so a round of one or two devices still has a reference); bound = clamp(factor * typical,
+    floor, ceiling). factor 0 turns the adaptive part off (only `ceiling` bounds); (None, typical)
+    when nothing bounds.
+    """
+    samples = [*norms, *([previous] if previous is not None else [])]
+    typical = lower_median(samples) if samples else None
+    bound = None
+    if factor > 0 and typical is not None:
+        bound = max(factor * typical, floor)
+    if ceiling is not None:
+        bound = ceiling if bound is None else min(bound, ceiling)
+    return bound, typical
+
+
+def cap_weights(weights: Sequence[float], factor: float) -> list[float]:
+    """FedAvg weights, each at most `factor` x the lower median of the round's weights (0 = no
+    cap): a device claiming 10^12 samples counts like a large honest one, not like the fleet."""
+    if factor <= 0 or not weights:
+        return [float(w) for w in weights]
+    cap = factor * lower_median(weights)
+    return [float(min(w, cap)) for w in weights]
+
+
+def _stack(updates: Sequence[Tensors], key: str) -> np.ndarray:
+    return np.stack([u[key].astype(np.float64) for u in updates])  # (devices, *shape)
+
+
+def coordinate_median(updates: Sequence[Tensors]) -> dict[str, np.ndarray]:
+    """Coordinate-wise median (unweighted): each value is one some device actually sent (odd count),
+    so a minority of devices cannot move it past the honest range."""
+    if not updates:
+        raise ValueError("median needs at least one update")
+    return {k: np.median(_stack(updates, k), axis=0).astype(updates[0][k].dtype) for k in updates[0]}
+
+
+def trimmed_mean(updates: Sequence[Tensors], trim: float) -> dict[str, np.ndarray]:
+    """Coordinate-wise mean after dropping the k lowest and k highest values, k = floor(trim * n)
+    (at least 1 once there are 3 updates and trim > 0), unweighted."""
+    n = len(updates)
+    if n == 0:
+        raise ValueError("trimmed mean needs at least one update")
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    k = int(trim * n)
+    if trim > 0 and n >= 3:
+        k = max(k, 1)
+    k = min(k, (n - 1) // 2)
+    out = {}
+    for key in updates[0]:
+        s = np.sort(_stack(updates, key), axis=0)
+        out[key] = s[k : n - k].mean(axis=0).astype(updates[0][key].dtype)
+    return out
+
+
+def aggregate(updates: Sequence[Tensors], weights: Sequence[float], method: str = "fedavg", trim: float = 0.2) -> dict[str, np.ndarray]:
+    """One aggregation rule by name (AGGREGATORS); median and trimmed mean ignore the weights."""
+    if method == "fedavg":
+        return fedavg(updates, weights)
+    if method == "median":
+        return coordinate_median(updates)
+    if method == "trimmed-mean":
+        return trimmed_mean(updates, trim)
+    raise ValueError(f"unknown aggregator {method!r}; choose one of {', '.join(AGGREGATORS)}")
