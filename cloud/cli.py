@@ -290,16 +290,32 @@ def provision(
     run: str = typer.Option("default", "--run", help="Run the device takes part in (its topics fedpft/<run>/device/<id>/...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Broker folder: mosquitto.passwd, mosquitto.acl, mosquitto.conf, passwords (0600)."),
     fleet: Optional[str] = typer.Option(None, "--fleet", help="Also let the device follow this fleet's rollouts (`fedpft-edge fleet`; its topics fedpft/fleet/<fleet>/device/<id>/...)."),
+    bind: Optional[str] = typer.Option(None, "--bind", help="Address of mosquitto.conf's plain (unencrypted) listener (default 127.0.0.1: this machine only); name a LAN address only on a network you trust."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port of the plain listener (default 1883)."),
+    certfile: Optional[Path] = typer.Option(None, "--certfile", help="Broker's TLS certificate (PEM): adds a TLS listener (needs --keyfile)."),
+    keyfile: Optional[Path] = typer.Option(None, "--keyfile", help="Private key of --certfile (PEM)."),
+    cafile: Optional[Path] = typer.Option(None, "--cafile", help="CA certificate(s) for the TLS listener (PEM), as Mosquitto's `cafile`."),
+    tls_bind: Optional[str] = typer.Option(None, "--tls-bind", help="Address of the TLS listener (default 0.0.0.0: every IPv4 interface)."),
+    tls_port: Optional[int] = typer.Option(None, "--tls-port", help="Port of the TLS listener (default 8883)."),
 ) -> None:
-    """Create or replace a device's broker credentials and ACL (own topics only), and the cloud's user."""
-    from .provision import CLOUD_USER, ProvisionError, provision as run_provision
+    """Create or replace a device's broker credentials and ACL (own topics only), and the cloud's user.
 
+    mosquitto.conf is (re)written when any listener option is given, or when it is missing or predates `use_username_as_clientid`; otherwise it is left as it is. It always has `allow_anonymous false`, `use_username_as_clientid true` (a device's credentials cannot take another device's client id) and a plain listener on --bind:--port; a TLS listener on --tls-bind:--tls-port only with --certfile and --keyfile.
+    """
+    from .provision import CLOUD_USER, ProvisionError, listeners, provision as run_provision
+
+    opts = {"bind": bind, "port": port, "tls_bind": tls_bind, "tls_port": tls_port, "cafile": cafile, "certfile": certfile, "keyfile": keyfile}
+    given = {k: v for k, v in opts.items() if v is not None}
     try:
-        res = run_provision(out, device, run, fleet)
+        res = run_provision(out, device, run, fleet, listeners(**given) if given else None)
     except (ProvisionError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"device {device} (run {run}{f', fleet {fleet}' if fleet else ''}): password in {res.password_file}; cloud user {CLOUD_USER}: "
                f"{res.cloud_password_file}; broker files in {out} (reload Mosquitto to apply)")
+    if res.conf is not None:
+        tls = res.conf.tls
+        typer.echo(f"mosquitto.conf: plain listener {res.conf.bind}:{res.conf.port}"
+                   + (f", TLS listener {tls.bind}:{tls.port}" if tls else ", no TLS listener (give --certfile and --keyfile for one)"))
 
 
 @app.command()
