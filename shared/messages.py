@@ -7,8 +7,10 @@ round id, sender and send time, so a receiver can route, deduplicate and reject 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import secrets
 import time
 from typing import Annotated, Any, Literal, Union
 
@@ -23,6 +25,9 @@ MAX_MESSAGE_BYTES = 256 * 1024
 # Ids become MQTT topic levels and folder names: no '/', '+', '#', '$', spaces, nor '.'/'..'.
 SAFE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CLOUD_SENDER = "cloud"
+# A Task's device list stays well under MAX_MESSAGE_BYTES (66 bytes a 64-char id): a flood of
+# registered ids cannot make the Task itself unreadable.
+MAX_TASK_DEVICES = 2000
 
 
 class ProtocolError(ValueError):
@@ -117,7 +122,9 @@ class Task(_Message):
     """One round's work for the selected devices; everything needed is named by blob reference."""
 
     type: Literal["task"] = "task"
-    devices: list[SafeId] = Field(min_length=1)
+    devices: list[SafeId] = Field(min_length=1, max_length=MAX_TASK_DEVICES)
+    # Fresh for every Task (a retried round gets a new one): an Update names the task it answers.
+    task_id: SafeId = Field(default_factory=lambda: secrets.token_hex(8))
     bundle: BlobRef
     bundle_version: str = Field(min_length=1, max_length=128)
     adapters: BlobRef  # global adapters + head, safetensors
@@ -142,6 +149,17 @@ class Task(_Message):
         return v
 
 
+UpdateId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+
+
+def make_update_id(run_id: str, round_id: int, device_id: str, task_id: str, blob_sha256: str | None) -> str:
+    """The id of one submission: (run, round, device, task) and the blob's sha256 ("error" for a
+    failure report). Not a secret — the update blob's own metadata carries the same binding, so a
+    blob replayed under another round's message is recognised (fedpft.shared.update.check_binding)."""
+    text = f"{run_id}\n{round_id}\n{device_id}\n{task_id}\n{blob_sha256 or 'error'}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
 class Update(_FromDevice):
     """A device's round result: either a blob of safetensors update, or an error — never silence."""
 
@@ -153,11 +171,19 @@ class Update(_FromDevice):
     acc_after: float | None = Field(default=None, ge=0, le=1)
     blob: BlobRef | None = None
     error: Reason | None = None
+    task_id: SafeId | None = None  # the Task this answers; the cloud refuses an update without it
+    update_id: UpdateId | None = None  # make_update_id(run, round, device, task, blob sha256)
 
     @model_validator(mode="after")
     def _content_or_error(self) -> "Update":
         if (self.blob is None) == (self.error is None):
             raise ValueError("an update carries exactly one of blob or error")
+        if self.update_id is not None:
+            if self.task_id is None:
+                raise ValueError("an update_id needs the task_id it is bound to")
+            want = make_update_id(self.run_id, self.round_id, self.device_id, self.task_id, self.blob.sha256 if self.blob else None)
+            if self.update_id != want:
+                raise ValueError("update_id is not bound to this run, round, device, task and blob")
         return self
 
     @property
@@ -173,6 +199,8 @@ class Ack(_Message):
     acked: Literal["task", "update", "hello"]
     ok: bool = True
     reason: Reason | None = None
+    # For acked="update": the Update.update_id this receipt is about; a device acts only on its own.
+    update_id: UpdateId | None = None
 
 
 class BlobRequest(_Message):

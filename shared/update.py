@@ -4,7 +4,10 @@
   manifest's `trainable` keys, shapes and dtypes;
 - per compressed FM layer L, activation statistics summed over the round:
   `__stats__.layer.L.off_counts` float32 (neurons,) and `__stats__.layer.L.positions` float32 (1,);
-- string metadata: num_samples, steps, mean_loss, acc_before, acc_after (informational).
+- string metadata: num_samples, steps, mean_loss, acc_before, acc_after (informational), and the
+  binding `run_id`, `round_id`, `device_id`, `task_id`: which Task this blob answers. The device
+  stamps it when it submits (`bind_update`); the cloud refuses a blob whose binding is not the
+  round's task (`check_binding`), so an update replayed under another round's message never counts.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from .codec import decode_tensors, encode_tensors
 from .messages import ProtocolError
 
 STATS_PREFIX = "__stats__."
@@ -71,3 +75,26 @@ def split_update(
             raise ProtocolError(f"layer {layer}: statistics out of range (counts must lie in [0, positions])")
         stats[layer] = (off.astype(np.float64), posv)
     return adapters, stats
+
+
+BINDING_KEYS = ("run_id", "round_id", "device_id", "task_id")
+
+
+def binding(run_id: str, round_id: int, device_id: str, task_id: str) -> dict[str, str]:
+    return dict(zip(BINDING_KEYS, (run_id, str(round_id), device_id, task_id)))
+
+
+def bind_update(data: bytes, run_id: str, round_id: int, device_id: str, task_id: str) -> bytes:
+    """The same update, its metadata stamped with the task it answers (re-stamped when a stored
+    update is sent again for a retried task)."""
+    tensors, meta = decode_tensors(data)
+    return encode_tensors(tensors, {**meta, **binding(run_id, round_id, device_id, task_id)})
+
+
+def check_binding(meta: Mapping[str, str], run_id: str, round_id: int, device_id: str, task_id: str) -> None:
+    """ProtocolError unless the blob's metadata binds it to exactly this (run, round, device, task)."""
+    want = binding(run_id, round_id, device_id, task_id)
+    got = {k: meta.get(k) for k in BINDING_KEYS}
+    if got != want:
+        diff = ", ".join(f"{k} {got[k]!r}" for k in BINDING_KEYS if got[k] != want[k])
+        raise ProtocolError(f"update blob is bound to {diff}, not to this round's task (a replay?)")
