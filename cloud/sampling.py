@@ -13,11 +13,15 @@ def round_rng(seed: int, round_id: int, attempt: int = 0) -> random.Random:
     return random.Random(f"{seed}:{round_id}:{attempt}")
 
 
-def sample_devices(online: list[str], rng: random.Random, k: int | None = None, fraction: float | None = None) -> list[str]:
-    """Sample k (or ceil(fraction * online)) devices, sorted, from the online ones (all if fewer)."""
+def sample_devices(online: list[str], rng: random.Random, k: int | None = None, fraction: float | None = None,
+                   limit: int | None = None) -> list[str]:
+    """Sample k (or ceil(fraction * online)) devices, sorted, from the online ones (all if fewer),
+    never more than `limit` (a flood of registered ids cannot make a round unbounded)."""
     pool = sorted(set(online))
     if k is None:
         k = len(pool) if fraction is None else max(1, math.ceil(fraction * len(pool)))
+    if limit is not None:
+        k = min(k, limit)
     if k >= len(pool):
         return pool
     return sorted(rng.sample(pool, k))
@@ -37,27 +41,54 @@ class RoundTracker:
     selected: list[str]
     deadline: float
     min_clients: int
+    ack_deadline: float | None = None  # selected devices that have not acked the task by then are given up on
     accepted: dict[str, object] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # devices that reported a failure
+    # devices not waited for any more (last will arrived, no task ack): their update still counts if it comes
+    given_up: dict[str, str] = field(default_factory=dict)
+    acked: set[str] = field(default_factory=set)
 
     def answered(self) -> set[str]:
+        """Devices whose answer is final: an accepted update or a reported failure."""
         return set(self.accepted) | set(self.failed)
 
     def accept(self, device: str, update: object) -> bool:
         """Record an update; False if the device was not selected or already answered (idempotent)."""
         if device not in self.selected or device in self.answered():
             return False
+        self.given_up.pop(device, None)
         self.accepted[device] = update
         return True
 
     def fail(self, device: str, reason: str) -> bool:
         if device not in self.selected or device in self.answered():
             return False
+        self.given_up.pop(device, None)
         self.failed[device] = reason
         return True
 
+    def give_up(self, device: str, reason: str) -> bool:
+        """Stop waiting for a device (False if it answered already or was never selected)."""
+        if device not in self.selected or device in self.answered() or device in self.given_up:
+            return False
+        self.given_up[device] = reason
+        return True
+
+    def ack(self, device: str) -> None:
+        if device in self.selected:
+            self.acked.add(device)
+
+    def expire_acks(self, now: float) -> list[str]:
+        """Give up on the selected devices that have not acked the task by the ack deadline."""
+        if self.ack_deadline is None or now < self.ack_deadline:
+            return []
+        silent = [d for d in self.selected if d not in self.acked and d not in self.answered() and d not in self.given_up]
+        for d in silent:
+            self.given_up[d] = "no task ack before the ack deadline"
+        return silent
+
     def status(self, now: float) -> RoundStatus:
-        if self.answered() >= set(self.selected):
+        if self.answered() | set(self.given_up) >= set(self.selected):
             return RoundStatus.COMPLETE if len(self.accepted) >= self.min_clients else RoundStatus.FAILED
         if now < self.deadline:
             return RoundStatus.WAITING

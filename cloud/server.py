@@ -27,6 +27,7 @@ from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.messages import (
     CLOUD_SENDER,
+    MAX_TASK_DEVICES,
     Ack,
     BlobRef,
     BlobRequest,
@@ -41,9 +42,9 @@ from fedpft.shared.messages import (
 )
 from fedpft.shared.signing import key_id, load_private_key, sign
 from fedpft.shared.transport import Transport
-from fedpft.shared.update import split_update
+from fedpft.shared.update import check_binding, split_update
 
-from .aggregate import clip_update, fedavg, sum_stats
+from .aggregate import aggregate, cap_weights, clip_update, norm_bound, sum_stats, update_norm
 from .sampling import RoundStatus, RoundTracker, round_rng, sample_devices
 from .state import RunState, RunStore
 
@@ -53,12 +54,17 @@ log = logging.getLogger("fedpft.serve")
 _KIND_TYPES = {topics.HELLO: Hello, topics.PRESENCE: Presence, topics.UPDATE: Update, topics.ACK: Ack, topics.BLOBREQ: BlobRequest}
 
 
+# Unfinished uploads one device may have at once: its update and one retry under a new blob id.
+MAX_UPLOADS_PER_DEVICE = 2
+
+
 @dataclass
 class DeviceInfo:
     online: bool = True
     num_samples: int = 0
     last_seen: float = field(default_factory=time.time)
     bundle_version: str | None = None
+    hello: bool = False  # only a Hello that passed the run's checks makes a device eligible for rounds
 
 
 @dataclass
@@ -67,6 +73,17 @@ class Accepted:
     stats: dict[int, tuple[np.ndarray, float]]
     num_samples: int
     mean_loss: float | None
+    declared: int | None = None  # num_samples of the device's Hello: its update cannot weigh more
+    update_id: str | None = None
+
+
+@dataclass
+class Upload:
+    """One device's blob arriving in chunks; `reserved` bytes count against the upload buffer."""
+
+    asm: Reassembler
+    reserved: int
+    last: float = field(default_factory=time.time)
 
 
 class BlobServer:
@@ -107,7 +124,10 @@ class Federation:
         self.events: queue.Queue = queue.Queue()
         self.devices: dict[str, DeviceInfo] = {}
         self.blobs = BlobServer(transport, cfg.run_id, cfg.chunk_size)
-        self.uploads: dict[tuple[str, str], Reassembler] = {}
+        self.uploads: dict[tuple[str, str], Upload] = {}
+        self.upload_bytes = 0  # reserved by unfinished uploads, at most cfg.max_upload_buffer
+        self._next_expiry = 0.0
+        self.task: Task | None = None
         self.waiting: dict[tuple[str, str], Update] = {}  # update messages whose blob is still arriving
         self.bytes_up = 0
         self.evaluator = evaluator  # callable(adapters) -> (accuracy, loss) | None
@@ -184,6 +204,7 @@ class Federation:
             remaining = end - time.time()
             if remaining <= 0:
                 return
+            self._housekeeping()
             try:
                 ev = self.events.get(timeout=min(remaining, 0.2))
             except queue.Empty:
@@ -204,22 +225,30 @@ class Federation:
             return
         msg = ev[1]
         if isinstance(msg, Hello):
+            if msg.num_samples < 1:
+                raise ProtocolError(f"hello from {msg.device_id} declares no training samples; not eligible for rounds")
             info = self._register(msg.device_id)
             info.online, info.num_samples, info.last_seen, info.bundle_version = True, msg.num_samples, time.time(), msg.bundle_version
+            info.hello = True
             log.debug("device %s online (%d samples)", msg.device_id, msg.num_samples)
         elif isinstance(msg, Presence):
-            # a retained "online" introduces a device to a cloud that started after its Hello;
-            # "offline" from a device never seen tells nothing
+            # a retained "online" tells a cloud that started late about a device (its next Hello
+            # heartbeat makes it eligible); "offline" from a device never seen tells nothing
             info = self._register(msg.device_id) if msg.status == "online" else self.devices.get(msg.device_id)
             if info is not None:
                 info.online, info.last_seen = msg.status == "online", time.time()
                 if not info.online:
                     log.info("device %s went offline%s", msg.device_id, f" ({msg.reason})" if msg.reason else "")
+                    reason = f"went offline ({msg.reason or 'last will'})"
+                    if self.tracker is not None and self.tracker.give_up(msg.device_id, reason):
+                        log.warning("round %d: not waiting for %s: %s", self.round_id, msg.device_id, reason)
         elif isinstance(msg, Update):
             self._on_update(msg)
         elif isinstance(msg, Ack):
             if msg.device_id in self.devices:
                 self.devices[msg.device_id].last_seen = time.time()
+            if msg.acked == "task" and self.tracker is not None and msg.round_id == self.round_id:
+                self.tracker.ack(msg.device_id)
 
     def _register(self, device_id: str) -> DeviceInfo:
         """The device's entry, made on its first Hello (or retained online presence). The registry is bounded (hellos from
@@ -239,22 +268,74 @@ class Federation:
 
     def _on_chunk(self, device: str, chunk: Chunk, nbytes: int) -> None:
         key = (device, chunk.blob_id)
-        asm = self.uploads.get(key)
-        if asm is None:
-            if len(self.uploads) > 4 * max(1, len(self.devices)) + 16:
-                raise ProtocolError(f"too many unfinished uploads; dropped chunk from {device}")
-            asm = self.uploads[key] = Reassembler(chunk.blob_id, max_bytes=self.cfg.max_update_bytes)
+        up = self.uploads.get(key)
+        if up is None:
+            up = self._start_upload(device, chunk)
+            if up is None:
+                return
         try:
-            asm.add(chunk)
-        except ProtocolError:
-            self.uploads.pop(key, None)
-            raise
-        self.bytes_up += nbytes
-        if asm.done and key in self.waiting:
+            new = up.asm.add(chunk)
+        except ProtocolError as exc:
+            self._drop(key, exc.reason)
+            raise ProtocolError(f"rejected chunk from {device}: {exc.reason}") from None
+        if new:
+            self.bytes_up += nbytes
+            up.last = time.time()
+        if up.asm.done and key in self.waiting:
             self._on_update(self.waiting.pop(key))
 
+    def _start_upload(self, device: str, chunk: Chunk) -> Upload | None:
+        """Room for a new upload, within the bounds: only a device the open round waits for, at most
+        MAX_UPLOADS_PER_DEVICE at once (the oldest gives way), at most cfg.max_upload_buffer bytes
+        reserved in total. The Update, when it came first, fixes the blob's hash and size."""
+        tr = self.tracker
+        if tr is None or device not in tr.selected or device in tr.answered():
+            if tr is not None and device in tr.answered():
+                return None  # a retry's chunks after its update counted: harmless
+            raise ProtocolError(f"upload chunk from {device} dropped: no open round waits for its update")
+        if chunk.total_size > self.cfg.max_update_bytes:
+            raise ProtocolError(f"upload from {device}: blob of {chunk.total_size} bytes exceeds the {self.cfg.max_update_bytes}-byte limit")
+        mine = sorted((k for k in self.uploads if k[0] == device), key=lambda k: self.uploads[k].last)
+        for k in mine[: max(0, len(mine) - MAX_UPLOADS_PER_DEVICE + 1)]:
+            self._drop(k, f"{device} started another upload ({chunk.blob_id})")
+        if self.upload_bytes + chunk.total_size > self.cfg.max_upload_buffer:
+            raise ProtocolError(f"upload from {device} dropped: unfinished uploads hold {self.upload_bytes} bytes, "
+                                f"the buffer is {self.cfg.max_upload_buffer} bytes")
+        key = (device, chunk.blob_id)
+        waiting = self.waiting.get(key)
+        asm = (Reassembler.for_ref(waiting.blob, max_bytes=self.cfg.max_update_bytes) if waiting is not None and waiting.blob
+               else Reassembler(chunk.blob_id, max_bytes=self.cfg.max_update_bytes))
+        self.upload_bytes += chunk.total_size
+        up = self.uploads[key] = Upload(asm, chunk.total_size)
+        return up
+
+    def _drop(self, key: tuple[str, str], why: str) -> None:
+        """Forget an unfinished upload (and the Update waiting for it), with one log line."""
+        up = self.uploads.pop(key, None)
+        msg = self.waiting.pop(key, None)
+        if up is not None:
+            self.upload_bytes -= up.reserved
+            if not up.asm.done or msg is None:
+                log.warning("dropped upload %s from %s (%d/%s chunks): %s", key[1], key[0], up.asm.received, up.asm.count or "?", why)
+
+    def _housekeeping(self) -> None:
+        """Once a second: drop uploads that stalled, stop waiting for devices that never acked the task."""
+        now = time.time()
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + 1.0
+        for key, up in list(self.uploads.items()):
+            if now - up.last > self.cfg.upload_timeout:
+                self._drop(key, f"no chunk for {self.cfg.upload_timeout:.0f}s (--upload-timeout)")
+        if self.tracker is not None:
+            silent = self.tracker.expire_acks(now)
+            if silent:
+                log.warning("round %d: not waiting for %d device(s) that did not ack the task within %.0fs: %s", self.round_id,
+                            len(silent), self.cfg.task_ack_timeout, ", ".join(silent[:10]) + (", ..." if len(silent) > 10 else ""))
+
     def _reply(self, msg: Update, ok: bool, reason: str | None) -> None:
-        ack = Ack(run_id=self.cfg.run_id, round_id=msg.round_id, sender=CLOUD_SENDER, device_id=msg.device_id, acked="update", ok=ok, reason=reason)
+        ack = Ack(run_id=self.cfg.run_id, round_id=msg.round_id, sender=CLOUD_SENDER, device_id=msg.device_id, acked="update", ok=ok,
+                  reason=reason, update_id=msg.update_id)
         self.t.publish(topics.device_topic(self.cfg.run_id, msg.device_id, topics.INBOX), encode(ack))
 
     def _reject(self, msg: Update, reason: str) -> None:
@@ -271,8 +352,16 @@ class Federation:
             return self._reject(msg, "device was not selected for this round")
         if msg.device_id in tr.answered():
             self._drop_upload(msg)
+            counted = tr.accepted.get(msg.device_id)
+            if counted is not None and getattr(counted, "update_id", None) not in (None, msg.update_id):
+                return self._reject(msg, f"another update ({counted.update_id}) from {msg.device_id} already counted for this round")
             log.info("duplicate update from %s for round %d ignored: already counted", msg.device_id, msg.round_id)
             return self._reply(msg, True, "duplicate (already counted)")  # QoS 1 redelivery: ack again, count once
+        assert self.task is not None
+        if msg.task_id != self.task.task_id or msg.update_id is None:
+            self._drop_upload(msg)
+            return self._reject(msg, f"answers task {msg.task_id}, not this round's task {self.task.task_id}" if msg.task_id
+                                else "carries no task_id/update_id binding it to this round's task")
         if msg.error is not None:
             tr.fail(msg.device_id, msg.error)
             log.warning("device %s failed round %d: %s", msg.device_id, msg.round_id, msg.error)
@@ -282,21 +371,31 @@ class Federation:
         if ref.size > self.cfg.max_update_bytes:
             return self._reject(msg, f"update of {ref.size} bytes exceeds the {self.cfg.max_update_bytes}-byte cap")
         key = (msg.device_id, ref.blob_id)
-        asm = self.uploads.get(key)
-        if asm is None or not asm.done:
+        up = self.uploads.get(key)
+        if up is not None and not up.asm.done:
+            try:  # chunks came first: what they declared must agree with the Update now, not at the end
+                up.asm.bind(ref.sha256, ref.size)
+            except ProtocolError as exc:
+                self._drop(key, exc.reason)
+                return self._reject(msg, exc.reason)
+        if up is None or not up.asm.done:
             self.waiting[key] = msg
             return
         self.uploads.pop(key)
+        self.upload_bytes -= up.reserved
         try:
-            data = asm.result()
+            data = up.asm.result()
             if data and hashlib.sha256(data).hexdigest() != ref.sha256:
                 raise ProtocolError("update blob sha256 does not match the update message")
-            tensors, _meta = decode_tensors(data, self.cfg.max_update_bytes)
+            tensors, meta = decode_tensors(data, self.cfg.max_update_bytes)
+            check_binding(meta, self.cfg.run_id, msg.round_id, msg.device_id, self.task.task_id)
             adapters, stats = split_update(tensors, self.expected, self.stat_layers)
         except ProtocolError as exc:
             return self._reject(msg, exc.reason)
         self.store.save_update(msg.round_id, msg.device_id, data)
-        tr.accept(msg.device_id, Accepted(adapters, stats, msg.num_samples, msg.mean_loss))
+        info = self.devices.get(msg.device_id)
+        declared = info.num_samples if info is not None and info.hello else None
+        tr.accept(msg.device_id, Accepted(adapters, stats, msg.num_samples, msg.mean_loss, declared, msg.update_id))
         self._reply(msg, True, None)
         log.info("round %d: update from %s (%d samples, loss %s)", msg.round_id, msg.device_id, msg.num_samples,
                  f"{msg.mean_loss:.4f}" if msg.mean_loss is not None else "-")
@@ -320,12 +419,50 @@ class Federation:
             log.info("round %d: update from %s restored from disk (accepted before a restart)", round_id, device)
 
     def _drop_upload(self, msg: Update) -> None:
-        if msg.blob is not None:
-            self.uploads.pop((msg.device_id, msg.blob.blob_id), None)
+        if msg.blob is not None and (msg.device_id, msg.blob.blob_id) in self.uploads:
+            up = self.uploads.pop((msg.device_id, msg.blob.blob_id))
+            self.upload_bytes -= up.reserved
+
+    def _close_uploads(self, round_id: int) -> None:
+        """At a round's end no upload can count any more: free them, each with a log line."""
+        for key in list(self.uploads):
+            self._drop(key, f"round {round_id} ended")
+        self.waiting.clear()
+
+    def _bounded(self, r: int, names: list[str], accepted: list[Accepted], current: dict[str, np.ndarray],
+                 history: list[dict], record: dict) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+        """The round's updates with each change clipped to the norm bound, and their capped FedAvg
+        weights; every bounded update and capped weight is logged and recorded in the round's metrics."""
+        cfg = self.cfg
+        updates = [a.adapters for a in accepted]
+        norms = [update_norm(u, current) for u in updates]
+        previous = next((h["typical_norm"] for h in reversed(history) if h.get("typical_norm") is not None), None)
+        bound, typical = norm_bound(norms, cfg.norm_bound_factor, cfg.max_update_norm, previous)
+        bounded = {}
+        if bound is not None:
+            for i, (d, n) in enumerate(zip(names, norms)):
+                if n > bound:
+                    updates[i] = clip_update(updates[i], current, bound)
+                    bounded[d] = n
+                    log.warning("round %d: bounded update from %s: its change has L2 norm %.4g > bound %.4g; scaled by %.3g",
+                                r, d, n, bound, bound / n)
+        # what a device may claim: its Hello's count and the run's maximum; then relative to the round
+        claimed = [max(a.num_samples, 1) for a in accepted]
+        limits = [min(c, a.declared or c, cfg.max_client_samples or c) for c, a in zip(claimed, accepted)]
+        weights = cap_weights(limits, cfg.weight_cap_factor)
+        capped = {d: c for d, c, w in zip(names, claimed, weights) if w < c}
+        for d, c, w, a in zip(names, claimed, weights, accepted):
+            if w < c:
+                log.warning("round %d: capped the weight of %s: claims %d samples, counted as %d (Hello: %s, --max-client-samples: %s, "
+                            "%.3g x typical)", r, d, c, w, a.declared if a.declared is not None else "-", cfg.max_client_samples or "-",
+                            cfg.weight_cap_factor)
+        record.update(typical_norm=typical, norm_bound=bound, bounded=bounded, weights=dict(zip(names, weights)), capped=capped)
+        return updates, weights
 
     # ------------------------------------------------------------------ rounds
     def online(self) -> list[str]:
-        return sorted(d for d, i in self.devices.items() if i.online)
+        """Devices eligible for a round: online, and announced by a Hello that passed the checks."""
+        return sorted(d for d, i in self.devices.items() if i.online and i.hello)
 
     def wait_for_devices(self, n: int, timeout: float) -> list[str]:
         end = time.time() + timeout
@@ -334,14 +471,11 @@ class Federation:
         return self.online()
 
     def initial_state(self) -> RunState:
-        state = self.store.load() if self.cfg.resume else None
+        # RunError (one line) for a missing, foreign or damaged state, or a folder holding another run
+        state = self.store.begin(self.cfg.run_id, self.manifest.bundle_id, self.cfg.resume)
         if state is not None:
-            if state.bundle_id != self.manifest.bundle_id:
-                raise RuntimeError(f"--resume: {self.cfg.out} belongs to bundle {state.bundle_id[:12]}, not {self.manifest.bundle_id[:12]}")
             log.info("resuming run %s at round %d", state.run_id, state.next_round)
             return state
-        if self.store.load() is not None and not self.cfg.resume:
-            raise RuntimeError(f"{self.cfg.out} already holds a run; pass --resume to continue it or choose another --out")
         init = decode_tensors((Path(self.cfg.bundle) / self.manifest.files["adapters_init"].path).read_bytes())[0]
         rel = self.store.write_tensors("checkpoints/adapters_round_init.safetensors", init)
         state = RunState(run_id=self.cfg.run_id, bundle_id=self.manifest.bundle_id, adapters=rel)
@@ -384,7 +518,7 @@ class Federation:
                 reason = f"only {len(online)} of the {cfg.min_clients} devices needed are online"
                 log.warning("round %d attempt %d: %s", r, attempt, reason)
                 continue
-            selected = sample_devices(online, round_rng(cfg.seed, r, attempt), cfg.clients_per_round, cfg.fraction)
+            selected = sample_devices(online, round_rng(cfg.seed, r, attempt), cfg.clients_per_round, cfg.fraction, MAX_TASK_DEVICES)
             deadline = time.time() + cfg.round_timeout
             task = Task(
                 run_id=cfg.run_id, round_id=r, sender=CLOUD_SENDER, devices=selected, bundle=bundle_ref,
@@ -394,13 +528,15 @@ class Federation:
             )
             if self.signing_key is not None:
                 task = sign(task, self.signing_key)
-            self.round_id, self.tracker = r, RoundTracker(selected, deadline, cfg.min_clients)
+            self.round_id, self.task = r, task
+            self.tracker = RoundTracker(selected, deadline, cfg.min_clients, ack_deadline=time.time() + cfg.task_ack_timeout)
             self._restore_accepted(r)
             self.t.publish(topics.round_topic(cfg.run_id), encode(task))
             log.info("round %d: task sent to %s", r, ", ".join(selected))
             while self.tracker.status(time.time()) is RoundStatus.WAITING:
                 self.pump(1.0)
             tracker, self.tracker = self.tracker, None
+            self._close_uploads(r)
             if tracker.status(time.time()) is not RoundStatus.FAILED:
                 break
             missing = sorted(set(tracker.selected) - tracker.answered())
@@ -410,17 +546,18 @@ class Federation:
             log.warning("round %d attempt %d below quorum: %s", r, attempt, reason)
             tracker = None
         record = {"round": r, "fm_accuracy": None, "fm_loss": None, "clients": 0, "devices": [], "aligned": False}
+        if tracker is not None and (tracker.failed or tracker.given_up):
+            record["failed"] = {**tracker.given_up, **tracker.failed}
         if tracker is None:
             record["skipped"] = reason
             log.warning("round %d skipped: %s", r, reason)
         else:
-            accepted = [tracker.accepted[d] for d in sorted(tracker.accepted)]
-            updates = [a.adapters for a in accepted]
-            if cfg.max_update_norm is not None:
-                updates = [clip_update(u, adapters, cfg.max_update_norm) for u in updates]
-            adapters = fedavg(updates, [max(a.num_samples, 1) for a in accepted])
-            record.update(clients=len(accepted), devices=sorted(tracker.accepted),
-                          train_loss=float(np.average([a.mean_loss or 0.0 for a in accepted], weights=[max(a.num_samples, 1) for a in accepted])))
+            names = sorted(tracker.accepted)
+            accepted = [tracker.accepted[d] for d in names]
+            updates, weights = self._bounded(r, names, accepted, adapters, state.history, record)
+            adapters = aggregate(updates, weights, cfg.aggregator, cfg.trim_fraction)
+            record.update(clients=len(accepted), devices=names, aggregator=cfg.aggregator,
+                          train_loss=float(np.average([a.mean_loss or 0.0 for a in accepted], weights=weights)))
             state.adapters = self.store.write_tensors(f"checkpoints/adapters_round_{r:04d}.safetensors", adapters)
             stats = [a.stats for a in accepted if a.stats]
             if align_now and stats:

@@ -33,9 +33,11 @@ from fedpft.shared.messages import (
     Update,
     decode,
     encode,
+    make_update_id,
 )
 from fedpft.shared.signing import SignatureError, load_public_key, verify
 from fedpft.shared.transport import Transport
+from fedpft.shared.update import bind_update
 
 from .blobs import STALL_SECONDS, AgentError, BlobFetcher, enqueue_chunk, take_event  # noqa: F401  (AgentError, STALL_SECONDS re-exported)
 
@@ -122,24 +124,30 @@ class EdgeAgent:
 
     def handle_task(self, task: Task) -> int:
         key = f"{task.round_id}"
+        if time.time() > task.deadline:
+            log.warning("task for round %d arrived after its deadline; skipped", task.round_id)
+            return 0
+        # the ack tells the cloud this device is alive and working on it (devices that never ack
+        # are not waited for), so it goes out before anything slow
+        self._pub(topics.ACK, Ack(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, acked="task"))
         if key in self.done and Path(self.done[key]).is_file():
             log.info("round %d already trained; re-sending the stored update", task.round_id)
             self.upload(task, Path(self.done[key]).read_bytes(), json.loads(Path(self.done[key] + ".json").read_text()))
             return 0
-        if time.time() > task.deadline:
-            log.warning("task for round %d arrived after its deadline; skipped", task.round_id)
-            return 0
-        self._pub(topics.ACK, Ack(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, acked="task"))
         try:
             self.check_signed(task, f"task for round {task.round_id}")
             bundle_dir = self.ensure_bundle(task.bundle)
             adapters = self.fetch(task.adapters)
             ffn = self.fetch(task.ffn) if task.ffn is not None else None
             update, fields = self.trainer(bundle_dir, task, adapters, ffn)
-        except (AgentError, BundleError, ProtocolError, SignatureError, ValueError, OSError) as exc:
-            reason = str(getattr(exc, "reason", exc)).splitlines()[0]
-            log.error("round %d failed: %s", task.round_id, reason)
-            self._pub(topics.UPDATE, Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, error=reason))
+        except Exception as exc:  # noqa: BLE001 - any failure is this round's, reported; the device stays for the next
+            # TrainError (divergence), DataError (no usable sample), bundle/signature/fetch faults
+            # are expected and need no traceback; anything else is a bug worth one
+            expected = isinstance(exc, (AgentError, BundleError, ProtocolError, SignatureError, ValueError, OSError)) or \
+                type(exc).__name__ in ("TrainError", "DataError")
+            reason = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}".splitlines()[0][:500]
+            log.error("round %d failed: %s", task.round_id, reason, exc_info=not expected)
+            self.report_failure(task, reason)
             return 0
         path = self.cache / "updates" / f"{self.run}-round{task.round_id:04d}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,26 +158,40 @@ class EdgeAgent:
         self.upload(task, update, fields)
         return 1
 
+    def report_failure(self, task: Task, reason: str) -> None:
+        """An Update carrying the error, so the cloud counts this device out now, not at the deadline."""
+        uid = make_update_id(self.run, task.round_id, self.me, task.task_id, None)
+        self._pub(topics.UPDATE, Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, error=reason,
+                                        task_id=task.task_id, update_id=uid))
+
     def upload(self, task: Task, data: bytes, fields: dict) -> None:
         from fedpft.shared.chunks import BlobSource
 
+        # bound to the task it answers, inside the blob itself: the same bytes replayed under
+        # another round's message are refused by the cloud
+        data = bind_update(data, self.run, task.round_id, self.me, task.task_id)
         sha = hashlib.sha256(data).hexdigest()
         src = BlobSource(f"upd-{self.me}-r{task.round_id}-{sha[:10]}", data)
-        msg = Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, blob=src.ref, **fields)
+        uid = make_update_id(self.run, task.round_id, self.me, task.task_id, sha)
+        msg = Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, blob=src.ref,
+                     task_id=task.task_id, update_id=uid, **fields)
         for attempt in range(self.cfg.max_retries + 1):
+            # the Update first: the cloud then checks every chunk against its hash and size on arrival
+            self._pub(topics.UPDATE, msg)
             for payload in src.payloads():
                 self.t.publish(topics.upload_topic(self.run, self.me, src.blob_id), payload)
-            self._pub(topics.UPDATE, msg)
-            ack = self.wait_ack(task.round_id, self.cfg.ack_timeout)
+            ack = self.wait_ack(uid, self.cfg.ack_timeout)
             if ack is not None:
                 if ack.ok:
-                    log.info("round %d: update accepted%s", task.round_id, f" ({ack.reason})" if ack.reason else "")
+                    log.info("round %d: update %s accepted%s", task.round_id, uid[:12], f" ({ack.reason})" if ack.reason else "")
                 else:
-                    log.warning("round %d: update refused: %s", task.round_id, ack.reason)
+                    log.warning("round %d: update %s refused: %s", task.round_id, uid[:12], ack.reason)
                 return
-            log.warning("round %d: no receipt for the update after %.0fs (attempt %d)", task.round_id, self.cfg.ack_timeout, attempt + 1)
+            log.warning("round %d: no receipt for update %s after %.0fs (attempt %d)", task.round_id, uid[:12], self.cfg.ack_timeout, attempt + 1)
 
-    def wait_ack(self, round_id: int, timeout: float) -> Ack | None:
+    def wait_ack(self, update_id: str, timeout: float) -> Ack | None:
+        """The cloud's receipt naming this update; receipts about other submissions (a replay
+        someone sent in this device's name) are logged and ignored."""
         end = time.time() + timeout
         held = []
         try:
@@ -178,8 +200,12 @@ class EdgeAgent:
                 if ev is None:
                     continue
                 msg = ev[1] if ev[0] == "msg" else None
-                if isinstance(msg, Ack) and msg.acked == "update" and msg.round_id == round_id:
-                    return msg
+                if isinstance(msg, Ack) and msg.acked == "update":
+                    if msg.update_id == update_id:
+                        return msg
+                    log.info("ignored a receipt for update %s (not this device's current submission): %s",
+                             (msg.update_id or "-")[:12], "ok" if msg.ok else msg.reason)
+                    continue
                 if ev[0] == "msg":
                     held.append(ev)
             return None

@@ -201,6 +201,14 @@ class Reassembler:
         elif layout != self._layout:
             raise ProtocolError(f"chunk {c.blob_id}#{c.index}: layout {layout[:3]} differs from earlier chunks' {self._layout[:3]}")
 
+    def bind(self, sha256: str, size: int) -> None:
+        """Fix the expected blob hash and size after chunks arrived (their announcement came late);
+        ProtocolError now if what the chunks declared disagrees, not once the blob is complete."""
+        if self._layout is not None and (self._layout[3] != sha256 or self._layout[2] != size):
+            raise ProtocolError(f"blob {self.blob_id}: chunks declare sha256 {self._layout[3][:12]} and {self._layout[2]} bytes, "
+                                f"the update names {sha256[:12]} and {size} bytes")
+        self.sha256, self.size = sha256, size
+
     # ---- output --------------------------------------------------------------------------------
 
     def result(self) -> bytes:

@@ -87,7 +87,20 @@ class ServeConfig(BaseModel):
     eval_batch_size: int = Field(default=64, ge=1)
     chunk_size: int = Field(default=1 << 20, ge=1024)
     max_update_bytes: int = Field(default=256 << 20, ge=1024)
-    max_update_norm: float | None = Field(default=None, gt=0)
+    # Bounds on one device's influence (docs/protocol.md, "Bounded updates"): a device's change is
+    # clipped to norm_bound_factor x the round's typical change (0 = off), never above max_update_norm;
+    # its FedAvg weight is at most its Hello's num_samples, max_client_samples and
+    # weight_cap_factor x the round's typical weight (0 = off).
+    max_update_norm: float | None = Field(default=None, gt=0, description="absolute ceiling on the L2 norm of a device's change")
+    norm_bound_factor: float = Field(default=3.0, ge=0, description="clip changes above this multiple of the round's typical norm; 0 = off")
+    weight_cap_factor: float = Field(default=3.0, ge=0, description="cap FedAvg weights at this multiple of the round's typical weight; 0 = off")
+    max_client_samples: int | None = Field(default=None, ge=1, description="per-run maximum FedAvg weight (samples) of one device")
+    aggregator: Literal["fedavg", "median", "trimmed-mean"] = "fedavg"
+    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="share trimmed from each end by --aggregator trimmed-mean")
+    # Uploads and acks: what a device that stops half-way (or never starts) may cost the cloud.
+    upload_timeout: float = Field(default=120.0, gt=0, description="drop an unfinished upload after this many seconds without a chunk")
+    max_upload_buffer: int = Field(default=1 << 30, ge=1024, description="bytes all unfinished uploads together may hold")
+    task_ack_timeout: float = Field(default=30.0, gt=0, description="a selected device that has not acked the task by then is not waited for")
     max_devices: int = Field(default=100_000, ge=1, description="devices the cloud keeps track of; offline ones make room")
     seed: int = 0
     resume: bool = False

@@ -181,8 +181,9 @@ def test_late_update_is_rejected_as_stale_and_never_mixed(tiny_bert_bundle, tmp_
     from fedpft.shared.codec import decode_tensors, encode_tensors
     from fedpft.shared.config import ServeConfig
     from fedpft.shared.manifest import BundleManifest
-    from fedpft.shared.messages import Hello, Task, Update, decode, encode
+    from fedpft.shared.messages import Hello, Task, Update, decode, encode, make_update_id
     from fedpft.shared.mqtt import MqttTransport
+    from fedpft.shared.update import binding
 
     manifest = BundleManifest.load(tiny_bert_bundle)
     init = decode_tensors((tiny_bert_bundle / "adapters_init.safetensors").read_bytes())[0]
@@ -204,10 +205,12 @@ def test_late_update_is_rejected_as_stale_and_never_mixed(tiny_bert_bundle, tmp_
                 if not t.connected:
                     return  # the test is over
                 upd = {k: v + np.float32(0.01) for k, v in init.items()}
-                src = BlobSource(f"u-{name}-{task.round_id}", encode_tensors(upd, {"num_samples": "10"}))
+                bound = binding(run, task.round_id, name, task.task_id)  # the task it answers, as a real device stamps it
+                src = BlobSource(f"u-{name}-{task.round_id}", encode_tensors(upd, {"num_samples": "10", **bound}))
                 t.publish(topics.upload_topic(run, name, src.blob_id), next(src.payloads()))
                 t.publish(topics.device_topic(run, name, topics.UPDATE), encode(Update(
-                    run_id=run, round_id=task.round_id, sender=name, device_id=name, num_samples=10, steps=1, mean_loss=1.0, blob=src.ref)))
+                    run_id=run, round_id=task.round_id, sender=name, device_id=name, num_samples=10, steps=1, mean_loss=1.0, blob=src.ref,
+                    task_id=task.task_id, update_id=make_update_id(run, task.round_id, name, task.task_id, src.ref.sha256))))
 
             threading.Thread(target=answer, daemon=True).start()
 

@@ -25,9 +25,11 @@ from fedpft.shared.chunks import BlobSource, Chunk
 from fedpft.shared.codec import decode_tensors, encode_tensors
 from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest
-from fedpft.shared.messages import Ack, BlobRef, BlobRequest, Hello, Presence, ProtocolError, Task, Update, decode, encode
+from fedpft.shared.messages import (
+    Ack, BlobRef, BlobRequest, Hello, Presence, ProtocolError, Task, Update, decode, encode, make_update_id,
+)
 from fedpft.shared.transport import InMemoryHub
-from fedpft.shared.update import stat_key
+from fedpft.shared.update import bind_update, binding, stat_key
 
 pytestmark = pytest.mark.security
 
@@ -51,6 +53,7 @@ class Device:
     on_task: object = None  # callable(device, task) | None: never answers
     announce: bool = True
     sent: list = field(default_factory=list)
+    task: Task | None = None  # the last task addressed to it: updates answer it
 
     def __post_init__(self) -> None:
         self.t = self.hub.transport(self.device_id)
@@ -59,10 +62,20 @@ class Device:
         if self.announce:
             self.pub(topics.PRESENCE, Presence(run_id=RUN, sender=self.device_id, device_id=self.device_id, status="online"), retain=True)
 
+    def hello(self) -> None:
+        """What makes a device eligible for rounds (a real device repeats it as a heartbeat)."""
+        self.pub(topics.HELLO, Hello(run_id=RUN, sender=self.device_id, device_id=self.device_id, num_samples=10))
+
     def _task(self, topic: str, payload: bytes) -> None:
         task = decode(payload)
-        if isinstance(task, Task) and self.device_id in task.devices and self.on_task is not None:
-            self.on_task(self, task)
+        if isinstance(task, Task) and self.device_id in task.devices:
+            self.task = task
+            if self.on_task is not None:
+                self.on_task(self, task)
+
+    @property
+    def task_id(self) -> str:
+        return self.task.task_id if self.task is not None else "no-task"
 
     def pub(self, kind: str, msg, retain: bool = False) -> None:
         self.raw(topics.device_topic(RUN, self.device_id, kind), encode(msg), retain)
@@ -72,17 +85,25 @@ class Device:
 
     def update(self, round_id: int, data: bytes, *, ref: BlobRef | None = None, chunks: list[bytes] | None = None,
                sender: str | None = None, blob_id: str | None = None, **fields) -> None:
-        """Upload `data` in chunks and publish the Update naming it (both overridable to lie)."""
+        """Upload `data` (bound to the current task, as a real device does) in chunks and publish
+        the Update naming it (both overridable to lie)."""
+        sender = sender or self.device_id
+        if data[:8] != b"\x08" + bytes(7):  # not the deliberately broken non-safetensors blob
+            data = bind_update(data, RUN, round_id, sender, self.task_id)
         src = BlobSource(blob_id or f"upd-{self.device_id}-{round_id}-{len(self.sent)}", data, chunk_size=8192)
         for payload in chunks if chunks is not None else list(src.payloads()):
             self.raw(topics.upload_topic(RUN, self.device_id, src.blob_id), payload)
         fields.setdefault("num_samples", 10)
-        sender = sender or self.device_id
-        self.pub(topics.UPDATE, Update(run_id=RUN, round_id=round_id, sender=sender, device_id=sender, blob=ref or src.ref, **fields))
+        ref = ref or src.ref
+        uid = make_update_id(RUN, round_id, sender, self.task_id, ref.sha256)
+        self.pub(topics.UPDATE, Update(run_id=RUN, round_id=round_id, sender=sender, device_id=sender, blob=ref,
+                                       task_id=self.task_id, update_id=uid, **fields))
         self.sent.append(data)  # after publishing: the cloud has it queued
 
     def error(self, round_id: int, reason: str = "done attacking") -> None:
-        self.pub(topics.UPDATE, Update(run_id=RUN, round_id=round_id, sender=self.device_id, device_id=self.device_id, error=reason))
+        uid = make_update_id(RUN, round_id, self.device_id, self.task_id, None)
+        self.pub(topics.UPDATE, Update(run_id=RUN, round_id=round_id, sender=self.device_id, device_id=self.device_id, error=reason,
+                                       task_id=self.task_id, update_id=uid))
 
 
 def honest(seed: int):
@@ -193,7 +214,7 @@ ATTACKS = {
     # rounds and membership
     "stale_round": (lambda d, r: d.update(r + 5, _tensors(d)), f"stale: round 5 is not the current round 0"),
     "not_selected": (_stranger, "rejected update from stranger for round 0: device was not selected"),
-    "duplicate": (_duplicate, "duplicate update from good0 for round 0 ignored"),
+    "duplicate": (_duplicate, "from good0 already counted for this round"),
 }
 
 
@@ -211,12 +232,15 @@ def run_round(bundle, tmp_path, attack) -> tuple[dict, dict[str, np.ndarray], Fe
         attack(dev, task.round_id)
         dev.error(task.round_id)
 
-    Device(hub, "evil", manifest, evil)
+    devices = [*honest_devices, Device(hub, "evil", manifest, evil)]
     cfg = ServeConfig(bundle=bundle, out=tmp_path / "run", run_id=RUN, rounds=1, min_clients=2, round_timeout=20,
                       wait_for_clients=5, chunk_size=8192, max_update_bytes=CAP)
     cloud = hub.transport("cloud")
     cloud.connect()
     fed = Federation(cfg, cloud, show_progress=False)
+    fed.subscribe()
+    for d in devices:
+        d.hello()
     state = fed.run()
     hub.join()
     expected = {d.device_id: decode_tensors(d.sent[0])[0] for d in honest_devices}
@@ -339,8 +363,16 @@ def drain(fed: Federation) -> None:
         fed.pump(0.002)
 
 
+class _Task:
+    task_id = "t0"
+
+
+def _open_round(fed: Federation) -> None:
+    fed.round_id, fed.tracker, fed.task = 0, RoundTracker(["d1", "d2"], time.time() + 3600, 1), _Task()
+
+
 def _throw(fed: Federation, log: Counter, handler, topic: str, payload: bytes, bad: bool) -> None:
-    fed.round_id, fed.tracker = 0, RoundTracker(["d1", "d2"], time.time() + 3600, 1)
+    _open_round(fed)
     before = len(log.records)
     handler(topic, payload)  # must not raise
     if bad:
@@ -404,7 +436,8 @@ def hostile_update(draw, manifest):
         value = draw(st.sampled_from([0.0, 1.0, -1.0, 1e30, np.nan, np.inf, 1e6]))
         with np.errstate(all="ignore"):
             tensors[name] = np.full(shape, value).astype(dtype)
-    return draw(st.sampled_from(["d1", "d2"])), encode_tensors(tensors)
+    device = draw(st.sampled_from(["d1", "d2"]))
+    return device, encode_tensors(tensors, binding(RUN, 0, device, _Task.task_id))
 
 
 _seq = iter(range(10**9))
@@ -415,12 +448,13 @@ _seq = iter(range(10**9))
 def test_hostile_update_blobs_are_accepted_or_refused_with_a_reason(fuzz_fed, log_counter, data):
     device, blob = data.draw(hostile_update(fuzz_fed.manifest))
     src = BlobSource(f"upd-{device}-{next(_seq)}", blob, 1024)
-    fuzz_fed.round_id, fuzz_fed.tracker = 0, RoundTracker(["d1", "d2"], time.time() + 3600, 1)
+    _open_round(fuzz_fed)
     before = len(log_counter.records)
     for payload in src.payloads():
         fuzz_fed._on_upload(topics.upload_topic(RUN, device, src.blob_id), payload)
-    fuzz_fed._on_json(topics.device_topic(RUN, device, topics.UPDATE),
-                      encode(Update(run_id=RUN, round_id=0, sender=device, device_id=device, blob=src.ref, num_samples=1)))
+    uid = make_update_id(RUN, 0, device, _Task.task_id, src.ref.sha256)
+    fuzz_fed._on_json(topics.device_topic(RUN, device, topics.UPDATE), encode(Update(
+        run_id=RUN, round_id=0, sender=device, device_id=device, blob=src.ref, num_samples=1, task_id=_Task.task_id, update_id=uid)))
     drain(fuzz_fed)
     said = [r.getMessage() for r in log_counter.records[before:]]
     assert not [r for r in log_counter.records[before:] if r.levelno >= logging.ERROR]
