@@ -276,7 +276,10 @@ class Federation:
         try:
             new = up.asm.add(chunk)
         except ProtocolError as exc:
-            self._drop(key, exc.reason)
+            waiting = self.waiting.get(key)
+            self._drop(key, exc.reason, quiet=True)
+            if waiting is not None:  # its Update came first: refuse that, so the device hears why
+                return self._reject(waiting, f"rejected chunk: {exc.reason}")
             raise ProtocolError(f"rejected chunk from {device}: {exc.reason}") from None
         if new:
             self.bytes_up += nbytes
@@ -309,13 +312,13 @@ class Federation:
         up = self.uploads[key] = Upload(asm, chunk.total_size)
         return up
 
-    def _drop(self, key: tuple[str, str], why: str) -> None:
-        """Forget an unfinished upload (and the Update waiting for it), with one log line."""
+    def _drop(self, key: tuple[str, str], why: str, quiet: bool = False) -> None:
+        """Forget an unfinished upload (and the Update waiting for it), with one log line unless the caller logs."""
         up = self.uploads.pop(key, None)
         msg = self.waiting.pop(key, None)
         if up is not None:
             self.upload_bytes -= up.reserved
-            if not up.asm.done or msg is None:
+            if not quiet and (not up.asm.done or msg is None):
                 log.warning("dropped upload %s from %s (%d/%s chunks): %s", key[1], key[0], up.asm.received, up.asm.count or "?", why)
 
     def _housekeeping(self) -> None:
@@ -376,7 +379,7 @@ class Federation:
             try:  # chunks came first: what they declared must agree with the Update now, not at the end
                 up.asm.bind(ref.sha256, ref.size)
             except ProtocolError as exc:
-                self._drop(key, exc.reason)
+                self._drop(key, exc.reason, quiet=True)
                 return self._reject(msg, exc.reason)
         if up is None or not up.asm.done:
             self.waiting[key] = msg
