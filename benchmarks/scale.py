@@ -56,6 +56,7 @@ from fedpft.shared import topics  # noqa: E402
 from fedpft.shared.codec import encode_tensors  # noqa: E402
 from fedpft.shared.config import ServeConfig  # noqa: E402
 from fedpft.shared.manifest import (  # noqa: E402
+    RUNTIME_PLAIN,
     BundleManifest, InputSpec, TensorSpec, file_entry, verify_bundle,
 )
 from fedpft.shared.mqtt import MqttTransport  # noqa: E402
@@ -90,13 +91,13 @@ def synthetic_bundle(folder: Path, layers: int = 6, hidden: int = 384, rank: int
     (folder / "adapters_init.safetensors").write_bytes(encode_tensors(init))
     files = {"adapters_init": "adapters_init.safetensors"}
     for role, name, size in (("training_model", "training_model.onnx", 4096), ("eval_model", "eval_model.onnx", 4096),
-                             ("optimizer_model", "optimizer_model.onnx", 512), ("checkpoint", "checkpoint", 65536)):
+                             ("parameters", "parameters.safetensors", 65536)):
         (folder / name).write_bytes(rng.bytes(size))
         files[role] = name
     m = BundleManifest(
         bundle_id=uuid.uuid4().hex, created=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), fm_id="synthetic-minilm",
         family="bert", labels=[f"LABEL_{i}" for i in range(labels)], input=InputSpec(kind="text", names=("input_ids", "attention_mask")),
-        trainable=trainable, files={role: file_entry(folder, rel) for role, rel in files.items()},
+        trainable=trainable, files={role: file_entry(folder, rel) for role, rel in files.items()}, runtime=RUNTIME_PLAIN,
     )
     m.save(folder)
     verify_bundle(folder)

@@ -1,11 +1,11 @@
 """One local round on a device: the bundle's ORT training artifacts, the local data, an update.
 
 `train_round` is the library entry point (the CLI and the MQTT agent both call it):
-verify the bundle -> load the checkpoint (the cached one when present) -> put the cloud's
-global adapters and re-aligned FFN weights into the checkpoint state -> accuracy on a held-out
+verify the bundle -> load its parameters (with the cached adapters/FFN when present) -> put the
+cloud's global adapters and re-aligned FFN weights in -> accuracy on a held-out
 slice -> train (forward+backward, AdamW step, reset grads) summing the activation statistics
 -> accuracy again -> RoundResult (adapters under their PEFT keys + statistics + metrics).
-Torch-free: only onnxruntime's on-device API (via `runtime`), numpy, tokenizers and Pillow.
+Torch-free: plain onnxruntime (via `runtime`), numpy, tokenizers and Pillow.
 """
 
 from __future__ import annotations
@@ -15,22 +15,23 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedpft.shared.codec import check_tensors, decode_tensors
+from fedpft.shared.codec import check_tensors, decode_tensors, encode_tensors
 from fedpft.shared.edge_config import EdgeTrainConfig
-from fedpft.shared.manifest import ROLE_CHECKPOINT, ROLE_EVAL, ROLE_OPTIMIZER, ROLE_TRAINING, BundleManifest, TensorSpec, verify_bundle
+from fedpft.shared.manifest import GRAD_SUFFIX, ROLE_EVAL, ROLE_PARAMETERS, ROLE_TRAINING, BundleManifest, TensorSpec, verify_bundle
 from fedpft.shared.messages import ProtocolError
 from fedpft.shared.update import STATS_PREFIX
 
+from .optim import AdamW
 from .data import Batch, BatchMaker, DataError, Skips, batches, epoch_order, read_local_data
-from .update import RoundResult
+from .update import RoundResult, atomic_write_bytes
 
-CACHE_CHECKPOINT = "checkpoint"
+CACHE_CHECKPOINT = "checkpoint.safetensors"
 CACHE_META = "checkpoint.json"
 
 
@@ -77,34 +78,70 @@ class StepOutput:
 
 
 class EdgeSession:
-    """One bundle's ORT training state: checkpoint state, training/eval module, optimizer."""
+    """One bundle on plain onnxruntime: the parameters as OrtValues bound once to a training and
+    an eval session (IOBinding), the lowered graph's gradients fed to a numpy AdamW.
 
-    def __init__(self, bundle_dir: Path, manifest: BundleManifest, checkpoint: Path | None = None, threads: int | None = None):
-        from .runtime import CheckpointState, Module, Optimizer  # first: it keeps torch out of `import onnxruntime`
+    On CPU the OrtValues share the numpy arrays' memory, so optimizer steps and pushed FFN weights
+    reach the graphs without a copy or a rebind; on an accelerator the changed tensors are copied
+    to the device after each change.
+    """
 
-        from onnxruntime import SessionOptions
+    def __init__(
+        self, bundle_dir: Path, manifest: BundleManifest, checkpoint: Path | None = None, threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ):
+        from . import runtime
 
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         f = manifest.files
-        ckpt = checkpoint or self.bundle_dir / f[ROLE_CHECKPOINT].path
-        self.state = CheckpointState.load_checkpoint(str(ckpt))
-        opts = SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.module = Module(
-            str(self.bundle_dir / f[ROLE_TRAINING].path), self.state, str(self.bundle_dir / f[ROLE_EVAL].path),
-            session_options=opts,
-        )
-        self.optimizer = Optimizer(str(self.bundle_dir / f[ROLE_OPTIMIZER].path), self.module)
-        self._train_io = self._io()
-        self.module.eval()
-        self._eval_io = self._io()
-        self.module.train()
+        self.providers = runtime.resolve_providers(providers)
+        self.params = load_tensor_file(self.bundle_dir / f[ROLE_PARAMETERS].path)
+        _check({s.name: self.params.get(s.name) for s in [*manifest.trainable, *manifest.ffn] if s.name in self.params},
+               [TensorSpec(name=s.name, key=s.name, shape=s.shape, dtype=s.dtype) for s in [*manifest.trainable, *manifest.ffn]],
+               "bundle parameters", partial=False)
+        self.params = {n: np.ascontiguousarray(a) for n, a in self.params.items()}
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint)
+        self.device = runtime.device_of(self.providers)
+        self.values = {n: runtime.ort.OrtValue.ortvalue_from_numpy(a, *self.device) for n, a in self.params.items()}
+        self.train_session = runtime.session(str(self.bundle_dir / f[ROLE_TRAINING].path), self.providers, threads)
+        self.eval_session = runtime.session(str(self.bundle_dir / f[ROLE_EVAL].path), self.providers, threads)
+        self._train = self._bind(self.train_session)
+        self._eval = self._bind(self.eval_session)
+        self._trainable = [t.name for t in manifest.trainable]
+        self.optimizer = AdamW(manifest.optimizer, {n: self.params[n] for n in self._trainable})
 
-    def _io(self) -> tuple[list[str], dict[str, int]]:
-        outs = {n: i for i, n in enumerate(self.module.output_names())}
-        return list(self.module.input_names()), outs
+    def _bind(self, session) -> tuple:
+        """Bind every parameter input once; returns (binding, batch input names, output index)."""
+        binding = session.io_binding()
+        batch_inputs = []
+        for i in session.get_inputs():
+            if i.name in self.values:
+                binding.bind_ortvalue_input(i.name, self.values[i.name])
+            else:
+                batch_inputs.append(i.name)
+        outs = [o.name for o in session.get_outputs()]
+        return binding, batch_inputs, {n: k for k, n in enumerate(outs)}
+
+    def _run(self, io: tuple, batch: Batch) -> list[np.ndarray]:
+        binding, names, index = io
+        feed = dict(batch.inputs, labels=batch.labels)
+        for n in names:
+            binding.bind_cpu_input(n, np.ascontiguousarray(feed[n]))
+        # outputs are bound per run: a bound output keeps its first shape, and batches vary
+        binding.clear_binding_outputs()
+        for n in index:
+            binding.bind_output(n, "cpu")
+        session = self.train_session if io is self._train else self.eval_session
+        session.run_with_iobinding(binding)
+        # copies: the bound outputs are reused (overwritten) by the next run
+        return binding.copy_outputs_to_cpu()
+
+    def _changed(self, names: Iterable[str]) -> None:
+        if self.device[0] != "cpu":  # host arrays are the master copy; the device holds a mirror
+            for n in names:
+                self.values[n].update_inplace(self.params[n])
 
     # ---------------------------------------------------------------- weights in and out
     def set_adapters(self, tensors: Mapping[str, np.ndarray], what: str = "adapters") -> None:
@@ -113,7 +150,7 @@ class EdgeSession:
         self._set(self.manifest.trainable, tensors)
 
     def adapters(self) -> dict[str, np.ndarray]:
-        return {t.key: np.array(self.state.parameters[t.name].data, copy=True) for t in self.manifest.trainable}
+        return {t.key: self.params[t.name].copy() for t in self.manifest.trainable}
 
     def set_ffn(self, tensors: Mapping[str, np.ndarray], what: str = "ffn weights") -> None:
         """Re-aligned frozen FFN weights pushed by the cloud, keyed like manifest.ffn (proxy state-dict
@@ -124,18 +161,27 @@ class EdgeSession:
         self._set(self.manifest.ffn, keyed)
 
     def ffn(self) -> dict[str, np.ndarray]:
-        return {t.key: np.array(self.state.parameters[t.name].data, copy=True) for t in self.manifest.ffn}
+        return {t.key: self.params[t.name].copy() for t in self.manifest.ffn}
 
     def _set(self, specs: Iterable[TensorSpec], tensors: Mapping[str, np.ndarray]) -> None:
+        # in place: the bound OrtValues (and the optimizer) keep pointing at these arrays
+        changed = []
         for s in specs:
             if s.key in tensors:
-                self.state.parameters[s.name].data = np.ascontiguousarray(tensors[s.key])
+                self.params[s.name][...] = tensors[s.key]
+                changed.append(s.name)
+        self._changed(changed)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Overlay a cached checkpoint (adapters + FFN weights under ONNX names) on the bundle's."""
+        saved = load_tensor_file(path)
+        specs = [*self.manifest.trainable, *self.manifest.ffn]
+        _check(saved, [TensorSpec(name=s.name, key=s.name, shape=s.shape, dtype=s.dtype) for s in specs], f"cached checkpoint {path}", partial=True)
+        for s in specs:
+            if s.name in saved:
+                self.params[s.name][...] = saved[s.name]
 
     # ---------------------------------------------------------------- steps
-    def _inputs(self, names: list[str], batch: Batch) -> list[np.ndarray]:
-        feed = dict(batch.inputs, labels=batch.labels)
-        return [feed[n] for n in names]
-
     def _stats(self, outs, index: dict[str, int]) -> dict[int, tuple[np.ndarray, float]]:
         return {
             s.layer: (np.asarray(outs[index[s.off_counts]], dtype=np.float64), float(outs[index[s.positions]]))
@@ -143,25 +189,22 @@ class EdgeSession:
         }
 
     def set_learning_rate(self, lr: float) -> None:
-        self.optimizer.set_learning_rate(lr)
+        self.optimizer.lr = float(lr)
 
     def train_step(self, batch: Batch) -> StepOutput:
-        """Forward + backward, one AdamW step, then reset the gradients."""
-        names, index = self._train_io
-        outs = self.module(*self._inputs(names, batch))
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
-        return StepOutput(float(outs[0]), outs[index[self.manifest.logits_output]], self._stats(outs, index))
+        """Forward + backward (one session run, gradients as outputs), then one AdamW step."""
+        outs = self._run(self._train, batch)
+        index = self._train[2]
+        loss = float(outs[index[self.manifest.loss_output]])
+        if math.isfinite(loss):  # a NaN step must not poison the weights the caller may still save
+            self.optimizer.step({n: outs[index[n + GRAD_SUFFIX]] for n in self._trainable})
+            self._changed(self._trainable)
+        return StepOutput(loss, outs[index[self.manifest.logits_output]], self._stats(outs, index))
 
     def predict(self, batch: Batch) -> np.ndarray:
         """Logits (batch, labels) of the eval model (dropout off)."""
-        names, index = self._eval_io
-        self.module.eval()
-        try:
-            outs = self.module(*self._inputs(names, batch))
-        finally:
-            self.module.train()
-        return outs[index[self.manifest.logits_output]]
+        outs = self._run(self._eval, batch)
+        return outs[self._eval[2][self.manifest.logits_output]]
 
     def accuracy(self, stream: Iterable[Batch]) -> float | None:
         correct = total = 0
@@ -172,23 +215,20 @@ class EdgeSession:
 
     # ---------------------------------------------------------------- cache
     def save(self, cache_dir: Path) -> Path:
-        """Save the checkpoint state (adapters + frozen weights, no optimizer state) into cache_dir."""
+        """Save the adapters and FFN weights (no optimizer state) into cache_dir."""
         return save_checkpoint(self, cache_dir)
 
 
 def save_checkpoint(session: EdgeSession, cache_dir: Path) -> Path:
-    """Atomically write the session's checkpoint to `cache_dir/<bundle_id>/checkpoint`, plus a note
-    of which bundle it belongs to; returns the checkpoint path."""
-    from .runtime import CheckpointState
-
+    """Atomically write the session's adapters and FFN weights to
+    `cache_dir/<bundle_id>/checkpoint.safetensors`, plus a note of which bundle it belongs to;
+    returns the checkpoint path. Frozen weights other than the FFN never change: the bundle has them."""
     folder = Path(cache_dir) / session.manifest.bundle_id
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{CACHE_CHECKPOINT}.tmp-{os.getpid()}"
-    CheckpointState.save_checkpoint(session.state, str(tmp), include_optimizer_state=False)
-    os.replace(tmp, folder / CACHE_CHECKPOINT)
+    names = [s.name for s in [*session.manifest.trainable, *session.manifest.ffn]]
+    atomic_write_bytes(folder / CACHE_CHECKPOINT, encode_tensors({n: session.params[n] for n in names}))
     meta = {"bundle_id": session.manifest.bundle_id, "bundle_version": session.manifest.bundle_version, "saved": time.time()}
-    (folder / f".{CACHE_META}.tmp").write_text(json.dumps(meta))
-    os.replace(folder / f".{CACHE_META}.tmp", folder / CACHE_META)
+    atomic_write_bytes(folder / CACHE_META, json.dumps(meta).encode())
     return folder / CACHE_CHECKPOINT
 
 
@@ -209,10 +249,13 @@ def clear_cache(manifest: BundleManifest, cache_dir: Path) -> None:
     shutil.rmtree(Path(cache_dir) / manifest.bundle_id, ignore_errors=True)
 
 
-def open_session(bundle_dir: Path, cache_dir: Path | None = None, threads: int | None = None, manifest: BundleManifest | None = None) -> EdgeSession:
+def open_session(
+    bundle_dir: Path, cache_dir: Path | None = None, threads: int | None = None, manifest: BundleManifest | None = None,
+    providers: Sequence[str] | None = None,
+) -> EdgeSession:
     """Verify the bundle (sha256 of every file) and open it, from the cached checkpoint if any."""
     manifest = manifest or verify_bundle(bundle_dir, device_only=True)
-    return EdgeSession(bundle_dir, manifest, cached_checkpoint(manifest, cache_dir), threads)
+    return EdgeSession(bundle_dir, manifest, cached_checkpoint(manifest, cache_dir), threads, providers)
 
 
 # ---------------------------------------------------------------- the round
@@ -245,7 +288,7 @@ def train_round(
     data = read_local_data(data_path, manifest)
     train, held = data.split(cfg.holdout, cfg.holdout_seed)
     maker = BatchMaker(bundle_dir, manifest)
-    session = open_session(bundle_dir, cache_dir, cfg.threads, manifest)
+    session = open_session(bundle_dir, cache_dir, cfg.threads, manifest, cfg.providers)
     if adapters is not None:
         session.set_adapters(adapters)
     if ffn is not None:

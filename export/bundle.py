@@ -20,13 +20,14 @@ from safetensors.torch import save_file
 from fedpft.cloud.models import encoder_layers, ffn_linears, family_of, unwrap
 from fedpft.cloud.proxy import ProxySpec
 from fedpft.shared.manifest import (
-    ROLE_CHECKPOINT,
     ROLE_EVAL,
-    ROLE_OPTIMIZER,
+    ROLE_PARAMETERS,
     ROLE_TOKENIZER,
     ROLE_TRAINING,
+    RUNTIME_PLAIN,
     BundleManifest,
     InputSpec,
+    OptimizerSpec,
     StatOutput,
     TensorSpec,
     file_entry,
@@ -34,10 +35,11 @@ from fedpft.shared.manifest import (
 
 from .adapters import adapter_state, add_adapters, remap_layers, trainable_keys
 from .training import (
-    CHECKPOINT,
     EVAL_MODEL,
     LOGITS,
-    OPTIMIZER_MODEL,
+    ORT_DIR,
+    ORT_FILES,
+    PARAMETERS,
     TRAINING_MODEL,
     TrainingGraph,
     example_inputs,
@@ -171,9 +173,9 @@ def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_
     files = {
         ROLE_TRAINING: file_entry(tmp, TRAINING_MODEL),
         ROLE_EVAL: file_entry(tmp, EVAL_MODEL),
-        ROLE_OPTIMIZER: file_entry(tmp, OPTIMIZER_MODEL),
-        ROLE_CHECKPOINT: file_entry(tmp, CHECKPOINT),
+        ROLE_PARAMETERS: file_entry(tmp, PARAMETERS),
     }
+    files.update({role: file_entry(tmp, f"{ORT_DIR}/{name}") for role, name in ORT_FILES.items()})
     if spec_in.tokenizer_file:
         files[ROLE_TOKENIZER] = file_entry(tmp, spec_in.tokenizer_file)
     for role, rel in (("proxy_weights", PROXY_WEIGHTS), ("proxy_spec", PROXY_SPEC), ("fm_config", FM_CONFIG), ("adapters_init", ADAPTERS_INIT), ("prepare_config", PREPARE_CONFIG)):
@@ -189,6 +191,9 @@ def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_
         labels=list(labels),
         input=spec_in,
         logits_output=LOGITS,
+        runtime=RUNTIME_PLAIN,
+        loss_output=info.loss_output,
+        optimizer=OptimizerSpec(**info.optimizer),
         trainable=trainable,
         ffn=ffn,
         stat_outputs=[StatOutput(layer=spec.layer_map[p], neurons=spec.ffn_sizes[p], off_counts=stat_names(p)[0], positions=stat_names(p)[1]) for p in stat_layers],

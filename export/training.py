@@ -25,8 +25,12 @@ OPSET = 16
 LOGITS = "logits"
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
-OPTIMIZER_MODEL = "optimizer_model.onnx"
-CHECKPOINT = "checkpoint"
+PARAMETERS = "parameters.safetensors"
+# onnxruntime-training's own artifacts, kept in the cloud as the lowering's reference
+ORT_DIR = "ort"
+ORT_FILES = {"ort_training_model": "training_model.onnx", "ort_eval_model": "eval_model.onnx",
+             "ort_optimizer_model": "optimizer_model.onnx", "ort_checkpoint": "checkpoint"}
+LABELS_INPUT = "labels"
 
 
 def stat_names(layer: int) -> tuple[str, str]:
@@ -91,6 +95,9 @@ class ArtifactInfo:
     output_names: list[str]
     trainable: list[str]  # ONNX/checkpoint parameter names
     frozen: list[str]
+    loss_output: str
+    optimizer: dict  # OptimizerSpec fields, read from ORT's optimizer model
+    rewritten: dict[str, int]  # training-only op -> nodes lowered
 
 
 def example_inputs(kind: str, config, batch: int = 2, tokens: int = 16) -> tuple[torch.Tensor, ...]:
@@ -139,7 +146,8 @@ def _export(graph, example, buf, inputs, outputs, dyn) -> None:
 
 
 def generate_training_artifacts(graph: TrainingGraph, example: tuple[torch.Tensor, ...], out_dir: Path) -> ArtifactInfo:
-    """Write training/eval/optimizer models and the checkpoint into out_dir (which must exist)."""
+    """Write the device graphs (training graph lowered to standard ops, eval graph), the parameters
+    and, under `ort/`, onnxruntime-training's own artifacts into out_dir."""
     import onnx
     import onnxruntime
     from onnxruntime.training import artifacts
@@ -158,9 +166,52 @@ def generate_training_artifacts(graph: TrainingGraph, example: tuple[torch.Tenso
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # artifacts logs on root
+    ort_dir = out_dir / ORT_DIR
+    ort_dir.mkdir(exist_ok=True)
     with _native_stderr_captured():
-        _generate(artifacts, model, trainable, frozen, out_dir, outputs)
-    return ArtifactInfo(inputs, outputs, trainable, frozen)
+        _generate(artifacts, model, trainable, frozen, ort_dir, outputs)
+    lowered, optimizer = write_device_graphs(model, trainable, ort_dir, out_dir, inputs)
+    return ArtifactInfo(inputs, outputs, trainable, frozen, lowered.loss_output, optimizer, lowered.rewritten)
+
+
+def write_device_graphs(exported, trainable: list[str], ort_dir: Path, out_dir: Path, inputs: list[str]):
+    """ORT artifacts in ort_dir -> the plain-onnxruntime device files in out_dir: the lowered
+    training graph, the eval graph (checked against the same allow-list) and every parameter the
+    graphs take as an input, as safetensors (the ORT checkpoint format needs the training build)."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import save_file
+
+    from .lowering import check_edge_ops, lower_training_model
+
+    lowered = lower_training_model(onnx.load(str(ort_dir / ORT_FILES["ort_training_model"])), trainable)
+    onnx.save(lowered.model, str(out_dir / TRAINING_MODEL))
+    eval_model = onnx.load(str(ort_dir / ORT_FILES["ort_eval_model"]))
+    check_edge_ops(eval_model)
+    onnx.save(eval_model, str(out_dir / EVAL_MODEL))
+    values = {t.name: t for t in exported.graph.initializer}
+    user = set(inputs) | {LABELS_INPUT}
+    names = [i.name for i in lowered.model.graph.input if i.name not in user]
+    absent = [n for n in names if n not in values]
+    if absent:
+        raise RuntimeError(f"graph inputs with no exported value: {absent[:3]}")
+    save_file({n: numpy_helper.to_array(values[n]) for n in names}, str(out_dir / PARAMETERS))
+    return lowered, optimizer_spec(onnx.load(str(ort_dir / ORT_FILES["ort_optimizer_model"])))
+
+
+def optimizer_spec(optimizer_model) -> dict:
+    """The AdamWOptimizer node's attributes, as OptimizerSpec fields; anything else is refused so
+    the device never silently runs a different optimizer than the one the artifacts describe."""
+    from onnx import helper
+
+    nodes = [n for n in optimizer_model.graph.node if n.op_type == "AdamWOptimizer"]
+    if len(nodes) != 1:
+        raise RuntimeError(f"expected one AdamWOptimizer node in the optimizer model, found {len(nodes)}")
+    a = {x.name: helper.get_attribute_value(x) for x in nodes[0].attribute}
+    if int(a.get("adam_mode", 0)) != 1:
+        raise RuntimeError(f"AdamWOptimizer adam_mode {a.get('adam_mode')} is not the HF mode (1) the device implements")
+    return {"beta1": float(a.get("alpha", 0.9)), "beta2": float(a.get("beta", 0.999)), "eps": float(a.get("epsilon", 1e-8)),
+            "weight_decay": float(a.get("weight_decay", 0.0)), "bias_correction": bool(a.get("correct_bias", 1))}
 
 
 @contextmanager

@@ -22,3 +22,4 @@ class EdgeTrainConfig(BaseModel):
     eval_batch_size: int = Field(default=32, ge=1)
     report_stats: bool = Field(default=True, description="sum the per-neuron activation counts of compressed layers")
     threads: int | None = Field(default=None, ge=1, description="ORT intra-op threads; None lets ORT decide")
+    providers: tuple[str, ...] = Field(default=("cpu",), min_length=1, description="onnxruntime execution providers in order of preference (cpu, cuda, ...)")

@@ -14,17 +14,25 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA = 1
+# 2: the device graph is lowered to standard ops (plain onnxruntime), parameters in safetensors
+MANIFEST_SCHEMA = 2
+
+# What a bundle's device files need to train. Bundles made before schema 2 carry no `runtime`
+# field and needed onnxruntime-training's on-device API; devices now run plain onnxruntime.
+RUNTIME_PLAIN = "onnxruntime"
+RUNTIME_TRAINING = "onnxruntime-training"
 
 # Roles of the files every bundle holds; `files` maps role -> FileEntry.
-ROLE_TRAINING = "training_model"
+ROLE_TRAINING = "training_model"  # forward + backward, gradients as outputs (lowered to standard ops)
 ROLE_EVAL = "eval_model"
-ROLE_OPTIMIZER = "optimizer_model"
-ROLE_CHECKPOINT = "checkpoint"
+ROLE_PARAMETERS = "parameters"  # every graph parameter (trainable and frozen), safetensors
 ROLE_TOKENIZER = "tokenizer"
-REQUIRED_ROLES = (ROLE_TRAINING, ROLE_EVAL, ROLE_OPTIMIZER, ROLE_CHECKPOINT)
-# What a device receives; every other file (proxy weights, FM config, ...) stays in the cloud.
+REQUIRED_ROLES = (ROLE_TRAINING, ROLE_EVAL, ROLE_PARAMETERS)
+# What a device receives; every other file (proxy weights, FM config, the onnxruntime-training
+# artifacts kept as the lowering's reference, ...) stays in the cloud.
 DEVICE_ROLES = (*REQUIRED_ROLES, ROLE_TOKENIZER)
+# Gradient outputs of the training graph are named `<parameter name><GRAD_SUFFIX>`.
+GRAD_SUFFIX = "_grad"
 
 
 class _Frozen(BaseModel):
@@ -68,6 +76,21 @@ class StatOutput(_Frozen):
     positions: str
 
 
+class OptimizerSpec(_Frozen):
+    """The device's optimizer: ORT's AdamWOptimizer attributes, read from the artifact it replaces.
+
+    adam_mode 1 is Hugging Face's AdamW: bias correction folded into the step size,
+    denom = sqrt(v) + eps, decoupled weight decay applied after the update with the plain lr."""
+
+    name: Literal["adamw"] = "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+    bias_correction: bool = True
+    adam_mode: Literal[1] = 1
+
+
 class FileEntry(_Frozen):
     path: str
     sha256: str
@@ -88,6 +111,9 @@ class BundleManifest(BaseModel):
     input: InputSpec
     logits_output: str = "logits"
     loss: str = "cross_entropy"
+    runtime: str = RUNTIME_TRAINING  # what the device files need; absent in pre-schema-2 bundles
+    loss_output: str | None = None  # the training graph's loss output (schema 2)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     trainable: list[TensorSpec]
     # frozen FFN weights of compressed layers: what neuron-level alignment rewrites on devices
     ffn: list[TensorSpec] = Field(default_factory=list)
@@ -142,6 +168,11 @@ def verify_bundle(folder: Path, device_only: bool = False) -> BundleManifest:
     """
     folder = Path(folder)
     manifest = BundleManifest.load(folder)
+    if manifest.runtime != RUNTIME_PLAIN:
+        raise BundleError(
+            f"{folder}: bundle {manifest.bundle_id} (v{manifest.bundle_version}) was built for {manifest.runtime} by an older "
+            f"fedpft; devices now train on plain onnxruntime: run `fedpft-cloud prepare` again and roll the new bundle out"
+        )
     missing = [r for r in REQUIRED_ROLES if r not in manifest.files]
     if missing:
         raise BundleError(f"{folder}: manifest lacks required files {missing}")
