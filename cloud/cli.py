@@ -166,7 +166,8 @@ def serve(
     max_update_norm: Optional[float] = typer.Option(None, "--max-update-norm", help="Absolute ceiling on the L2 norm of a device's adapter change (on top of --norm-bound-factor)."),
     max_devices: int = typer.Option(100_000, "--max-devices", help="Devices the cloud keeps track of; when full, the offline device seen longest ago makes room and, with all online, new hellos are refused."),
     seed: int = typer.Option(0, "--seed", help="Seed for device sampling and local shuffles."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out at its next round."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out at its next round. Refused unless --out holds a committed state.json of this --run-id and --bundle whose checkpoints match their recorded sha256."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start a new run in --out although it holds an earlier run's files: they are moved into --out/replaced-<time>/ first, never overwritten. Without --resume or --fresh, a folder holding a run is refused."),
     ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate for TLS to the broker."),
     cert: Optional[Path] = typer.Option(None, "--cert", help="Client certificate for TLS."),
     key: Optional[Path] = typer.Option(None, "--key", help="Client key for TLS."),
@@ -194,6 +195,16 @@ def serve(
     )
     from fedpft.shared.signing import SignatureError
 
+    from .state import RunStore
+
+    if resume and fresh:
+        fail("--resume and --fresh exclude each other: continue the run in --out, or start a new one there")
+    try:
+        moved = RunStore(out).set_aside() if fresh else None
+    except OSError as exc:
+        fail(f"--fresh: cannot move the earlier run's files in {out} aside: {exc}")
+    if moved is not None:
+        typer.echo(f"--fresh: the earlier run's files in {out} were moved to {moved}", err=True)
     try:
         state = run_serve(cfg, show_progress=not quiet)
     except (BundleError, TransportError, RuntimeError, FileNotFoundError, SignatureError) as exc:

@@ -2,21 +2,44 @@
 
 Every write goes to a temp file that is fsynced and renamed, and state.json (the commit point)
 is written last, so a cloud killed at any instant resumes from the last complete round.
+
+Everything on disk is untrusted when it is read back. state.json records the sha256 of every file
+it stands on (checkpoints, and one index per finished round of the updates it counted), taken from
+the bytes as they were written; resume checks them all, and the tensors it loads for finite values,
+and refuses with one line (RunError) on any mismatch. An update of the round in progress carries a
+sha256 side file, written before it, so a half-written or altered one is asked for again rather
+than counted. Nothing a commit names is ever written again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from fedpft.shared.codec import decode_tensors, encode_tensors
+from fedpft.shared.codec import ProtocolError, check_finite, decode_tensors, encode_tensors
+
+log = logging.getLogger(__name__)
 
 STATE = "state.json"
 METRICS = "metrics.jsonl"
+UPDATES = "updates"
+INDEX = "index.json"  # per finished round: update file name -> sha256
+SHA_SUFFIX = ".sha256"
+# what `serve` writes into a run folder; anything else there (a simulation's bundle, shards,
+# logs) belongs to someone else and is left alone
+RUN_FILES = (STATE, METRICS, "checkpoints", UPDATES, "serve_config.json", "report.md")
+SET_ASIDE = "replaced-"
+
+
+class RunError(RuntimeError):
+    """A run folder that cannot be started or resumed as asked; the message is one line for the user."""
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -30,6 +53,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class RunState(BaseModel):
     run_id: str
     bundle_id: str
@@ -38,41 +65,205 @@ class RunState(BaseModel):
     ffn: str | None = None  # file with the current re-aligned FFN weights (ORT names), if any
     alignments: int = 0
     history: list[dict] = Field(default_factory=list)  # one metrics record per finished round
+    # relative path -> sha256 of each file this state stands on, recorded when it was written;
+    # empty only in states written before it existed
+    files: dict[str, str] = Field(default_factory=dict)
 
 
 class RunStore:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.committed: dict[str, str] = {}  # files of the last commit (never written again)
+        self.pending: dict[str, str] = {}  # files written or verified since, that the next commit names
 
     # -- tensors
     def write_tensors(self, rel: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> str:
-        atomic_write(self.folder / rel, encode_tensors(tensors, metadata or {}))
+        self._write(rel, encode_tensors(tensors, metadata or {}))
         return rel
 
     def read_tensors(self, rel: str) -> dict[str, np.ndarray]:
-        return decode_tensors((self.folder / rel).read_bytes())[0]
+        """The tensors of `rel`, checked against the sha256 recorded when they were written (when
+        one was) and for NaN/Inf; RunError names the file otherwise."""
+        path = self.folder / rel
+        data = self._read(path)
+        want = self.committed.get(rel) or self.pending.get(rel)
+        if want is not None and sha256(data) != want:
+            raise RunError(f"{path}: sha256 does not match the one recorded when it was written (the file was changed or damaged)")
+        try:
+            tensors = decode_tensors(data, max(len(data), 1))[0]
+            check_finite(tensors)
+        except ProtocolError as exc:
+            raise RunError(f"{path}: {exc.reason}") from None
+        return tensors
 
+    # -- updates
     def save_update(self, round_id: int, device: str, payload: bytes) -> Path:
         """Keep every accepted update on disk before it counts (nothing accepted is ever lost)."""
-        path = self.folder / "updates" / f"round_{round_id:04d}" / f"{device}.safetensors"
-        atomic_write(path, payload)
-        return path
+        rel = f"{UPDATES}/round_{round_id:04d}/{device}.safetensors"
+        digest = sha256(payload)
+        # the hash first: a cloud killed between the two writes leaves a hash without its update
+        # (ignored), never an update that cannot be checked
+        self._guard(rel)
+        atomic_write(self.folder / (rel + SHA_SUFFIX), (digest + "\n").encode())
+        self._write(rel, payload, digest)
+        return self.folder / rel
 
     def stored_updates(self, round_id: int) -> list[Path]:
-        folder = self.folder / "updates" / f"round_{round_id:04d}"
-        return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        """The round's stored updates whose bytes match their sha256 side file; any other is
+        logged and left out, so its device is asked again."""
+        folder = self.folder / UPDATES / f"round_{round_id:04d}"
+        good = []
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            rel = path.relative_to(self.folder).as_posix()
+            try:
+                want = (self.folder / (rel + SHA_SUFFIX)).read_text().strip()
+                ok = sha256(path.read_bytes()) == want
+            except OSError:
+                ok = False
+            if not ok:
+                log.warning("stored update %s does not match its sha256 side file; the device will be asked again", path)
+                continue
+            self.pending[rel] = want
+            good.append(path)
+        return good
 
     # -- state
-    def load(self) -> RunState | None:
-        p = self.folder / STATE
-        return RunState.model_validate_json(p.read_text()) if p.is_file() else None
+    def begin(self, run_id: str, bundle_id: str, resume: bool) -> RunState | None:
+        """The committed state to continue (`resume`), or None when a new run may start here.
+
+        A new run needs a folder without run files: it never writes over an earlier run (`--fresh`
+        moves one aside first, see `set_aside`). Resuming needs a committed state of the same run
+        id and bundle whose files all match their recorded sha256."""
+        state_path = self.folder / STATE
+        if not resume:
+            if state_path.exists():
+                raise RunError(f"{self.folder} already holds a run (state.json); pass --resume to continue it, "
+                               "--fresh to start over (its files are moved aside), or choose another --out")
+            if self.run_files():
+                raise RunError(f"{self.folder} holds files of an earlier run ({', '.join(self.run_files())}) but no "
+                               "committed state.json; pass --fresh to start over (they are moved aside) or choose another --out")
+            return None
+        if not state_path.is_file():
+            raise RunError(f"--resume: {state_path} does not exist, so there is no committed round to continue; "
+                           f"pass --fresh instead of --resume to start a new run in {self.folder}")
+        state = self.read_state()
+        if state.run_id != run_id:
+            raise RunError(f"--resume: {self.folder} holds run {state.run_id!r}, not --run-id {run_id!r}")
+        if state.bundle_id != bundle_id:
+            raise RunError(f"--resume: {self.folder} belongs to bundle {state.bundle_id[:12]}, not {bundle_id[:12]}")
+        self.verify(state)
+        return state
+
+    def read_state(self) -> RunState:
+        path = self.folder / STATE
+        data = self._read(path)
+        if not data.strip():
+            raise RunError(f"{path}: empty (cut short by a crash or a full disk?); the run cannot be resumed from it")
+        try:
+            return RunState.model_validate_json(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise RunError(f"{path}: not a valid run state ({err['msg']}{f' at {where}' if where else ''}); "
+                           "truncated or edited?") from None
+
+    def verify(self, state: RunState) -> None:
+        """Every file `state` names matches its recorded sha256, and the tensors a resumed run
+        loads are finite; RunError names the first file that does not."""
+        if not state.files:
+            log.warning("%s predates recorded sha256s: its checkpoints are only checked for readable, finite values",
+                        self.folder / STATE)
+        named = [state.adapters, *([state.ffn] if state.ffn else [])]
+        missing = [rel for rel in named if state.files and rel not in state.files]
+        if missing:
+            raise RunError(f"{self.folder / STATE}: names {missing[0]} without its sha256 (edited by hand?)")
+        for rel, want in sorted(state.files.items()):
+            if not _safe_rel(rel):
+                raise RunError(f"{self.folder / STATE}: names {rel!r}, which is not a path inside the run folder")
+            if sha256(self._read(self.folder / rel)) != want:
+                raise RunError(f"{self.folder / rel}: sha256 does not match the one state.json recorded "
+                               "(the file was changed or damaged since it was committed)")
+        self.committed = dict(state.files)
+        for rel in named:
+            self.read_tensors(rel)
 
     def commit(self, state: RunState) -> None:
+        files = dict(state.files)
+        updates: dict[str, dict[str, str]] = {}
+        for rel, digest in self.pending.items():
+            folder, _, name = rel.rpartition("/")
+            if folder.startswith(f"{UPDATES}/"):
+                updates.setdefault(folder, {})[name] = digest
+            else:
+                files[rel] = digest
+        # one index per round keeps state.json small however many devices answered
+        for folder, entries in updates.items():
+            index = f"{folder}/{INDEX}"
+            self._guard(index)
+            data = json.dumps(dict(sorted(entries.items())), indent=1).encode()
+            atomic_write(self.folder / index, data)
+            files[index] = sha256(data)
+        state.files = files
         atomic_write(self.folder / STATE, state.model_dump_json(indent=2).encode())
+        self.committed, self.pending = dict(files), {}
         self._rewrite_metrics(state.history)
 
     def _rewrite_metrics(self, history: list[dict]) -> None:
         # metrics.jsonl mirrors the committed history, so a crash never leaves a line for a
         # round that resume will run again
         atomic_write(self.folder / METRICS, "".join(json.dumps(h) + "\n" for h in history).encode())
+
+    # -- starting over
+    def run_files(self) -> list[str]:
+        return [name for name in RUN_FILES if (self.folder / name).exists()]
+
+    def set_aside(self) -> Path | None:
+        """Move an earlier run's files into `replaced-<time>/` inside the folder (for `--fresh`),
+        so starting over never destroys them; None if there were none."""
+        names = self.run_files()
+        if not names:
+            return None
+        dest = self.folder / f"{SET_ASIDE}{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = dest.with_name(f"{SET_ASIDE}{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        dest.mkdir()
+        for name in names:
+            os.replace(self.folder / name, dest / name)
+        _fsync_dir(self.folder)
+        return dest
+
+    # -- internals
+    def _guard(self, rel: str) -> None:
+        folder = rel.rpartition("/")[0]
+        if rel in self.committed or f"{folder}/{INDEX}" in self.committed:
+            raise RunError(f"{self.folder / rel} belongs to a committed round; refusing to write it again")
+
+    def _write(self, rel: str, data: bytes, digest: str | None = None) -> None:
+        self._guard(rel)
+        atomic_write(self.folder / rel, data)
+        self.pending[rel] = digest or sha256(data)
+
+    @staticmethod
+    def _read(path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise RunError(f"{path}: missing") from None
+        except OSError as exc:
+            raise RunError(f"{path}: unreadable ({exc.strerror or exc})") from None
+
+
+def _safe_rel(rel: str) -> bool:
+    p = Path(rel)
+    return bool(rel) and not p.is_absolute() and ".." not in p.parts
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

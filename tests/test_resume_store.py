@@ -1,0 +1,87 @@
+"""RunStore's guarantees, in process (pytest -m faults): what a commit names is never written
+again, stored updates are counted only when they match their sha256, and a state.json from disk is
+checked before anything it names is trusted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedpft.cloud.state import RunError, RunState, RunStore
+from fedpft.shared.codec import encode_tensors
+
+pytestmark = pytest.mark.faults
+ADAPTERS = {"a": np.ones((2, 3), np.float32)}
+
+
+def committed(folder) -> tuple[RunStore, RunState]:
+    store = RunStore(folder)
+    rel = store.write_tensors("checkpoints/adapters_round_0000.safetensors", ADAPTERS)
+    store.save_update(0, "dev1", encode_tensors(ADAPTERS))
+    state = RunState(run_id="r", bundle_id="b", adapters=rel, next_round=1)
+    store.commit(state)
+    return store, state
+
+
+def test_nothing_a_commit_names_is_written_again(tmp_path):
+    store, state = committed(tmp_path)
+    with pytest.raises(RunError, match="committed round"):
+        store.write_tensors(state.adapters, ADAPTERS)
+    with pytest.raises(RunError, match="committed round"):
+        store.save_update(0, "dev2", encode_tensors(ADAPTERS))  # a late update for a finished round
+    # a resumed store knows the same
+    again = RunStore(tmp_path)
+    assert again.begin("r", "b", resume=True).next_round == 1
+    with pytest.raises(RunError, match="committed round"):
+        again.save_update(0, "dev1", b"x")
+    store.save_update(1, "dev1", encode_tensors(ADAPTERS))  # the next round is open
+
+
+def test_a_stored_update_that_does_not_match_its_hash_is_asked_for_again(tmp_path):
+    store = RunStore(tmp_path)
+    good = store.save_update(3, "good", encode_tensors(ADAPTERS))
+    bad = store.save_update(3, "bad", encode_tensors(ADAPTERS))
+    data = bytearray(bad.read_bytes())
+    data[-1] ^= 1  # one flipped bit in a value: still a valid safetensors file
+    bad.write_bytes(bytes(data))
+    store.save_update(3, "nohash", encode_tensors(ADAPTERS)).with_name("nohash.safetensors.sha256").unlink()
+    assert RunStore(tmp_path).stored_updates(3) == [good]
+
+
+def test_a_state_from_before_hashes_still_refuses_nan_checkpoints(tmp_path):
+    store = RunStore(tmp_path)
+    rel = store.write_tensors("checkpoints/x.safetensors", {"a": np.array([1.0, np.nan], np.float32)})
+    (tmp_path / "state.json").write_text(RunState(run_id="r", bundle_id="b", adapters=rel).model_dump_json())
+    with pytest.raises(RunError, match="x.safetensors: tensor 'a' holds NaN or Inf"):
+        RunStore(tmp_path).begin("r", "b", resume=True)
+
+
+@pytest.mark.parametrize("edit, must_say", [
+    (lambda s: s["files"].update({"../../etc/passwd": "0" * 64}), "not a path inside the run folder"),
+    (lambda s: s["files"].pop(s["adapters"]), "without its sha256"),
+    (lambda s: s["files"].update({"checkpoints/gone.safetensors": "0" * 64}), "gone.safetensors: missing"),
+    (lambda s: s.update(bundle_id="other"), "belongs to bundle other"),
+    (lambda s: s.update(next_round="x"), "not a valid run state"),
+])
+def test_an_edited_state_is_refused_with_one_line(tmp_path, edit, must_say):
+    committed(tmp_path)
+    path = tmp_path / "state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    with pytest.raises(RunError, match=must_say) as err:
+        RunStore(tmp_path).begin("r", "b", resume=True)
+    assert "\n" not in str(err.value)
+
+
+def test_a_new_run_never_starts_over_an_earlier_one(tmp_path):
+    committed(tmp_path)
+    with pytest.raises(RunError, match="already holds a run"):
+        RunStore(tmp_path).begin("r", "b", resume=False)
+    store = RunStore(tmp_path)
+    moved = store.set_aside()
+    assert moved is not None and (moved / "state.json").is_file() and not store.run_files()
+    assert store.begin("r", "b", resume=False) is None
+    assert store.set_aside() is None  # nothing left to move
