@@ -10,7 +10,7 @@ import typer
 
 from fedpft import __version__
 
-app = typer.Typer(name="fedpft-edge", help="FedPFT device agent: train LoRA adapters of the proxy with onnxruntime-training.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(name="fedpft-edge", help="FedPFT device agent: train LoRA adapters of the proxy with plain onnxruntime (any platform, no torch).", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
 def _version(value: bool) -> None:
@@ -53,13 +53,15 @@ def train(
     holdout: float = typer.Option(0.1, "--holdout", help="Share of the local data held out for accuracy before/after, in [0, 1)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Offline: folder to start from and save the updated checkpoint. Online: the device's cache (bundle, downloads, updates; default .fedpft-cache)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads, offline and online (default: ORT decides; give 1 when several devices share a CPU)."),
+    providers: str = typer.Option("cpu", "--providers", help="onnxruntime execution providers, comma-separated, in order of preference: cpu, cuda (onnxruntime-gpu, Jetson builds), tensorrt, coreml, openvino, dml, rocm, or a full provider name. CPU is always the fallback. An unknown or uninstalled provider is an error."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train LoRA adapters of the proxy on local data: one offline round (--bundle/--out), or online (--broker/--device-id)."""
     from pydantic import ValidationError
 
+    eps = _providers(providers)
     if broker is not None:
-        return _online(broker, device_id, run_id, data, cache, holdout, threads, ca, cert, key, username, password, trust_key)
+        return _online(broker, device_id, run_id, data, cache, holdout, threads, eps, ca, cert, key, username, password, trust_key)
     if bundle is None or out is None:
         fail("offline training needs --bundle and --out (or give --broker and --device-id to join a federation)")
 
@@ -68,7 +70,7 @@ def train(
 
     try:
         cfg = EdgeTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, holdout_seed=seed, holdout=holdout,
-                              threads=threads)
+                              threads=threads, providers=eps)
     except ValidationError as exc:
         err = exc.errors()[0]
         fail(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg'].removeprefix('Value error, ')}")
@@ -91,6 +93,20 @@ def train(
     typer.echo(f"{summarize(result)} -> {out}")
 
 
+def _providers(text: str) -> tuple[str, ...]:
+    """--providers, checked against the installed onnxruntime before anything is read or written."""
+    from .runtime import ProviderError, resolve_providers
+
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not names:
+        fail("--providers: give at least one execution provider, e.g. cpu")
+    try:
+        resolve_providers(names)
+    except ProviderError as exc:
+        fail(f"--providers: {exc}")
+    return names
+
+
 @contextmanager
 def _progress(enabled: bool):
     """(on_start(total), on_step(step, loss)) callbacks driving a rich progress bar over steps."""
@@ -108,7 +124,7 @@ def _progress(enabled: bool):
                lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"))
 
 
-def _online(broker, device_id, run_id, data, cache, holdout, threads, ca, cert, key, username, password, trust_key) -> None:
+def _online(broker, device_id, run_id, data, cache, holdout, threads, providers, ca, cert, key, username, password, trust_key) -> None:
     import logging
 
     from pydantic import ValidationError
@@ -125,7 +141,7 @@ def _online(broker, device_id, run_id, data, cache, holdout, threads, ca, cert, 
         check_id(device_id, "--device-id")
         check_id(run_id, "--run-id")
         cfg = AgentConfig(broker=broker, device_id=device_id, run_id=run_id, data=data, cache=cache or Path(".fedpft-cache"),
-                          holdout=holdout, threads=threads, ca=ca, cert=cert, key=key, username=username, password=password,
+                          holdout=holdout, threads=threads, providers=providers, ca=ca, cert=cert, key=key, username=username, password=password,
                           trust_key=trust_key)
     except ProtocolError as exc:
         fail(exc.reason)

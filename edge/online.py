@@ -36,7 +36,8 @@ def make_trainer(cfg: AgentConfig):
 
     def train(bundle_dir: Path, task: Task, adapters: bytes, ffn: bytes | None):
         tc = EdgeTrainConfig(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, max_steps=task.max_steps,
-                             seed=task.seed, holdout=cfg.holdout, report_stats=task.report_stats, threads=cfg.threads)
+                             seed=task.seed, holdout=cfg.holdout, report_stats=task.report_stats, threads=cfg.threads,
+                             providers=cfg.providers)
         res = train_round(bundle_dir, cfg.data, tc, adapters=decode_tensors(adapters)[0],
                           ffn=decode_tensors(ffn)[0] if ffn is not None else None)
         log.info("round %d: %d steps on %d samples, loss %.4f, held-out accuracy %s -> %s", task.round_id, res.steps,

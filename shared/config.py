@@ -133,6 +133,7 @@ class AgentConfig(BaseModel):
     cache: Path = Path(".fedpft-cache")
     holdout: float = Field(default=0.1, ge=0, lt=1)
     threads: int | None = Field(default=None, ge=1, description="ORT intra-op threads; None lets ORT decide")
+    providers: tuple[str, ...] = Field(default=("cpu",), min_length=1, description="onnxruntime execution providers in order of preference")
     heartbeat: float = Field(default=10.0, gt=0, description="seconds between Hello heartbeats while idle")
     fetch_timeout: float = Field(default=600.0, gt=0)
     ack_timeout: float = Field(default=30.0, gt=0)
