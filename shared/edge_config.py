@@ -22,4 +22,8 @@ class EdgeTrainConfig(BaseModel):
     eval_batch_size: int = Field(default=32, ge=1)
     report_stats: bool = Field(default=True, description="sum the per-neuron activation counts of compressed layers")
     threads: int | None = Field(default=None, ge=1, description="ORT intra-op threads; None lets ORT decide")
+    # One sample is a sentence or a paragraph: a record far beyond that is a broken or hostile file,
+    # and parsing it whole (a 10 MB line took 65 s and 1.7 GB) would cost more than the round.
+    max_record_bytes: int = Field(default=256 * 1024, ge=64, description="skip a data record (line, CSV record) larger than this, unparsed")
+    max_record_tokens: int = Field(default=8192, ge=1, description="skip a text whose tokens, before truncation to the bundle's max_length, exceed this")
     providers: tuple[str, ...] = Field(default=("cpu",), min_length=1, description="onnxruntime execution providers in order of preference (cpu, cuda, ...)")
