@@ -36,3 +36,23 @@ print("LOADED", loaded, "INSTALLED", installed)
     if python == EDGE_PYTHON:
         assert "INSTALLED []" in proc.stdout, proc.stdout  # the edge extra must not pull them in
     assert out.is_file()
+
+
+def test_one_onnxruntime_distribution_per_venv():
+    """onnxruntime and onnxruntime-training both write the `onnxruntime` module: a venv holding both
+    runs whichever was unpacked last. `[all]` must bring only the training build, `[edge]` only the plain one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def have(dist: str) -> bool:
+        try:
+            version(dist)
+            return True
+        except PackageNotFoundError:
+            return False
+
+    ort_dists = [d for d in ("onnxruntime", "onnxruntime-training", "onnxruntime-gpu") if have(d)]
+    assert len(ort_dists) <= 1, ort_dists
+    if EDGE_PYTHON:
+        probe = "from importlib.metadata import version as v; import onnxruntime; print(onnxruntime.__version__, v('onnxruntime'))"
+        proc = subprocess.run([EDGE_PYTHON, "-c", probe], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]  # the edge venv has plain onnxruntime, not the training build
