@@ -70,7 +70,11 @@ class EdgeAgent:
     # ------------------------------------------------------------------ handlers (dispatcher thread)
     def _on_json(self, topic: str, payload: bytes) -> None:
         if not payload:
-            return  # a cleared retained message
+            # a cleared retained message; on the control topic it is a cloud (re)starting the run,
+            # and only a Hello makes this device eligible there: say hello now, not at the next heartbeat
+            if topic == topics.control_topic(self.run):
+                self.events.put(("cloud",))
+            return
         try:
             msg = decode(payload)
             topics.check_sender(topic, msg.run_id, msg.sender)
@@ -111,6 +115,9 @@ class EdgeAgent:
             ev = self.next_event(1.0)
             if time.time() - last_hello > self.cfg.heartbeat:
                 self.hello()  # heartbeat: also re-announces after a reconnect
+                last_hello = time.time()
+            if ev is not None and ev[0] == "cloud":
+                self.hello()
                 last_hello = time.time()
             if ev is None or ev[0] != "msg":
                 continue  # stray chunk of a finished download
