@@ -53,6 +53,8 @@ def train(
     holdout: float = typer.Option(0.1, "--holdout", help="Share of the local data held out for accuracy before/after, in [0, 1)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Offline: folder to start from and save the updated checkpoint. Online: the device's cache (bundle, downloads, updates; default .fedpft-cache)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads, offline and online (default: ORT decides; give 1 when several devices share a CPU)."),
+    max_record_bytes: int = typer.Option(256 * 1024, "--max-record-bytes", help="Offline: skip (and count) a data record — a .jsonl line or .csv record — larger than this many bytes, unparsed."),
+    max_record_tokens: int = typer.Option(8192, "--max-record-tokens", help="Offline: skip (and count) a text with more tokens than this before truncation to the bundle's max length."),
     providers: str = typer.Option("cpu", "--providers", help="onnxruntime execution providers, comma-separated, in order of preference: cpu, cuda (onnxruntime-gpu, Jetson builds), tensorrt, coreml, openvino, dml, rocm, or a full provider name. CPU is always the fallback. An unknown or uninstalled provider is an error."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -70,7 +72,7 @@ def train(
 
     try:
         cfg = EdgeTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, holdout_seed=seed, holdout=holdout,
-                              threads=threads, providers=eps)
+                              threads=threads, providers=eps, max_record_bytes=max_record_bytes, max_record_tokens=max_record_tokens)
     except ValidationError as exc:
         err = exc.errors()[0]
         fail(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg'].removeprefix('Value error, ')}")

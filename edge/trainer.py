@@ -285,9 +285,9 @@ def train_round(
     t0 = time.perf_counter()
     bundle_dir = Path(bundle_dir)
     manifest = verify_bundle(bundle_dir, device_only=True)
-    data = read_local_data(data_path, manifest)
+    data = read_local_data(data_path, manifest, cfg.max_record_bytes)
     train, held = data.split(cfg.holdout, cfg.holdout_seed)
-    maker = BatchMaker(bundle_dir, manifest)
+    maker = BatchMaker(bundle_dir, manifest, cfg.max_record_tokens)
     session = open_session(bundle_dir, cache_dir, cfg.threads, manifest, cfg.providers)
     if adapters is not None:
         session.set_adapters(adapters)
