@@ -188,16 +188,19 @@ def federated_run(bundle: Path, root: Path, broker_info: dict, run: str, poison:
 
 def test_a_poisoning_device_with_valid_credentials_cannot_wreck_the_model(tiny_bert_bundle, tmp_path, acl_broker):
     base = federated_run(tiny_bert_bundle, tmp_path, acl_broker, "base", poison=False)
-    hit = federated_run(tiny_bert_bundle, tmp_path, acl_broker, "poison", poison=True)
-    print(f"\nundisturbed: FM accuracy {[r['fm_accuracy'] for r in base['rows']]}, max |adapter| {base['max_abs']:.4f}"
-          f"\npoisoned:    FM accuracy {[r['fm_accuracy'] for r in hit['rows']]}, max |adapter| {hit['max_abs']:.4f}")
-    assert hit["evil_answered"] and all("evil" in r["devices"] for r in hit["rows"]), [r["devices"] for r in hit["rows"]]
-    assert "bounded update from evil" in hit["log"] and "capped the weight of evil: claims 1000000000000 samples" in hit["log"]
-    for r in hit["rows"]:
-        assert set(r["bounded"]) == {"evil"} and set(r["capped"]) == {"evil"}, r
-    # no honest device crashed, nor diverged
-    assert hit["codes"] == {"d0": 0, "d1": 0}, hit["agent_logs"]
-    assert not any("diverged" in log for log in hit["agent_logs"].values())
-    # the model stays where the undisturbed run puts it (the finding: 1e4 instead of 0.09)
-    assert hit["max_abs"] < 2 * base["max_abs"], (hit["max_abs"], base["max_abs"])
-    assert abs(hit["rows"][-1]["fm_accuracy"] - base["rows"][-1]["fm_accuracy"]) <= 0.1
+    hit = federated_run(tiny_bert_bundle, tmp_path, acl_broker, "poison", poison=True)  # default bounds, FedAvg
+    robust = federated_run(tiny_bert_bundle, tmp_path, acl_broker, "open", True, "--aggregator", "median")
+    for name, r in (("undisturbed", base), ("poisoned, fedavg", hit), ("poisoned, median", robust)):
+        print(f"\n{name:18s} FM accuracy {[r2['fm_accuracy'] for r2 in r['rows']]}, max |adapter| {r['max_abs']:.4f}")
+    for r in (hit, robust):
+        assert r["evil_answered"] and all("evil" in row["devices"] for row in r["rows"]), [row["devices"] for row in r["rows"]]
+        assert "bounded update from evil" in r["log"] and "capped the weight of evil: claims 1000000000000 samples" in r["log"]
+        for row in r["rows"]:
+            assert set(row["bounded"]) == {"evil"} and set(row["capped"]) == {"evil"}, row
+        # no honest device crashed, nor diverged (the finding: both died with loss nan in the next round)
+        assert r["codes"] == {"d0": 0, "d1": 0}, r["agent_logs"]
+        assert not any("diverged" in log for log in r["agent_logs"].values())
+        # the adapters stay at the scale of the undisturbed run (the finding: 1e4 instead of 0.09)
+        assert r["max_abs"] < 2 * base["max_abs"], (r["max_abs"], base["max_abs"])
+    # with the robust aggregator the FM ends within noise of the undisturbed run
+    assert abs(robust["rows"][-1]["fm_accuracy"] - base["rows"][-1]["fm_accuracy"]) <= 0.1
