@@ -150,9 +150,11 @@ class EdgeAgent:
         except Exception as exc:  # noqa: BLE001 - any failure is this round's, reported; the device stays for the next
             # TrainError (divergence), DataError (no usable sample), bundle/signature/fetch faults
             # are expected and need no traceback; anything else is a bug worth one
-            expected = isinstance(exc, (AgentError, BundleError, ProtocolError, SignatureError, ValueError, OSError)) or \
-                type(exc).__name__ in ("TrainError", "DataError")
-            reason = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}".splitlines()[0][:500]
+            # (their own messages say what failed; the others are named by their type)
+            plain = isinstance(exc, (AgentError, BundleError, ProtocolError, SignatureError, ValueError, OSError))
+            expected = plain or type(exc).__name__ in ("TrainError", "DataError")
+            text = str(getattr(exc, "reason", exc))
+            reason = (text if plain else f"{type(exc).__name__}: {text}").splitlines()[0][:500]
             log.error("round %d failed: %s", task.round_id, reason, exc_info=not expected)
             self.report_failure(task, reason)
             return 0
