@@ -56,6 +56,20 @@ def load_tensor_file(path: Path) -> dict[str, np.ndarray]:
         raise AdapterError(f"{path}: {exc}") from exc
 
 
+def load_parameters(path: Path) -> dict[str, np.ndarray]:
+    """A bundle's parameter file, tensor by tensor from the file (no whole-file copy in memory:
+    a ViT-base proxy is 200 MB). safetensors checks the header and offsets; BundleError if bad."""
+    from safetensors import safe_open
+
+    from fedpft.shared.manifest import BundleError
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise BundleError(f"{path}: unreadable parameters ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
 def load_adapters(path: Path) -> dict[str, np.ndarray]:
     """Adapters from a safetensors file of PEFT keys; an earlier update file works too (its
     activation statistics are dropped)."""
@@ -96,7 +110,7 @@ class EdgeSession:
         self.manifest = manifest
         f = manifest.files
         self.providers = runtime.resolve_providers(providers)
-        self.params = load_tensor_file(self.bundle_dir / f[ROLE_PARAMETERS].path)
+        self.params = load_parameters(self.bundle_dir / f[ROLE_PARAMETERS].path)
         _check({s.name: self.params.get(s.name) for s in [*manifest.trainable, *manifest.ffn] if s.name in self.params},
                [TensorSpec(name=s.name, key=s.name, shape=s.shape, dtype=s.dtype) for s in [*manifest.trainable, *manifest.ffn]],
                "bundle parameters", partial=False)
