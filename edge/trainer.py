@@ -119,8 +119,10 @@ class EdgeSession:
             self._load_checkpoint(checkpoint)
         self.device = runtime.device_of(self.providers)
         self.values = {n: runtime.ort.OrtValue.ortvalue_from_numpy(a, *self.device) for n, a in self.params.items()}
-        self.train_session = runtime.session(str(self.bundle_dir / f[ROLE_TRAINING].path), self.providers, threads)
-        self.eval_session = runtime.session(str(self.bundle_dir / f[ROLE_EVAL].path), self.providers, threads)
+        self.train_session = _open_graph(runtime, self.bundle_dir / f[ROLE_TRAINING].path, self.providers, threads)
+        self.eval_session = _open_graph(runtime, self.bundle_dir / f[ROLE_EVAL].path, self.providers, threads)
+        _check_graph(self.train_session, self.bundle_dir / f[ROLE_TRAINING].path, manifest, set(self.params), training=True)
+        _check_graph(self.eval_session, self.bundle_dir / f[ROLE_EVAL].path, manifest, set(self.params), training=False)
         self._train = self._bind(self.train_session)
         self._eval = self._bind(self.eval_session)
         self._trainable = [t.name for t in manifest.trainable]
@@ -231,6 +233,34 @@ class EdgeSession:
     def save(self, cache_dir: Path) -> Path:
         """Save the adapters and FFN weights (no optimizer state) into cache_dir."""
         return save_checkpoint(self, cache_dir)
+
+
+def _open_graph(runtime, path: Path, providers: list[str], threads: int | None):
+    """An InferenceSession, or one BundleError line (e.g. a graph that still needs training ops:
+    "Could not find an implementation for GeluGrad(1) node ...")."""
+    from fedpft.shared.manifest import BundleError
+
+    try:
+        return runtime.session(str(path), providers, threads)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise BundleError(f"{path}: onnxruntime {runtime.version()} cannot load this graph: {first}") from None
+
+
+def _check_graph(session, path: Path, manifest: BundleManifest, params: set[str], training: bool) -> None:
+    """The graph takes only parameters, the model inputs and labels, and (training) outputs the
+    loss and every trainable tensor's gradient: else it is not a lowered fedpft graph."""
+    from fedpft.shared.manifest import BundleError
+
+    allowed = params | set(manifest.input.names) | {"labels"}
+    odd = [i.name for i in session.get_inputs() if i.name not in allowed]
+    if odd:
+        raise BundleError(f"{path}: graph input '{odd[0]}' is neither a parameter nor a model input (a graph built for onnxruntime-training?)")
+    outputs = {o.name for o in session.get_outputs()}
+    wanted = [manifest.logits_output] + ([manifest.loss_output or "?"] + [t.name + GRAD_SUFFIX for t in manifest.trainable] if training else [])
+    missing = [n for n in wanted if n not in outputs]
+    if missing:
+        raise BundleError(f"{path}: graph lacks output '{missing[0]}' ({len(missing)} missing)")
 
 
 def save_checkpoint(session: EdgeSession, cache_dir: Path) -> Path:

@@ -267,3 +267,37 @@ def test_lowering_leaves_the_input_model_untouched(tiny_bert_bundle):
     lowered = lower_training_model(ref, trainable)
     assert ref.SerializeToString() == before
     assert lowered.rewritten.get("InPlaceAccumulatorV2") == len(trainable)
+
+
+def _swap_graph(bundle, tmp_path, graph: onnx.ModelProto):
+    from fedpft.shared.manifest import BundleManifest, file_entry
+
+    bad = copy_bundle(bundle, tmp_path / "bad")
+    m = BundleManifest.load(bad)
+    onnx.save(graph, str(bad / m.files[ROLE_TRAINING].path))
+    m.files[ROLE_TRAINING] = file_entry(bad, m.files[ROLE_TRAINING].path)
+    m.save(bad)
+    return bad
+
+
+def test_graph_still_needing_training_ops_is_refused_in_one_line(tiny_bert_bundle, tmp_path):
+    """A bundle whose manifest says plain onnxruntime but whose graph is onnxruntime-training's
+    (a buggy or hostile cloud): refused before training, one line, nothing written."""
+    bad = _swap_graph(tiny_bert_bundle, tmp_path, onnx.load(str(tiny_bert_bundle / "ort" / "training_model.onnx")))
+    res, out = _train_cli(bad, tmp_path)
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code != 0 and len(lines) == 1, res.output
+    # plain onnxruntime names the op it lacks; the training build loads it and the shape check names an input
+    assert "ConcatTraining" in lines[0] or "GeluGrad" in lines[0] or "accumulation.buffer" in lines[0] or "lazy_reset_grad" in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_graph_onnxruntime_cannot_load_is_refused_in_one_line(tiny_bert_bundle, tmp_path):
+    model = onnx.load(str(tiny_bert_bundle / "training_model.onnx"))
+    model.graph.node.append(helper.make_node("NoSuchOp", [model.graph.output[0].name], ["never"], domain="com.microsoft"))
+    model.graph.output.append(helper.make_tensor_value_info("never", F, None))
+    bad = _swap_graph(tiny_bert_bundle, tmp_path, model)
+    res, out = _train_cli(bad, tmp_path)
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code != 0 and len(lines) == 1 and "NoSuchOp" in lines[0], res.output
+    assert not out.exists()
