@@ -107,10 +107,11 @@ def prepare(
     from .prepare import PrepareError, prepare as run_prepare
     from .proxy import ProxyError
     from .public_data import PublicDataError
+    from fedpft.export.lowering import LoweringError
 
     try:
         res = run_prepare(cfg, show_progress=not quiet)
-    except (ModelError, PrepareError, ProxyError, PublicDataError, FileExistsError) as exc:
+    except (ModelError, PrepareError, ProxyError, PublicDataError, FileExistsError, LoweringError) as exc:
         fail(str(exc))
     m = res.manifest
     size = sum(e.size for e in m.files.values())

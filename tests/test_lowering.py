@@ -301,3 +301,17 @@ def test_graph_onnxruntime_cannot_load_is_refused_in_one_line(tiny_bert_bundle, 
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert res.exit_code != 0 and len(lines) == 1 and "NoSuchOp" in lines[0], res.output
     assert not out.exists()
+
+
+def test_prepare_fails_naming_an_op_outside_the_allow_list(tiny_bert_dir, tmp_path, monkeypatch):
+    """Were `Gelu` not registered by every onnxruntime build, prepare must stop and say so."""
+    from fedpft.cloud.cli import app
+    from fedpft.export import lowering
+
+    monkeypatch.setattr(lowering, "EDGE_CONTRIB_OPS", lowering.EDGE_CONTRIB_OPS - {"Gelu", "BiasGelu"})
+    out = tmp_path / "b"
+    res = CliRunner().invoke(app, ["prepare", "--model", str(tiny_bert_dir), "--out", str(out), "--num-labels", "3",
+                                   "--distill-steps", "0", "--max-length", "16", "--quiet"])
+    assert res.exit_code != 0
+    assert "com.microsoft:BiasGelu" in res.output or "com.microsoft:Gelu" in res.output, res.output
+    assert not out.exists() or not any(out.iterdir())
