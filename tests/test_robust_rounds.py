@@ -69,6 +69,7 @@ def test_a_flood_of_hellos_that_never_ack_does_not_hold_the_round(tiny_bert_bund
     hub.join()
     rec = state.history[-1]
     took = time.time() - t0
+    print(f"\nround with 300 silent hellos + 1 device: {took:.1f}s (ack deadline 2 s, round timeout 120 s)")
     assert took < 30, took
     assert rec["devices"] == ["good0"] and len(rec["failed"]) == 300
     assert any("did not ack the task within 2s" in m for m in caplog.messages)
