@@ -205,3 +205,41 @@ def test_a_poisoning_device_with_valid_credentials_cannot_wreck_the_model(tiny_b
         assert r["max_abs"] < 2 * base["max_abs"], (r["max_abs"], base["max_abs"])
     # with the robust aggregator the FM ends within noise of the undisturbed run
     assert abs(robust["rows"][-1]["fm_accuracy"] - base["rows"][-1]["fm_accuracy"]) <= 0.1
+
+
+def test_a_hello_flood_on_an_open_broker_does_not_hold_the_round(fleet, broker, tmp_path):  # noqa: F811
+    """The finding: 5,000 hellos from random ids were all sent the task, and the round waited out its
+    full timeout. Now they cost the ack deadline, and the real devices' updates count."""
+    from fedpft.shared import topics
+    from fedpft.shared.messages import Hello, encode
+    from fedpft.shared.mqtt import MqttTransport
+
+    for name in ("d0", "d1"):
+        fleet.start_agent(name)
+    flood = MqttTransport(broker["url"], client_id="flood")
+    flood.connect()
+    stop = threading.Event()
+
+    def hellos() -> None:  # keeps the ghosts "online" through the run, as a live attacker would
+        while not stop.is_set():
+            for i in range(1500):
+                d = f"ghost{i:05d}"
+                flood.publish(topics.device_topic(fleet.run_id, d, topics.HELLO),
+                              encode(Hello(run_id=fleet.run_id, sender=d, device_id=d, num_samples=10)))
+            stop.wait(5)
+
+    threading.Thread(target=hellos, daemon=True).start()
+    out = tmp_path / "run"
+    try:
+        cloud = subprocess.run(fleet.serve_cmd(out, "--task-ack-timeout", "5", rounds=2, min_clients=2, timeout=120),
+                               capture_output=True, text=True, timeout=400)
+    finally:
+        stop.set()
+        time.sleep(0.2)
+        flood.close()
+    assert cloud.returncode == 0, cloud.stderr[-3000:]
+    rows = metrics(out)
+    print(f"\nrounds with 1500 silent hellos + 2 devices: {[r['seconds'] for r in rows]} s (ack deadline 5 s, round timeout 120 s)")
+    assert [r["devices"] for r in rows] == [["d0", "d1"], ["d0", "d1"]]
+    assert all(r["seconds"] < 60 and len(r["failed"]) >= 500 for r in rows), [(r["seconds"], len(r.get("failed", {}))) for r in rows]
+    assert "did not ack the task within 5s" in cloud.stderr
