@@ -318,8 +318,9 @@ class Federation:
         msg = self.waiting.pop(key, None)
         if up is not None:
             self.upload_bytes -= up.reserved
-            if not quiet and (not up.asm.done or msg is None):
-                log.warning("dropped upload %s from %s (%d/%s chunks): %s", key[1], key[0], up.asm.received, up.asm.count or "?", why)
+        if not quiet and (up is not None or msg is not None):
+            got, count = (up.asm.received, up.asm.count or "?") if up is not None else (0, "?")
+            log.warning("dropped upload %s from %s (%d/%s chunks): %s", key[1], key[0], got, count, why)
 
     def _housekeeping(self) -> None:
         """Once a second: drop uploads that stalled, stop waiting for devices that never acked the task."""
@@ -382,6 +383,10 @@ class Federation:
                 self._drop(key, exc.reason, quiet=True)
                 return self._reject(msg, exc.reason)
         if up is None or not up.asm.done:
+            # bounded like the uploads: a device's older announced-but-unfinished updates give way
+            mine = [k for k in self.waiting if k[0] == msg.device_id and k != key]
+            for k in mine[: max(0, len(mine) - MAX_UPLOADS_PER_DEVICE + 1)]:
+                self._drop(k, f"{msg.device_id} announced another update ({ref.blob_id})")
             self.waiting[key] = msg
             return
         self.uploads.pop(key)
@@ -428,9 +433,8 @@ class Federation:
 
     def _close_uploads(self, round_id: int) -> None:
         """At a round's end no upload can count any more: free them, each with a log line."""
-        for key in list(self.uploads):
+        for key in {*self.uploads, *self.waiting}:
             self._drop(key, f"round {round_id} ended")
-        self.waiting.clear()
 
     def _bounded(self, r: int, names: list[str], accepted: list[Accepted], current: dict[str, np.ndarray],
                  history: list[dict], record: dict) -> tuple[list[dict[str, np.ndarray]], list[float]]:

@@ -206,3 +206,20 @@ def test_chunk_metadata_must_agree_with_the_update_from_the_first_chunk_on(tiny_
     assert any("rejected update from d1" in m and "rejected chunk: chunk upd-d1#0: blob sha256" in m for m in caplog.messages)
     assert any("rejected update from d2" in m and "chunks declare sha256" in m for m in caplog.messages), caplog.messages
     assert fed.uploads == {} and fed.upload_bytes == 0
+
+
+def test_announced_updates_that_never_upload_stay_bounded(tiny_bert_bundle, tmp_path, caplog):
+    fed = open_round(tiny_bert_bundle, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fedpft"):
+        for i in range(50):
+            ref = BlobSource(f"ghost-{i}", bytes([i]) * 100).ref
+            uid = make_update_id(RUN, 0, "d1", "t0", ref.sha256)
+            fed._on_json(topics.device_topic(RUN, "d1", topics.UPDATE), encode(Update(
+                run_id=RUN, round_id=0, sender="d1", device_id="d1", blob=ref, num_samples=1, task_id="t0", update_id=uid)))
+        while not fed.events.empty():
+            fed.pump(0.01)
+        assert len(fed.waiting) <= 2
+        fed._close_uploads(0)
+    assert fed.waiting == {} and fed.uploads == {}
+    assert sum("announced another update" in m for m in caplog.messages) == 48
+    assert sum("round 0 ended" in m for m in caplog.messages) == 2
