@@ -547,9 +547,10 @@ class Federation:
             if tracker.status(time.time()) is not RoundStatus.FAILED:
                 break
             missing = sorted(set(tracker.selected) - tracker.answered())
+            failed = [f"{d}: {e}" for d, e in tracker.failed.items()]
             reason = (f"{len(tracker.accepted)} of {cfg.min_clients} required updates"
-                      f"{'; no answer from ' + ', '.join(missing) if missing else ''}"
-                      f"{'; failed: ' + '; '.join(f'{d}: {e}' for d, e in tracker.failed.items()) if tracker.failed else ''}")
+                      f"{'; no answer from ' + _some(missing, ', ') if missing else ''}"
+                      f"{'; failed: ' + _some(failed, '; ') if failed else ''}")
             log.warning("round %d attempt %d below quorum: %s", r, attempt, reason)
             tracker = None
         record = {"round": r, "fm_accuracy": None, "fm_loss": None, "clients": 0, "devices": [], "aligned": False}
@@ -585,6 +586,11 @@ class Federation:
                  f"{acc:.4f}" if acc is not None else "-", f"{record['fm_loss']:.4f}" if record["fm_loss"] is not None else "-",
                  record["bytes_up"] / 1e6, record["bytes_down"] / 1e6, record["seconds"], " (aligned)" if record["aligned"] else "")
         return record
+
+
+def _some(items: list[str], sep: str, n: int = 10) -> str:
+    """At most n items joined (a flood of silent devices must not make a line of megabytes)."""
+    return sep.join(items[:n]) + (f"{sep}... ({len(items) - n} more)" if len(items) > n else "")
 
 
 def align_due(round_id: int, rounds: int, every: int | None) -> bool:
