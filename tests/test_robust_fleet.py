@@ -244,3 +244,54 @@ def test_a_hello_flood_on_an_open_broker_does_not_hold_the_round(fleet, broker, 
     assert all(r["seconds"] < 60 for r in rows), [r["seconds"] for r in rows]
     assert sum(len(r.get("failed", {})) for r in rows) >= 100  # ghosts were sent the task (as many as had registered)
     assert "did not ack the task within 5s" in cloud.stderr
+
+
+def test_a_relabelled_replay_on_an_open_broker_is_refused(fleet, broker, tmp_path):  # noqa: F811
+    """The finding: d0's round-0 update, relabelled as round 1 by someone on an open broker, was
+    counted and d0's real round-1 update dropped as a duplicate. Now the replay is refused (the
+    blob is bound to round 0's task), the real one counts, and d0 acts only on its own receipt."""
+    from fedpft.shared import topics
+    from fedpft.shared.messages import Task, Update, decode, encode, make_update_id
+    from fedpft.shared.mqtt import MqttTransport
+
+    for name in ("d0", "d1"):
+        fleet.start_agent(name)
+    run = fleet.run_id
+    seen: dict = {"chunks": []}
+    spy = MqttTransport(broker["url"], client_id="spy")
+    spy.connect()
+
+    def on_device(topic: str, payload: bytes) -> None:  # d0's first update and its chunks (they follow it)
+        if topic.endswith("/update") and "update" not in seen:
+            seen["update"] = decode(payload)
+        elif "/upload/" in topic and "update" in seen and topic.endswith("/" + seen["update"].blob.blob_id):
+            seen["chunks"].append((topic, payload))
+
+    def on_task(topic: str, payload: bytes) -> None:
+        task = decode(payload)
+        if not isinstance(task, Task) or task.round_id != 1 or not seen["chunks"]:
+            return
+        old: Update = seen["update"]
+        uid = make_update_id(run, 1, "d0", task.task_id, old.blob.sha256)
+        replay = Update(**{**old.model_dump(), "round_id": 1, "task_id": task.task_id, "update_id": uid})
+        spy.publish(topics.device_topic(run, "d0", topics.UPDATE), encode(replay))
+        for t, p in seen["chunks"]:
+            spy.publish(t, p)
+        seen["replayed"] = True
+
+    spy.subscribe(f"fedpft/{run}/device/d0/update", on_device)
+    spy.subscribe(f"fedpft/{run}/device/d0/upload/+", on_device)
+    spy.subscribe(topics.round_topic(run), on_task)
+    out = tmp_path / "run"
+    try:
+        cloud = subprocess.run(fleet.serve_cmd(out, rounds=2, min_clients=2, timeout=60), capture_output=True, text=True, timeout=300)
+    finally:
+        spy.close()
+    assert cloud.returncode == 0, cloud.stderr[-3000:]
+    assert seen.get("replayed")
+    assert "rejected update from d0 for round 1" in cloud.stderr, cloud.stderr[-3000:]
+    assert [r["devices"] for r in metrics(out)] == [["d0", "d1"], ["d0", "d1"]]
+    fleet.agents["d0"].wait(60)
+    log = (tmp_path / "d0.log").read_text()
+    assert "round 1: update" in log and " accepted" in log.split("round 1: update", 1)[1], log[-2000:]
+    assert "refused" not in log, log[-2000:]
