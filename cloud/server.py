@@ -361,10 +361,10 @@ class Federation:
                 return self._reject(msg, f"another update ({counted.update_id}) from {msg.device_id} already counted for this round")
             log.info("duplicate update from %s for round %d ignored: already counted", msg.device_id, msg.round_id)
             return self._reply(msg, True, "duplicate (already counted)")  # QoS 1 redelivery: ack again, count once
-        assert self.task is not None
-        if msg.task_id != self.task.task_id or msg.update_id is None:
+        task_id = self.task.task_id if self.task is not None else None
+        if task_id is None or msg.task_id != task_id or msg.update_id is None:
             self._drop_upload(msg)
-            return self._reject(msg, f"answers task {msg.task_id}, not this round's task {self.task.task_id}" if msg.task_id
+            return self._reject(msg, f"answers task {msg.task_id}, not this round's task {task_id}" if msg.task_id
                                 else "carries no task_id/update_id binding it to this round's task")
         if msg.error is not None:
             tr.fail(msg.device_id, msg.error)
@@ -396,7 +396,7 @@ class Federation:
             if data and hashlib.sha256(data).hexdigest() != ref.sha256:
                 raise ProtocolError("update blob sha256 does not match the update message")
             tensors, meta = decode_tensors(data, self.cfg.max_update_bytes)
-            check_binding(meta, self.cfg.run_id, msg.round_id, msg.device_id, self.task.task_id)
+            check_binding(meta, self.cfg.run_id, msg.round_id, msg.device_id, task_id)
             adapters, stats = split_update(tensors, self.expected, self.stat_layers)
         except ProtocolError as exc:
             return self._reject(msg, exc.reason)
