@@ -362,6 +362,7 @@ def simulate(
     max_length: int = typer.Option(64, "--max-length", help="Token limit."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling, partition, initialisation."),
     broker: Optional[str] = typer.Option(None, "--broker", help="Use this MQTT broker instead of the embedded one."),
+    edge_python: Optional[Path] = typer.Option(None, "--edge-python", envvar="FEDPFT_EDGE_PYTHON", help="Python interpreter of the device processes, e.g. a venv with only the edge extra (plain onnxruntime, as devices install it). Default: this Python (the cloud's onnxruntime-training build, whose inference core runs the same graphs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run a complete federation on this machine: prepare, partition, N real edge processes, rounds, report."""
@@ -378,7 +379,7 @@ def simulate(
         SimulateConfig, out=out, model=model, data=data, clients=clients, rounds=rounds, partition=partition, method=method,
         max_samples=max_samples, eval_samples=eval_samples, distill_steps=distill_steps, align_every=align_every,
         align_steps=align_steps, local_epochs=local_epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
-        max_length=max_length, seed=seed, broker=broker, ffn_keep=ffn_keep,
+        max_length=max_length, seed=seed, broker=broker, ffn_keep=ffn_keep, edge_python=edge_python,
     )
     try:
         run = run_simulate(cfg, show_progress=not quiet)

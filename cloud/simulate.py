@@ -67,12 +67,12 @@ def make_shards(cfg: SimulateConfig, data: Path, run: Path) -> tuple[list[Path],
     return shards, eval_path
 
 
-def start_devices(shards: list[Path], url: str, run_id: str, run: Path) -> list[subprocess.Popen]:
+def start_devices(shards: list[Path], url: str, run_id: str, run: Path, python: Path | None = None) -> list[subprocess.Popen]:
     procs = []
     for i, shard in enumerate(shards):
         dev = f"client{i:03d}"
         log_path = run / "clients" / dev / "agent.log"
-        cmd = [sys.executable, "-m", "fedpft.edge.cli", "train", "--broker", url, "--device-id", dev,
+        cmd = [str(python or sys.executable), "-m", "fedpft.edge.cli", "train", "--broker", url, "--device-id", dev,
                "--data", str(shard), "--cache", str(run / "clients" / dev / "cache"), "--run-id", run_id,
                # one thread each: N devices share this machine's cores, and ORT's default pool per
                # process would oversubscribe them (and spin)
@@ -124,7 +124,7 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
         url = broker.start()
         print(f"embedded MQTT broker: {url}", flush=True)
     run_id = f"sim-{cfg.method}-{cfg.seed}-{int(t0) % 100000}"
-    procs = start_devices(shards, url, run_id, run)
+    procs = start_devices(shards, url, run_id, run, cfg.edge_python)
     stop = threading.Event()
     watcher = threading.Thread(target=watch, args=(procs, stop), daemon=True)
     watcher.start()

@@ -240,6 +240,7 @@ class SimulateConfig(BaseModel):
     round_timeout: float = Field(default=1800.0, gt=0)
     seed: int = 0
     broker: str | None = None
+    edge_python: Path | None = Field(default=None, description="Python of the device processes (a venv with fedpft[edge]); None = this one")
 
     def resolved_align_every(self) -> int:
         if self.method != "fedpft":

@@ -47,13 +47,18 @@ def fed(tmp_path_factory):
     return {"root": root, "bundle": root / "bundle", "shards": shards, "eval": root / "eval.jsonl", "public": data / "public.txt"}
 
 
+# CI's edge-only venv (plain onnxruntime) when there is one: the federation then runs the device
+# install users get, not the cloud venv's training build.
+DEVICE_PYTHON = os.environ.get("FEDPFT_EDGE_PYTHON") or sys.executable
+
+
 def start_agents(fed, url: str, run_id: str, n: int, tag: str) -> list[subprocess.Popen]:
     procs = []
     for i in range(n):
         cache = fed["root"] / f"cache-{tag}-{i}"
         log = open(fed["root"] / f"agent-{tag}-{i}.log", "wb")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "fedpft.edge.cli", "train", "--broker", url, "--device-id", f"dev{i}",
+            [DEVICE_PYTHON, "-m", "fedpft.edge.cli", "train", "--broker", url, "--device-id", f"dev{i}",
              "--data", str(fed["shards"][i]), "--cache", str(cache), "--run-id", run_id],
             stdout=log, stderr=subprocess.STDOUT))
     return procs
