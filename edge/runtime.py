@@ -81,6 +81,10 @@ def resolve_providers(names: Sequence[str] | None) -> list[str]:
 def session(path: str, providers: list[str], threads: int | None = None):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # The memory pattern pre-plans one block per input shape on top of the arena's chunks: with
+    # a training graph's activations that doubled the peak (ViT-base proxy, batch 4: 1,265 MB vs
+    # 786 MB without) and was slower, and batch shapes vary between train and held-out batches.
+    opts.enable_mem_pattern = False
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(path, opts, providers=providers)
