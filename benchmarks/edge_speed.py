@@ -235,7 +235,8 @@ def section(results: dict[str, dict], command: str, threads: int | None, load: t
         )
         if e.get("heavy_imports"):
             notes.append(f"- {name}: the edge worker imported {e['heavy_imports']} (it should import none)")
-    ort_opts = f"intra_op_num_threads={threads}" if threads else "ORT defaults (no SessionOptions changes)"
+    ort_opts = ("the device's own session options (memory pattern off, see edge/runtime.py)"
+                + (f", intra_op_num_threads={threads}" if threads else ", ORT's default threads"))
     return "\n".join([
         "## Edge speed: the device trainer (plain onnxruntime) on the proxy vs onnxruntime-training vs PyTorch LoRA on the full FM",
         "",
