@@ -87,7 +87,8 @@ def align(
     held_out: list[dict[str, torch.Tensor]] | None = None,
     score: Callable[[torch.nn.Module], float | None] | None = None,
 ) -> AlignmentResult:
-    """fm and proxy are PEFT-wrapped with the same LoRA config; both get `adapters` first.
+    """fm and proxy are PEFT-wrapped with the same LoRA config, on one torch device; both get `adapters`
+    first. The returned FFN tensors are CPU fp32 arrays, whatever the device.
     held_out: fixed public batches on which the proxy-vs-FM layer loss is measured before and after.
     score: a measure of the proxy itself (with the adapters), taken before and after."""
     as_torch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapters.items()}

@@ -63,6 +63,31 @@ def read_labels(path: Optional[Path]) -> Optional[list[str]]:
     return labels
 
 
+def device_option(work: str, precision: str):
+    """--device for a command whose model work is `work`; fedpft.cloud.device holds the precision policy."""
+    return typer.Option(
+        "auto", "--device",
+        help=f"Torch device for {work}: auto (the first CUDA GPU, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps; "
+             f"a device this machine lacks is refused in one line before any work. {precision}",
+    )
+
+
+DISTILL_PRECISION = ("Distillation runs under bf16 autocast on CUDA GPUs that have bf16 (fp32 on others, on MPS and on CPU), "
+                     "with fp32 parameters; the bundle is always built from the CPU fp32 proxy.")
+SERVE_PRECISION = ("Evaluation runs under bf16 autocast on CUDA (fp16 on GPUs without bf16), alignment under bf16 autocast "
+                   "(fp32 on GPUs without bf16), with fp32 parameters; MPS and CPU run fp32; adapters and checkpoints are fp32.")
+
+
+def check_device(name: str) -> None:
+    """Refuse a --device this machine lacks before any work starts (one line, non-zero exit)."""
+    from .device import DeviceError, resolve_device
+
+    try:
+        resolve_device(name)
+    except DeviceError as exc:
+        fail(str(exc))
+
+
 @app.command()
 def prepare(
     model: str = typer.Option(..., "--model", "-m", help="FM: local Hugging Face folder, hub id, or alias vit-base | bert-base | roberta-base | minilm."),
@@ -84,25 +109,20 @@ def prepare(
     seed: int = typer.Option(0, "--seed", help="Seed for the head, adapters and data order."),
     bundle_version: int = typer.Option(1, "--bundle-version", help="Version number written to the manifest (fleet rollouts install and roll back by it)."),
     signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key (from `keygen`) that signs the manifest; devices check it with --trust-key."),
+    device: str = device_option("the FM and the proxy during distillation", DISTILL_PRECISION),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Compress the FM into a proxy, distill it, and write the device bundle (ORT training artifacts + manifest)."""
-    from pydantic import ValidationError
-
     from fedpft.shared.config import PrepareConfig
 
-    try:
-        cfg = PrepareConfig(
-            model=model, out=out, labels=read_labels(labels), num_labels=num_labels, public_data=public_data,
-            proxy=proxy, distill_steps=distill_steps, distill_lr=distill_lr, distill_alpha=distill_alpha,
-            keep_layers=parse_layers(keep_layers), ffn_keep=ffn_keep, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            max_length=max_length, batch_size=batch_size, dropout=dropout, seed=seed, bundle_version=bundle_version, signing_key=signing_key,
-        )
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        # name the option as the user typed it; model-level checks already name theirs
-        fail(f"--{str(err['loc'][0]).replace('_', '-')}: {msg}" if err["loc"] else msg)
+    cfg = _validated(
+        PrepareConfig, model=model, out=out, labels=read_labels(labels), num_labels=num_labels, public_data=public_data,
+        proxy=proxy, distill_steps=distill_steps, distill_lr=distill_lr, distill_alpha=distill_alpha,
+        keep_layers=parse_layers(keep_layers), ffn_keep=ffn_keep, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        max_length=max_length, batch_size=batch_size, dropout=dropout, seed=seed, bundle_version=bundle_version,
+        signing_key=signing_key, device=device,
+    )
+    check_device(cfg.device)
     from .models import ModelError
     from .prepare import PrepareError, prepare as run_prepare
     from .proxy import ProxyError
@@ -175,6 +195,7 @@ def serve(
     username: Optional[str] = typer.Option(None, "--username", help="Broker user name (`provision` creates fedpft-cloud)."),
     password: Optional[str] = typer.Option(None, "--password", envvar="FEDPFT_MQTT_PASSWORD", help="Broker password (or env FEDPFT_MQTT_PASSWORD)."),
     signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key (from `keygen`) that signs every task."),
+    device: str = device_option("the FM (evaluation) and the proxy (alignment)", SERVE_PRECISION),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Run federated rounds over MQTT: sample devices, collect and aggregate adapters, align, evaluate the FM."""
@@ -192,8 +213,9 @@ def serve(
         eval_max_samples=eval_max_samples, norm_bound_factor=norm_bound_factor, weight_cap_factor=weight_cap_factor,
         max_client_samples=max_client_samples, aggregator=aggregator, trim_fraction=trim_fraction, upload_timeout=upload_timeout,
         max_upload_buffer=max_upload_buffer, task_ack_timeout=task_ack_timeout, max_update_norm=max_update_norm, max_devices=max_devices, seed=seed, resume=resume,
-        ca=ca, cert=cert, key=key, username=username, password=password, signing_key=signing_key,
+        ca=ca, cert=cert, key=key, username=username, password=password, signing_key=signing_key, device=device,
     )
+    check_device(cfg.device)
     from fedpft.shared.signing import SignatureError
 
     from .state import RunStore
@@ -363,6 +385,8 @@ def simulate(
     seed: int = typer.Option(0, "--seed", help="Seed for sampling, partition, initialisation."),
     broker: Optional[str] = typer.Option(None, "--broker", help="Use this MQTT broker instead of the embedded one."),
     edge_python: Optional[Path] = typer.Option(None, "--edge-python", envvar="FEDPFT_EDGE_PYTHON", help="Python interpreter of the device processes, e.g. a venv with only the edge extra (plain onnxruntime, as devices install it). Default: this Python (the cloud's onnxruntime-training build, whose inference core runs the same graphs)."),
+    device: str = device_option("the cloud's FM and proxy (distillation, alignment, evaluation; the device processes run ONNX Runtime on CPU)",
+                                f"{DISTILL_PRECISION} {SERVE_PRECISION}"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run a complete federation on this machine: prepare, partition, N real edge processes, rounds, report."""
@@ -379,8 +403,9 @@ def simulate(
         SimulateConfig, out=out, model=model, data=data, clients=clients, rounds=rounds, partition=partition, method=method,
         max_samples=max_samples, eval_samples=eval_samples, distill_steps=distill_steps, align_every=align_every,
         align_steps=align_steps, local_epochs=local_epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
-        max_length=max_length, seed=seed, broker=broker, ffn_keep=ffn_keep, edge_python=edge_python,
+        max_length=max_length, seed=seed, broker=broker, ffn_keep=ffn_keep, edge_python=edge_python, device=device,
     )
+    check_device(cfg.device)
     try:
         run = run_simulate(cfg, show_progress=not quiet)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
@@ -394,12 +419,17 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Export folder to create (must not exist or be empty)."),
     round_id: Optional[int] = typer.Option(None, "--round", help="Export the adapters of this round (default: the run's latest)."),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also export and check an ONNX inference model (optimum)."),
+    device: str = device_option("loading, plugging and merging the FM",
+                                "Always fp32 (no autocast, no TF32): the merge parity check needs it; the merged model is saved and exported to ONNX from CPU."),
 ) -> None:
     """Plug the run's global adapters into the FM: PEFT adapter folder, merged HF model, ONNX, export.json."""
     from fedpft.export.hf import ExportError, export_run
+    from fedpft.shared.config import ExportConfig
 
+    cfg = _validated(ExportConfig, run=run, out=out, round=round_id, onnx=onnx, device=device)
+    check_device(cfg.device)
     try:
-        res = export_run(run, out, round_id=round_id, onnx=onnx)
+        res = export_run(cfg.run, cfg.out, round_id=cfg.round, onnx=cfg.onnx, device=cfg.device)
     except ExportError as exc:
         fail(str(exc))
     onnx_note = f", ONNX max |diff| {res.onnx_max_diff:.1e}" if res.onnx_max_diff is not None else ""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .device import autocast, model_device, to_device
 from .models import encoder_layers, ffn_linears, hidden_states
 from .proxy import ProxySpec
 
@@ -37,7 +38,8 @@ def ffn_product(layer: nn.Module) -> torch.Tensor:
 
 
 def hidden_loss(teacher_hs, student_hs, pairs: list[tuple[int, int]]) -> torch.Tensor:
-    return torch.stack([relative_mse(teacher_hs[t], student_hs[s]) for s, t in pairs]).mean()
+    # fp32 loss even when the forward ran under autocast (a no-op on fp32 states)
+    return torch.stack([relative_mse(teacher_hs[t].float(), student_hs[s].float()) for s, t in pairs]).mean()
 
 
 @dataclass
@@ -99,10 +101,16 @@ def distill(
     """Train the student's distilled FFNs to match the teacher's layer outputs for `steps` batches.
 
     frozen: proxy layer -> bool mask (neurons,) of neurons that keep their current weights.
+    Teacher and student must be on one device; batches may be anywhere (they are moved there).
+    The forward passes run under the device's "training" autocast; parameters stay fp32.
     """
     result = DistillResult()
     if steps <= 0 or not spec.compressed:
         return result
+    device = model_device(student)
+    if model_device(teacher) != device:
+        raise ValueError(f"teacher on {model_device(teacher)} and student on {device}: put both on one device")
+    frozen = {p: m.to(device) for p, m in frozen.items()} if frozen else frozen
     pairs = layer_pairs(spec)
     params = distill_params(student, spec)
     t_layers, s_layers = encoder_layers(teacher), encoder_layers(student)
@@ -119,14 +127,15 @@ def distill(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     with _only_trainable(student, params):
         for step in range(steps):
-            batch = next(batches)
-            with torch.no_grad():
-                t_hs = hidden_states(teacher, batch)
-            s_hs = hidden_states(student, batch)
-            loss = hidden_loss(t_hs, s_hs, pairs)
-            if alpha > 0:
-                prod = torch.stack([relative_mse(t_products[p], ffn_product(s_layers[p])) for p in spec.compressed])
-                loss = loss + alpha * prod.mean()
+            batch = to_device(next(batches), device)
+            with autocast(device, "training"):
+                with torch.no_grad():
+                    t_hs = hidden_states(teacher, batch)
+                s_hs = hidden_states(student, batch)
+                loss = hidden_loss(t_hs, s_hs, pairs)
+                if alpha > 0:
+                    prod = torch.stack([relative_mse(t_products[p], ffn_product(s_layers[p]).float()) for p in spec.compressed])
+                    loss = loss + alpha * prod.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -146,5 +155,10 @@ def evaluate_layer_loss(teacher: nn.Module, student: nn.Module, spec: ProxySpec,
     pairs = layer_pairs(spec)
     teacher.eval()
     student.eval()
-    vals = [float(hidden_loss(hidden_states(teacher, b), hidden_states(student, b), pairs)) for b in batches]
+    device = model_device(student)
+    vals = []
+    for b in batches:
+        b = to_device(b, device)
+        with autocast(device, "inference"):
+            vals.append(float(hidden_loss(hidden_states(teacher, b), hidden_states(student, b), pairs)))
     return sum(vals) / len(vals)

@@ -9,17 +9,22 @@ import torch
 
 from fedpft.export.adapters import add_adapters, load_adapter_state
 
+from .device import autocast, model_device
 from .models import load_fm
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]
 
 
 class PluggedFM:
-    """The FM wrapped once with the proxy's LoRA config; each round only swaps adapter values."""
+    """The FM wrapped once with the proxy's LoRA config; each round only swaps adapter values.
 
-    def __init__(self, model_source: str, labels: list[str], lora_rank: int, lora_alpha: float, seed: int = 0):
+    The model lives on `device`; adapters arrive as CPU arrays and are copied there."""
+
+    def __init__(self, model_source: str, labels: list[str], lora_rank: int, lora_alpha: float, seed: int = 0,
+                 device: torch.device | str = "cpu"):
         fm = load_fm(model_source, labels, dropout=None, seed=seed)
-        self.model = add_adapters(fm, lora_rank, lora_alpha, seed).eval()
+        # adapters are initialised on CPU from `seed`, so every device starts from the same values
+        self.model = add_adapters(fm, lora_rank, lora_alpha, seed).eval().to(device)
 
     def plug(self, adapters: dict[str, np.ndarray]) -> None:
         load_adapter_state(self.model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapters.items()})
@@ -31,12 +36,17 @@ class PluggedFM:
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, batches: Iterable[Batch]) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of a sequence classifier (the FM or a proxy) over the batches."""
+    """(accuracy, mean cross-entropy) of a sequence classifier (the FM or a proxy) over the batches.
+
+    Runs on the model's device under its "inference" autocast; logits are scored in fp32 on CPU."""
     model.eval()
+    device = model_device(model)
     correct, loss_sum, n = 0, 0.0, 0
     for inputs, labels in batches:
-        feed = {k: torch.from_numpy(v) for k, v in inputs.items()}
-        logits = model(**feed).logits
+        feed = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
+        with autocast(device, "inference"):
+            logits = model(**feed).logits
+        logits = logits.float().cpu()
         y = torch.from_numpy(labels).long()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())

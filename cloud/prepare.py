@@ -13,6 +13,7 @@ from fedpft.export.bundle import write_bundle
 from fedpft.shared.config import PrepareConfig
 from fedpft.shared.manifest import BundleManifest
 
+from .device import resolve_device
 from .distill import DistillResult, distill
 from .models import encoder_layers, family_of, load_config, load_fm, resolve_model_id
 from .progress import progress_bar
@@ -93,6 +94,7 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> PrepareResult:
     import time
 
     t0 = time.perf_counter()
+    device = resolve_device(cfg.device)  # an absent GPU is refused before any weights load
     config = validate(cfg)
     kind = family_of(config).kind
     labels = cfg.resolved_labels()
@@ -104,11 +106,17 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> PrepareResult:
         if cfg.proxy != "full":
             log.warning("distillation skipped (--distill-steps 0): the proxy is the raw compressed FM")
     else:
+        log.info("distilling on %s", device)
+        fm.to(device)
+        proxy.to(device)
         with tempfile.TemporaryDirectory() as scratch:
             stream = make_public_stream(cfg, kind, config, Path(scratch))
             with progress_bar("distilling proxy", cfg.distill_steps, show_progress) as bar:
                 result = distill(fm, proxy, spec, stream, cfg.distill_steps, cfg.distill_lr, cfg.distill_alpha,
                                  on_step=lambda i, loss: bar.advance(loss=loss))
+        # the bundle (ORT artifacts, safetensors) is always built from a CPU fp32 proxy
+        fm.to("cpu")
+        proxy.to("cpu")
         log.info("layer distillation: loss %.4f -> %.4f over %d steps", result.first, result.last, len(result.losses))
     proxy_params = count_params(proxy)
     sign = None
@@ -119,7 +127,7 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> PrepareResult:
         sign = lambda m: sign_record(m, key)  # noqa: E731
     manifest = write_bundle(
         Path(cfg.out), proxy, spec, labels, fm_id=cfg.model, fm_source=model_id,
-        prepare_config=cfg.model_dump(mode="json", exclude={"signing_key"}), max_length=cfg.max_length,
+        prepare_config=cfg.model_dump(mode="json", exclude={"signing_key", "device"}), max_length=cfg.max_length,
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=cfg.seed, bundle_version=cfg.bundle_version, sign=sign,
     )
     return PrepareResult(manifest, spec, result, count_params(fm), proxy_params, time.perf_counter() - t0)

@@ -12,6 +12,7 @@ import torch
 from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 
+from .device import resolve_device
 from .models import resolve_model_id
 from .state import RunState
 
@@ -31,7 +32,8 @@ class Cloud:
         self.cfg, self.manifest = cfg, manifest
         pc = prepare_config(cfg.bundle)
         self.pc = pc
-        self.fm = PluggedFM(resolve_model_id(pc["model"]), manifest.labels, pc["lora_rank"], pc["lora_alpha"], pc["seed"])
+        self.device = resolve_device(cfg.device)
+        self.fm = PluggedFM(resolve_model_id(pc["model"]), manifest.labels, pc["lora_rank"], pc["lora_alpha"], pc["seed"], self.device)
         self._eval_batches = None
         self._proxy = None
 
@@ -64,7 +66,8 @@ class Cloud:
             from .bundle_model import load_proxy
 
             # the bundle's own proxy + adapters, exactly as devices start from
-            self._proxy = load_proxy(self.cfg.bundle, with_adapters=True)
+            proxy, spec = load_proxy(self.cfg.bundle, with_adapters=True)
+            self._proxy = proxy.to(self.device), spec
             public = self.cfg.public_data or self.pc.get("public_data")
             if public is None:
                 raise ValueError("alignment needs public data: pass --public-data")

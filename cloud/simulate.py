@@ -94,10 +94,12 @@ def watch(procs: list[subprocess.Popen], stop: threading.Event) -> None:
 
 def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
     from .broker import EmbeddedBroker
+    from .device import resolve_device
     from .prepare import prepare
     from .report import write_report
     from .serve import serve
 
+    resolve_device(cfg.device)  # an absent GPU is refused before any folder or process is made
     run = Path(cfg.out)
     if (run / "federation" / "state.json").is_file():
         raise FileExistsError(f"--out {run} already holds a simulation; choose another --out or delete it")
@@ -113,7 +115,7 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
         prep = PrepareConfig(
             model=cfg.model, out=bundle, labels=labels, public_data=public if public.is_file() else None,
             proxy=PROXY_FOR[cfg.method], distill_steps=0 if cfg.method == "noalign" else cfg.distill_steps, ffn_keep=cfg.ffn_keep,
-            max_length=cfg.max_length, seed=cfg.seed,
+            max_length=cfg.max_length, seed=cfg.seed, device=cfg.device,
         )
         res = prepare(prep, show_progress=show_progress)
         log.info("bundle ready in %.0fs (proxy/FM params %.2f)", res.seconds, res.proxy_params / res.fm_params)
@@ -134,7 +136,7 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
             min_clients=cfg.clients, clients_per_round=cfg.clients, round_timeout=cfg.round_timeout,
             local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
             align_every=cfg.resolved_align_every(), align_steps=cfg.align_steps, align_fraction=cfg.align_fraction,
-            public_data=public if public.is_file() else None, eval_data=eval_path, seed=cfg.seed,
+            public_data=public if public.is_file() else None, eval_data=eval_path, seed=cfg.seed, device=cfg.device,
         )
         serve(serve_cfg, show_progress=show_progress)
         for p in procs:

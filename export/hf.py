@@ -124,8 +124,18 @@ def _bundle_of(run: Path) -> Path:
     return bundle
 
 
-def export_run(run: Path, out: Path, round_id: int | None = None, onnx: bool = True, atol: float = ATOL) -> ExportResult:
-    """Write out/adapter (PEFT), out/merged (HF model + preprocessing), out/onnx and out/export.json."""
+def export_run(run: Path, out: Path, round_id: int | None = None, onnx: bool = True, atol: float = ATOL,
+               device: str = "auto") -> ExportResult:
+    """Write out/adapter (PEFT), out/merged (HF model + preprocessing), out/onnx and out/export.json.
+
+    device: where the FM is loaded, plugged and merged (fedpft.cloud.device names; fp32, no TF32);
+    the saved merged model and everything the ONNX export sees are on CPU."""
+    from fedpft.cloud.device import DeviceError, resolve_device
+
+    try:
+        torch_device = resolve_device(device)
+    except (DeviceError, ValueError) as exc:
+        raise ExportError(str(exc)) from None
     src = locate(run, round_id)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -133,7 +143,7 @@ def export_run(run: Path, out: Path, round_id: int | None = None, onnx: bool = T
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        result = _export(src, tmp, onnx, atol)
+        result = _export(src, tmp, onnx, atol, torch_device)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -144,7 +154,8 @@ def export_run(run: Path, out: Path, round_id: int | None = None, onnx: bool = T
         raise
 
 
-def _export(src: ExportSource, tmp: Path, onnx: bool, atol: float) -> ExportResult:
+def _export(src: ExportSource, tmp: Path, onnx: bool, atol: float, device: torch.device) -> ExportResult:
+    from fedpft.cloud.device import exact_fp32, to_device
     from fedpft.cloud.evaluate import PluggedFM
     from fedpft.cloud.models import ModelError, resolve_model_id
     from fedpft.shared.codec import decode_tensors
@@ -159,7 +170,7 @@ def _export(src: ExportSource, tmp: Path, onnx: bool, atol: float) -> ExportResu
     except ProtocolError as exc:
         raise ExportError(f"{src.adapters}: {exc}") from exc
     try:
-        fm = PluggedFM(fm_source, manifest.labels, pc["lora_rank"], pc["lora_alpha"], pc.get("seed", 0))
+        fm = PluggedFM(fm_source, manifest.labels, pc["lora_rank"], pc["lora_alpha"], pc.get("seed", 0), device)
         fm.plug(adapters)
     except ModelError as exc:
         raise ExportError(str(exc)) from exc
@@ -172,11 +183,17 @@ def _export(src: ExportSource, tmp: Path, onnx: bool, atol: float) -> ExportResu
     peft_model.save_pretrained(str(tmp / ADAPTER_DIR))
     preprocessor = _preprocessor(manifest.input, fm_source, src.bundle)
     inputs = parity_inputs(manifest.input, preprocessor, peft_model.config)
-    with torch.no_grad():
-        unmerged = peft_model(**inputs).logits.numpy()
+    on_device = to_device(inputs, device)
+    with torch.no_grad(), exact_fp32(device):
+        unmerged = peft_model(**on_device).logits.cpu().numpy()
         merged_model = peft_model.merge_and_unload().eval()
-        merged = merged_model(**inputs).logits.numpy()
+        merged = merged_model(**on_device).logits.cpu().numpy()
     merge_diff = _check("merged model vs PEFT model", merged, unmerged, atol)
+    # what is saved, and what ONNX Runtime is checked against, is the CPU fp32 model
+    merged_model.to("cpu")
+    if device.type != "cpu":
+        with torch.no_grad():
+            merged = merged_model(**inputs).logits.numpy()
     merged_model.save_pretrained(str(tmp / MERGED_DIR))
     preprocessor.save_pretrained(str(tmp / MERGED_DIR))
     seconds["merge"] = time.perf_counter() - t

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 ProxyMethod = Literal["fedpft", "fedot", "full"]
+
+
+def _device_name(value: str) -> str:
+    # The grammar lives beside the resolver; that module imports torch only when resolving.
+    from fedpft.cloud.device import parse_device
+
+    return parse_device(value)
+
+
+# The torch device of the cloud's model work: auto | cpu | cuda | cuda:N | mps (fedpft.cloud.device).
+TorchDevice = Annotated[str, AfterValidator(_device_name)]
+DEVICE_DESCRIPTION = "torch device of the FM and proxy work: auto (first CUDA GPU, else MPS, else CPU), cpu, cuda, cuda:N, mps"
 
 
 class PrepareConfig(BaseModel):
@@ -37,6 +49,8 @@ class PrepareConfig(BaseModel):
     # Ed25519 private key (fedpft-cloud keygen) that signs the manifest; a local path, so it is
     # left out of the prepare_config the bundle records.
     signing_key: Path | None = None
+    # where the FM and the proxy are distilled; not part of the bundle (left out of prepare_config.json)
+    device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check(self) -> "PrepareConfig":
@@ -111,6 +125,7 @@ class ServeConfig(BaseModel):
     username: str | None = None
     password: str | None = Field(default=None, exclude=True, description="never written to serve_config.json")
     signing_key: Path | None = Field(default=None, description="Ed25519 private key that signs every Task")
+    device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -241,8 +256,21 @@ class SimulateConfig(BaseModel):
     seed: int = 0
     broker: str | None = None
     edge_python: Path | None = Field(default=None, description="Python of the device processes (a venv with fedpft[edge]); None = this one")
+    device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
 
     def resolved_align_every(self) -> int:
         if self.method != "fedpft":
             return 0
         return max(1, (self.rounds + 1) // 2) if self.align_every is None else self.align_every
+
+
+class ExportConfig(BaseModel):
+    """`fedpft-cloud export`: a run's adapters -> PEFT adapter, merged HF model, ONNX."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: Path
+    out: Path
+    round: int | None = Field(default=None, ge=0, description="None = the run's latest adapters")
+    onnx: bool = True
+    device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
