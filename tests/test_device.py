@@ -211,3 +211,37 @@ def test_help_explains_device(command):
     text = " ".join(res.output.replace("│", " ").split())
     assert "--device" in text and "auto (the first CUDA GPU, else Apple MPS, else CPU)" in text
     assert ("no autocast" if command == "export" else "bf16 autocast") in text
+
+
+def test_serve_cloud_evaluates_and_aligns_on_its_device(tiny_bert_bundle, tmp_path):
+    from fedpft.cloud.serve import Cloud
+    from fedpft.shared.codec import decode_tensors
+    from fedpft.shared.manifest import verify_bundle
+
+    from conftest import write_text_data
+
+    manifest = verify_bundle(tiny_bert_bundle)
+    public = tmp_path / "public.txt"
+    public.write_text("\n".join(f"red {w} blue {w} mail" for w in ("alpha", "beta", "gamma", "delta") * 8) + "\n")
+    cfg = ServeConfig(bundle=tiny_bert_bundle, out=tmp_path / "run", eval_data=write_text_data(tmp_path / "eval.jsonl"),
+                      public_data=public, align_steps=2, device="cpu")
+    cloud = Cloud(cfg, manifest)
+    adapters = decode_tensors((tiny_bert_bundle / manifest.files["adapters_init"].path).read_bytes())[0]
+    acc, loss = cloud.evaluate(adapters)
+    assert 0 <= acc <= 1 and isinstance(loss, float) and cloud.device == torch.device("cpu")
+    stats = {s.layer: (np.arange(s.neurons, dtype=np.float32), 100.0) for s in manifest.stat_outputs}
+    ffn, facts = cloud.align(adapters, stats, None, round_id=0)
+    assert ffn.keys() == {t.key for t in manifest.ffn}
+    assert all(v.dtype == np.float32 and v.shape == tuple(t.shape) for t in manifest.ffn for v in [ffn[t.key]])
+    assert facts["steps"] == 2 and facts["proxy_accuracy_after"] is not None
+    proxy, _ = cloud._proxy
+    assert {p.device for m in (proxy, cloud.fm.model) for p in m.parameters()} == {cloud.device}
+
+
+@no_gpu
+def test_export_refuses_an_absent_gpu_before_reading_the_run(tmp_path):
+    from fedpft.export.hf import ExportError, export_run
+
+    with pytest.raises(ExportError, match="^--device cuda:0: no CUDA GPU"):
+        export_run(tmp_path / "no-such-run", tmp_path / "out", device="cuda:0")
+    assert not (tmp_path / "out").exists()
