@@ -1,7 +1,7 @@
 """Which torch device the cloud's model work runs on, and where reduced precision is allowed.
 
-`--device` names are parsed without torch (shared/config.py validates them on every machine);
-resolving a name asks torch what this machine has, and refuses a device it lacks in one line
+`--device` names are parsed by shared/config.py (`parse_device`, no torch), which validates the
+configs; resolving a name asks torch what this machine has, and refuses a device it lacks in one line
 before any work starts. Nothing else in the cloud picks a device: the FM, the proxy,
 distillation, alignment, evaluation and export all take the one resolved here.
 
@@ -17,29 +17,22 @@ Autocast policy (docs/architecture.md, "Hardware"):
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Callable, Literal
+
+from fedpft.shared.config import DEVICE_CHOICES, parse_device
 
 if TYPE_CHECKING:
     import torch
 
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
-_NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+__all__ = ["DEVICE_CHOICES", "DeviceError", "autocast", "autocast_dtype", "exact_fp32", "model_device", "parse_device",
+           "resolve_device", "to_device"]
 
 Work = Literal["inference", "training", "export"]
 
 
 class DeviceError(RuntimeError):
     """A --device that is malformed or that this machine does not have; one line for the user."""
-
-
-def parse_device(text: str) -> str:
-    """The canonical device name (lower case, no blanks), or ValueError naming the choices."""
-    name = str(text).strip().lower()
-    if not _NAME.match(name):
-        raise ValueError(f"'{text}' is not a device: give {DEVICE_CHOICES}")
-    return name
 
 
 def _cuda_count() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -10,15 +11,22 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 ProxyMethod = Literal["fedpft", "fedot", "full"]
 
 
-def _device_name(value: str) -> str:
-    # The grammar lives beside the resolver; that module imports torch only when resolving.
-    from fedpft.cloud.device import parse_device
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
-    return parse_device(value)
+
+def parse_device(text: str) -> str:
+    """The canonical --device name (lower case, no blanks), or ValueError naming the choices.
+
+    Only the grammar: whether this machine has the device is fedpft.cloud.device's question."""
+    name = str(text).strip().lower()
+    if not _DEVICE_NAME.match(name):
+        raise ValueError(f"'{text}' is not a device: give {DEVICE_CHOICES}")
+    return name
 
 
 # The torch device of the cloud's model work: auto | cpu | cuda | cuda:N | mps (fedpft.cloud.device).
-TorchDevice = Annotated[str, AfterValidator(_device_name)]
+TorchDevice = Annotated[str, AfterValidator(parse_device)]
 DEVICE_DESCRIPTION = "torch device of the FM and proxy work: auto (first CUDA GPU, else MPS, else CPU), cpu, cuda, cuda:N, mps"
 
 
