@@ -245,3 +245,30 @@ def test_export_refuses_an_absent_gpu_before_reading_the_run(tmp_path):
     with pytest.raises(ExportError, match="^--device cuda:0: no CUDA GPU"):
         export_run(tmp_path / "no-such-run", tmp_path / "out", device="cuda:0")
     assert not (tmp_path / "out").exists()
+
+
+def test_simulate_threads_its_device_to_prepare_and_serve(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from fedpft.cloud import prepare, serve, simulate
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_prepare(cfg, show_progress=True):
+        seen["prepare"] = cfg.device
+        return SimpleNamespace(seconds=0.0, proxy_params=1, fm_params=1)
+
+    def fake_serve(cfg, show_progress=True):
+        seen["serve"] = cfg.device
+        raise Stop
+
+    monkeypatch.setattr(prepare, "prepare", fake_prepare)
+    monkeypatch.setattr(serve, "serve", fake_serve)
+    monkeypatch.setattr(simulate, "start_devices", lambda *a, **k: [])
+    cfg = SimulateConfig(out=tmp_path / "sim", device="CPU", broker="mqtt://127.0.0.1:1", max_samples=30, eval_samples=10)
+    with pytest.raises(Stop):
+        simulate.simulate(cfg, show_progress=False)
+    assert seen == {"prepare": "cpu", "serve": "cpu"}
