@@ -55,7 +55,10 @@ def resolve_device(name: str, cuda_count: Callable[[], int] = _cuda_count,
     The probes are parameters so that the choice can be tested on a machine without GPUs."""
     import torch
 
-    name = parse_device(name)
+    try:
+        name = parse_device(name)
+    except ValueError as exc:
+        raise DeviceError(f"--device: {exc}") from None
     if name == "cpu":
         return torch.device("cpu")
     if name == "auto":

@@ -134,7 +134,7 @@ def export_run(run: Path, out: Path, round_id: int | None = None, onnx: bool = T
 
     try:
         torch_device = resolve_device(device)
-    except (DeviceError, ValueError) as exc:
+    except DeviceError as exc:
         raise ExportError(str(exc)) from None
     src = locate(run, round_id)
     out = Path(out)

@@ -70,6 +70,8 @@ def test_named_devices_must_exist():
         resolve_device("cuda", **probes(0, True))
     with pytest.raises(DeviceError, match="^--device mps: Apple MPS is not available"):
         resolve_device("mps", **probes(4, False))
+    with pytest.raises(DeviceError, match="^--device: 'gpu' is not a device"):
+        resolve_device("gpu")
 
 
 @pytest.mark.parametrize("device", [torch.device("cpu"), MPS])
