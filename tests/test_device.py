@@ -274,3 +274,15 @@ def test_simulate_threads_its_device_to_prepare_and_serve(tmp_path, monkeypatch)
     with pytest.raises(Stop):
         simulate.simulate(cfg, show_progress=False)
     assert seen == {"prepare": "cpu", "serve": "cpu"}
+
+
+def test_export_cli_on_cpu_writes_cpu_fp32_models(tmp_path):
+    from safetensors import safe_open
+
+    from test_export_hf import make_bundle as export_bundle, make_run, tiny_bert
+
+    run = make_run(export_bundle(str(tiny_bert(tmp_path / "fm")), tmp_path / "bundle"), tmp_path / "run")
+    res = CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "x"), "--no-onnx", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    with safe_open(str(tmp_path / "x" / "merged" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
