@@ -379,7 +379,8 @@ def run_scale(sc: ScaleConfig) -> dict:
     last_ack = max((d["acked_at"] for d in acked), default=t_end)
     fleet_msgs = sum(d["msgs_out"] + d["msgs_in"] for d in timings)
     # Every device publish is on a topic the cloud subscribes to; only the Hellos sent before
-    # the cloud subscribed are missed by design (their retained presence reaches it instead).
+    # the cloud subscribed are missed by design (devices say hello again when the cloud clears
+    # the retained control topic, and only a Hello makes them eligible).
     device_to_cloud = sum(d["msgs_out"] for d in timings) - len(timings)
     res = {
         "devices": sc.devices,

@@ -5,8 +5,9 @@
 
     connect -> subscribe round, control, inbox, resend/+ -> Presence(online, retained) + Hello
     Task naming me -> Ack(task) -> BlobRequest(adapters, missing=[]) -> chunks on resend/<id>
-    -> "train" for a fixed simulated time (no compute) -> update chunks on upload/<id>
-    -> Update(blob=...) -> Ack(update) in the inbox
+    cloud clears the retained control topic -> Hello again (only a Hello makes a device eligible)
+    -> "train" for a fixed simulated time (no compute) -> Update(blob=..., task_id, update_id)
+    -> update chunks (metadata bound to the task) on upload/<id> -> Ack(update naming update_id)
 
 What it skips, on purpose: the bundle download (a fleet device has the bundle cached; the
 Task's bundle is never fetched) and the on-disk cache. The update is real: the received
@@ -38,9 +39,11 @@ import numpy as np
 from fedpft.shared import topics
 from fedpft.shared.chunks import BlobSource, Chunk, Reassembler
 from fedpft.shared.codec import decode_tensors, encode_tensors
-from fedpft.shared.messages import Ack, BlobRequest, EndOfRun, Hello, Presence, ProtocolError, Task, Update, decode, encode
+from fedpft.shared.messages import (
+    Ack, BlobRequest, EndOfRun, Hello, Presence, ProtocolError, Task, Update, decode, encode, make_update_id,
+)
 from fedpft.shared.transport import Transport
-from fedpft.shared.update import join_update
+from fedpft.shared.update import binding, join_update
 
 log = logging.getLogger("fedpft.simdevice")
 
@@ -174,9 +177,12 @@ class SimDevice:
             self.t.subscribe(pattern, self._on_json)
         self.t.subscribe(topics.resend_pattern(self.run, self.me), self._on_chunk)
         self._pub(topics.PRESENCE, Presence(run_id=self.run, sender=self.me, device_id=self.me, status="online"))
+        self.hello()
+        self.timing.connected_at = time.time()
+
+    def hello(self) -> None:
         self._pub(topics.HELLO, Hello(run_id=self.run, sender=self.me, device_id=self.me, num_samples=self.num_samples,
                                       capabilities={"runtime": "simulated"}))
-        self.timing.connected_at = time.time()
 
     def clear_presence(self) -> None:
         """Leave no retained message behind on a shared broker."""
@@ -185,7 +191,11 @@ class SimDevice:
     # ------------------------------------------------------------------ handlers (dispatcher thread)
     def _on_json(self, topic: str, payload: bytes) -> None:
         if not payload:
-            return  # a cleared retained message
+            # a cleared retained message; on `control` a cloud starting the run: only a Hello
+            # makes a device eligible, so say it now (as the real agent does)
+            if topic == topics.control_topic(self.run):
+                self.sched.soon(self.hello)
+            return
         self._count_in(payload)
         try:
             msg = decode(payload)
@@ -267,11 +277,13 @@ class SimDevice:
             positions = float(self.num_samples * 64)
             stats = {layer: (self.rng.uniform(0, positions, n).astype(np.float32), positions) for layer, n in self.stat_layers.items()}
         steps = max(1, self.num_samples // task.batch_size)
-        meta = {"num_samples": str(self.num_samples), "steps": str(steps), "mean_loss": "1.0"}
+        meta = {"num_samples": str(self.num_samples), "steps": str(steps), "mean_loss": "1.0",
+                **binding(self.run, task.round_id, self.me, task.task_id)}  # the task it answers, as the agent stamps it
         data = encode_tensors(join_update(out, stats), meta)
         src = BlobSource(f"upd-{self.me}-r{task.round_id}-{hashlib.sha256(data).hexdigest()[:10]}", data)
         msg = Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, blob=src.ref,
-                     num_samples=self.num_samples, steps=steps, mean_loss=1.0)
+                     num_samples=self.num_samples, steps=steps, mean_loss=1.0, task_id=task.task_id,
+                     update_id=make_update_id(self.run, task.round_id, self.me, task.task_id, src.sha256))
         self._upload = (src, msg)
         self._send_update(task)
 
@@ -280,9 +292,9 @@ class SimDevice:
             return
         src, msg = self._upload
         self.timing.uploads += 1
+        self._pub(topics.UPDATE, msg)  # first: the cloud checks every chunk against it
         for payload in src.payloads():
             self._publish(topics.upload_topic(self.run, self.me, src.blob_id), payload)
-        self._pub(topics.UPDATE, msg)
         self.timing.update_sent_at = time.time()
         attempt = self.timing.uploads
         self.sched.at(time.time() + self.ack_timeout, lambda: self._check_ack(task, attempt))
@@ -298,12 +310,15 @@ class SimDevice:
     def _fail(self, task: Task, reason: str, publish: bool = True) -> None:
         self.timing.error = reason
         if publish:  # a failed client replies with an error, never silence
-            self._pub(topics.UPDATE, Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, error=reason))
+            self._pub(topics.UPDATE, Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, error=reason,
+                                            task_id=task.task_id, update_id=make_update_id(self.run, task.round_id, self.me, task.task_id, None)))
         self._finish()
 
     def _on_ack(self, ack: Ack) -> None:
         if self._task is None or ack.round_id != self._task.round_id or self.timing.acked_at is not None:
             return
+        if self._upload is not None and ack.update_id != self._upload[1].update_id:
+            return  # a receipt for another submission in this device's name
         self.timing.acked_at = time.time()
         self.timing.ack_ok, self.timing.ack_reason = ack.ok, ack.reason
         self._finish()
