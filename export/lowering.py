@@ -10,7 +10,7 @@ ops has a closed form in standard ONNX ops, so we rewrite them here:
     BiasGeluGrad_dX(dY, X, B)        GeluGrad(dY, X + B)
     TanhGrad(dY, Y)                  dY * (1 - Y^2)
     SoftmaxGrad_13(dY, Y; axis)      Y * (dY - sum(dY * Y, axis))
-    DropoutGrad(dY, mask, ratio, t)  t ? dY * mask / (1 - ratio) : dY
+    DropoutGrad(dY, mask, ratio, t)  t ? dY * mask / (1 - ratio) : dY   (no t: as t; no ratio: 0.5)
     SoftmaxCrossEntropyLossGrad      (exp(log_prob) - onehot(label)) * dLoss / N  (N: non-ignored labels)
     GatherGrad(shape, idx, dY; axis) ScatterElements(zeros(shape), idx, dY, axis, reduction=add)
     LayerNormalizationGrad           dX = r * (g - mean(g) - x^ * mean(g * x^)), g = dY * scale, x^ = (X - mu) * r
@@ -128,8 +128,8 @@ def _rule_dropout_grad(b: _Builder, n: onnx.NodeProto) -> None:
     kept = b.one("Mul", b.one("Mul", dy, b.one("CastLike", mask, dy)), scale)
     if training:
         b.one("Where", training, kept, dy, out=n.output[0])
-    else:  # no training_mode input means inference: the forward pass was the identity
-        b.one("Identity", dy, out=n.output[0])
+    else:  # as ORT's kernel: without a training_mode input the mask and scale apply
+        b.one("Identity", kept, out=n.output[0])
 
 
 def _rule_sce_loss_grad(b: _Builder, n: onnx.NodeProto) -> None:
