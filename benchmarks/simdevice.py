@@ -4,8 +4,8 @@
 `Transport` (one `MqttTransport` per device, with its own client id):
 
     connect -> subscribe round, control, inbox, resend/+ -> Presence(online, retained) + Hello
-    Task naming me -> Ack(task) -> BlobRequest(adapters, missing=[]) -> chunks on resend/<id>
     cloud clears the retained control topic -> Hello again (only a Hello makes a device eligible)
+    Task naming me -> Ack(task) -> BlobRequest(adapters, missing=[]) -> chunks on resend/<id>
     -> "train" for a fixed simulated time (no compute) -> Update(blob=..., task_id, update_id)
     -> update chunks (metadata bound to the task) on upload/<id> -> Ack(update naming update_id)
 
