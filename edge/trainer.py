@@ -111,9 +111,8 @@ class EdgeSession:
         f = manifest.files
         self.providers = runtime.resolve_providers(providers)
         self.params = load_parameters(self.bundle_dir / f[ROLE_PARAMETERS].path)
-        _check({s.name: self.params.get(s.name) for s in [*manifest.trainable, *manifest.ffn] if s.name in self.params},
-               [TensorSpec(name=s.name, key=s.name, shape=s.shape, dtype=s.dtype) for s in [*manifest.trainable, *manifest.ffn]],
-               "bundle parameters", partial=False)
+        named = _by_name([*manifest.trainable, *manifest.ffn])
+        _check({s.name: self.params[s.name] for s in named if s.name in self.params}, named, "bundle parameters", partial=False)
         self.params = {n: np.ascontiguousarray(a) for n, a in self.params.items()}
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
@@ -192,7 +191,7 @@ class EdgeSession:
         """Overlay a cached checkpoint (adapters + FFN weights under ONNX names) on the bundle's."""
         saved = load_tensor_file(path)
         specs = [*self.manifest.trainable, *self.manifest.ffn]
-        _check(saved, [TensorSpec(name=s.name, key=s.name, shape=s.shape, dtype=s.dtype) for s in specs], f"cached checkpoint {path}", partial=True)
+        _check(saved, _by_name(specs), f"cached checkpoint {path}", partial=True)
         for s in specs:
             if s.name in saved:
                 self.params[s.name][...] = saved[s.name]
@@ -233,6 +232,11 @@ class EdgeSession:
     def save(self, cache_dir: Path) -> Path:
         """Save the adapters and FFN weights (no optimizer state) into cache_dir."""
         return save_checkpoint(self, cache_dir)
+
+
+def _by_name(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
+    """Specs keyed by their ONNX names: how parameter files and cached checkpoints store tensors."""
+    return [TensorSpec(name=s.name, key=s.name, shape=s.shape, dtype=s.dtype) for s in specs]
 
 
 def _open_graph(runtime, path: Path, providers: list[str], threads: int | None):
