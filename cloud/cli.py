@@ -387,9 +387,10 @@ def simulate(
     edge_python: Optional[Path] = typer.Option(None, "--edge-python", envvar="FEDPFT_EDGE_PYTHON", help="Python interpreter of the device processes, e.g. a venv with only the edge extra (plain onnxruntime, as devices install it). Default: this Python (the cloud's onnxruntime-training build, whose inference core runs the same graphs)."),
     device: str = device_option("the cloud's FM and proxy (distillation, alignment, evaluation; the device processes run ONNX Runtime on CPU)",
                                 f"{DISTILL_PRECISION} {SERVE_PRECISION}"),
+    engine: str = typer.Option("processes", "--engine", help="processes: N real `fedpft-edge` processes over MQTT (the deployment path). virtual: the same edge agents and ORT trainer on threads of this process over an in-memory hub (same protocol, aggregation, alignment and metrics; no broker, no process start-up; for research sweeps)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Run a complete federation on this machine: prepare, partition, N real edge processes, rounds, report."""
+    """Run a complete federation on this machine: prepare, partition, N edge agents (real processes, or virtual clients with --engine virtual), rounds, report."""
     from fedpft.shared.config import SimulateConfig
 
     from .partition import parse_scheme
@@ -404,6 +405,7 @@ def simulate(
         max_samples=max_samples, eval_samples=eval_samples, distill_steps=distill_steps, align_every=align_every,
         align_steps=align_steps, local_epochs=local_epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
         max_length=max_length, seed=seed, broker=broker, ffn_keep=ffn_keep, edge_python=edge_python, device=device,
+        engine=engine,
     )
     check_device(cfg.device)
     try:

@@ -11,6 +11,7 @@ import torch
 
 from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
+from fedpft.shared.transport import Transport
 
 from .device import resolve_device
 from .models import resolve_model_id
@@ -97,7 +98,9 @@ def _path(p: Path | None) -> str | None:
     return str(p) if p is not None else None
 
 
-def serve(cfg: ServeConfig, show_progress: bool = True) -> RunState:
+def serve(cfg: ServeConfig, show_progress: bool = True, transport: Transport | None = None) -> RunState:
+    """`transport`: an unconnected transport to run on instead of MQTT to cfg.broker (the virtual
+    simulation's in-memory hub); the broker, TLS and credential settings are then unused."""
     from fedpft.shared.mqtt import MqttTransport
 
     from .broker import EmbeddedBroker
@@ -108,14 +111,15 @@ def serve(cfg: ServeConfig, show_progress: bool = True) -> RunState:
     cloud = Cloud(cfg, manifest)
     broker = None
     url = cfg.broker
-    if url is None:
+    if url is None and transport is None:
         broker = EmbeddedBroker()
         url = broker.start()
         log.info("embedded MQTT broker listening at %s", url)
         print(f"embedded MQTT broker: {url}", flush=True)
     try:
-        transport = MqttTransport(url, client_id=f"fedpft-cloud-{cfg.run_id}", ca=_path(cfg.ca), cert=_path(cfg.cert),
-                                  key=_path(cfg.key), username=cfg.username, password=cfg.password)
+        if transport is None:
+            transport = MqttTransport(url, client_id=f"fedpft-cloud-{cfg.run_id}", ca=_path(cfg.ca), cert=_path(cfg.cert),
+                                      key=_path(cfg.key), username=cfg.username, password=cfg.password)
         with transport:
             fed = Federation(cfg, transport, evaluator=cloud.evaluate if cfg.eval_data else None,
                              aligner=cloud.align if cfg.align_every else None, show_progress=show_progress)

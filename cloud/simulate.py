@@ -2,7 +2,8 @@
 
 Prepares the bundle for the method, partitions the training data, starts the broker (embedded
 unless given), N real `fedpft-edge` processes each with its own shard, and the cloud; then writes
-metrics.jsonl, report.md and accuracy.png.
+metrics.jsonl, report.md and accuracy.png. `engine="virtual"` runs the same edge agents on threads
+of this process over an in-memory hub instead (cloud/virtual.py).
 """
 
 from __future__ import annotations
@@ -92,12 +93,46 @@ def watch(procs: list[subprocess.Popen], stop: threading.Event) -> None:
         stop.wait(1.0)
 
 
-def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
+def run_processes(cfg: SimulateConfig, serve_cfg: ServeConfig, shards: list[Path], run: Path, show_progress: bool) -> None:
+    """The federation with real `fedpft-edge` processes over MQTT (the embedded broker unless given)."""
     from .broker import EmbeddedBroker
+    from .serve import serve
+
+    broker = None
+    url = cfg.broker
+    if url is None:
+        broker = EmbeddedBroker()
+        url = broker.start()
+        print(f"embedded MQTT broker: {url}", flush=True)
+    procs = start_devices(shards, url, serve_cfg.run_id, run, cfg.edge_python)
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, args=(procs, stop), daemon=True)
+    watcher.start()
+    try:
+        serve(serve_cfg.model_copy(update={"broker": url}), show_progress=show_progress)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+    finally:
+        stop.set()
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if broker is not None:
+            broker.stop()
+
+
+def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
     from .device import resolve_device
     from .prepare import prepare
     from .report import write_report
-    from .serve import serve
 
     resolve_device(cfg.device)  # an absent GPU is refused before any folder or process is made
     run = Path(cfg.out)
@@ -119,48 +154,27 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
         )
         res = prepare(prep, show_progress=show_progress)
         log.info("bundle ready in %.0fs (proxy/FM params %.2f)", res.seconds, res.proxy_params / res.fm_params)
-    broker = None
-    url = cfg.broker
-    if url is None:
-        broker = EmbeddedBroker()
-        url = broker.start()
-        print(f"embedded MQTT broker: {url}", flush=True)
     run_id = f"sim-{cfg.method}-{cfg.seed}-{int(t0) % 100000}"
-    procs = start_devices(shards, url, run_id, run, cfg.edge_python)
-    stop = threading.Event()
-    watcher = threading.Thread(target=watch, args=(procs, stop), daemon=True)
-    watcher.start()
-    try:
-        serve_cfg = ServeConfig(
-            bundle=bundle, out=run / "federation", broker=url, run_id=run_id, rounds=cfg.rounds,
-            min_clients=cfg.clients, clients_per_round=cfg.clients, round_timeout=cfg.round_timeout,
-            local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
-            align_every=cfg.resolved_align_every(), align_steps=cfg.align_steps, align_fraction=cfg.align_fraction,
-            public_data=public if public.is_file() else None, eval_data=eval_path, seed=cfg.seed, device=cfg.device,
-        )
-        serve(serve_cfg, show_progress=show_progress)
-        for p in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.terminate()
-    finally:
-        stop.set()
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if broker is not None:
-            broker.stop()
+    serve_cfg = ServeConfig(
+        bundle=bundle, out=run / "federation", broker=cfg.broker, run_id=run_id, rounds=cfg.rounds,
+        min_clients=cfg.clients, clients_per_round=cfg.clients, round_timeout=cfg.round_timeout,
+        local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
+        align_every=cfg.resolved_align_every(), align_steps=cfg.align_steps, align_fraction=cfg.align_fraction,
+        public_data=public if public.is_file() else None, eval_data=eval_path, seed=cfg.seed, device=cfg.device,
+    )
+    if cfg.engine == "virtual":
+        from .virtual import serve_virtual
+
+        if cfg.edge_python is not None:
+            log.info("--edge-python %s unused: virtual clients run in this process", cfg.edge_python)
+        serve_virtual(serve_cfg, shards, run, show_progress)
+    else:
+        run_processes(cfg, serve_cfg, shards, run, show_progress)
     fed = run / "federation"
     for name in ("metrics.jsonl", "accuracy.png"):
         if (fed / name).is_file():
             (run / name).write_bytes((fed / name).read_bytes())
-    header = (f"`fedpft-cloud simulate` — method **{cfg.method}**, model {cfg.model}, {cfg.clients} clients "
+    header = (f"`fedpft-cloud simulate` — method **{cfg.method}**, model {cfg.model}, {cfg.clients} clients on the {cfg.engine} engine "
               f"({cfg.partition}), {cfg.rounds} rounds, {cfg.max_samples or 'all'} training samples, "
               f"{cfg.eval_samples or 'all'} test samples, total wall time {time.time() - t0:.0f}s.")
     write_report(fed, header)

@@ -234,6 +234,7 @@ class RolloutConfig(BrokerConfig):
 
 
 SimMethod = Literal["fedpft", "full", "fedot", "noalign", "layeronly"]
+SimEngine = Literal["processes", "virtual"]
 
 
 class SimulateConfig(BaseModel):
@@ -265,6 +266,15 @@ class SimulateConfig(BaseModel):
     broker: str | None = None
     edge_python: Path | None = Field(default=None, description="Python of the device processes (a venv with fedpft[edge]); None = this one")
     device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
+    engine: SimEngine = Field(default="processes", description="processes: real edge processes over MQTT; virtual: the same edge agents on threads of the cloud process, over an in-memory hub")
+
+    @model_validator(mode="after")
+    def _engine_options(self) -> "SimulateConfig":
+        # silently ignoring it would let a user believe a broker was exercised (--edge-python is
+        # not refused: it also comes from the environment, FEDPFT_EDGE_PYTHON)
+        if self.engine == "virtual" and self.broker is not None:
+            raise ValueError("--broker only applies to --engine processes (virtual clients talk to the cloud in memory)")
+        return self
 
     def resolved_align_every(self) -> int:
         if self.method != "fedpft":

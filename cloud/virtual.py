@@ -1,0 +1,141 @@
+"""`fedpft-cloud simulate --engine virtual`: the same federation, with the broker and the device
+processes gone.
+
+Each client is the real edge agent (`EdgeAgent` + the edge's own ORT trainer on the lowered
+graph), on a thread of this process, talking to the cloud's real `Federation` over an
+`InMemoryHub`. So the wire protocol, validation, bounds, aggregation, alignment and metrics are
+the production code paths; only sockets, the broker and process start-up (an interpreter, imports
+and an ORT session per device) are saved, and the MQTT round trips of every blob chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from fedpft.shared import topics
+from fedpft.shared.config import AgentConfig, ServeConfig
+from fedpft.shared.messages import Presence, encode
+from fedpft.shared.transport import InMemoryHub, InMemoryTransport, TransportError
+
+log = logging.getLogger("fedpft.simulate")
+
+
+class _DeviceThreads(logging.Filter):
+    """Records made on a device's threads (its agent loop and its transport's dispatcher)."""
+
+    def __init__(self, names: set[str], keep: bool, min_level: int = logging.NOTSET):
+        super().__init__()
+        self.names, self.keep, self.min_level = names, keep, min_level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.threadName in self.names
+        return ours if self.keep else (not ours or record.levelno >= self.min_level)
+
+
+@contextmanager
+def device_logs(devices: dict[str, Path]):
+    """Each device's log in its own agent.log, as the process engine writes it; the console gets
+    only the devices' warnings, so N agents' round chatter does not drown the cloud's."""
+    root, fedpft_log, agent_log = logging.getLogger(), logging.getLogger("fedpft"), logging.getLogger("fedpft.agent")
+    # a device process logs at INFO (edge/cli.py); its agent.log must not depend on the caller's levels
+    agent_level = agent_log.level
+    if agent_log.getEffectiveLevel() > logging.INFO:
+        agent_log.setLevel(logging.INFO)
+    files, all_names = [], set()
+    for dev, path in devices.items():
+        names = {dev, f"dispatch-{dev}"}
+        all_names |= names
+        h = logging.FileHandler(path, mode="w", encoding="utf-8")
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        h.addFilter(_DeviceThreads(names, keep=True))
+        files.append(h)
+        fedpft_log.addHandler(h)
+    quiet = _DeviceThreads(all_names, keep=False, min_level=logging.WARNING)
+    console = list(root.handlers)
+    for h in console:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        agent_log.setLevel(agent_level)
+        for h in console:
+            h.removeFilter(quiet)
+        for h in files:
+            fedpft_log.removeHandler(h)
+            h.close()
+
+
+def _offline(run_id: str, dev: str, reason: str) -> tuple[str, bytes]:
+    bye = Presence(run_id=run_id, sender=dev, device_id=dev, status="offline", reason=reason)
+    return topics.device_topic(run_id, dev, topics.PRESENCE), encode(bye)
+
+
+class VirtualDevice:
+    """One edge agent on a thread, on a hub transport with the last will a real device leaves."""
+
+    def __init__(self, hub: InMemoryHub, cfg: AgentConfig):
+        from fedpft.edge.agent import EdgeAgent
+        from fedpft.edge.online import make_trainer, rough_sample_count
+
+        self.cfg = cfg
+        # the client id doubles as the dispatcher thread's name, which device_logs routes by
+        self.transport = InMemoryTransport(hub, cfg.device_id, will=_offline(cfg.run_id, cfg.device_id, "connection lost"))
+        self.make_agent = lambda: EdgeAgent(cfg, self.transport, make_trainer(cfg), rough_sample_count(cfg.data))
+        self.agent = None
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, name=cfg.device_id, daemon=True)
+        self.error: BaseException | None = None
+
+    def _serve(self) -> None:
+        try:
+            # made on the device's thread, so what it logs (the trust-key warning) lands in its agent.log
+            self.agent = self.make_agent()
+            self.agent.finished = self.stopping
+            self.transport.connect()
+            self.agent.serve()
+        except BaseException as exc:  # noqa: BLE001 - a dead device must look dead to the cloud, as a crashed process does
+            self.error = exc
+            log.error("virtual device %s stopped: %s: %s", self.cfg.device_id, type(exc).__name__, exc, exc_info=True)
+            self.transport.abort()  # the hub publishes the last will: the cloud stops waiting for it
+            return
+        topic, bye = _offline(self.cfg.run_id, self.cfg.device_id, "run ended")
+        try:
+            self.transport.publish(topic, bye, retain=True)
+        except TransportError:
+            pass
+        self.transport.close()
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.agent is not None:
+            self.agent.finished = True  # the agent's loop looks at this at least once a second
+
+
+def serve_virtual(serve_cfg: ServeConfig, shards: list[Path], run: Path, show_progress: bool = True):
+    """Run the federation with one in-process edge agent per shard; returns the final RunState."""
+    from .serve import serve
+
+    hub = InMemoryHub(threaded=True)
+    devices = []
+    for i, shard in enumerate(shards):
+        dev = f"client{i:03d}"
+        # one ORT thread each, as the process engine gives its devices: the agents share the cores
+        cfg = AgentConfig(broker="memory://", device_id=dev, data=shard, cache=run / "clients" / dev / "cache",
+                          run_id=serve_cfg.run_id, threads=1)
+        devices.append(VirtualDevice(hub, cfg))
+    with device_logs({d.cfg.device_id: run / "clients" / d.cfg.device_id / "agent.log" for d in devices}):
+        for d in devices:
+            d.thread.start()
+        try:
+            state = serve(serve_cfg, show_progress=show_progress, transport=hub.transport(f"fedpft-cloud-{serve_cfg.run_id}"))
+        finally:
+            for d in devices:
+                d.stop()
+            for d in devices:
+                d.thread.join(timeout=60)
+                if d.thread.is_alive():
+                    log.warning("virtual device %s still busy after the run; left behind", d.cfg.device_id)
+    return state
