@@ -232,8 +232,9 @@ def install_edge(root: Path, reinstall: bool) -> dict:
     venv = root / VENV_IN.lstrip("/")
     record = venv / "fedpft-install.json"
     pip = [f"{VENV_IN}/bin/pip", "install", "--index-url", "https://pypi.org/simple"]
-    # pip under emulation takes ~20 minutes (mostly byte-compiling the dependencies), so a venv made
-    # for the same pyproject.toml keeps its dependencies and only fedpft itself is reinstalled from
+    # pip under emulation took 19 minutes here on a cold cache and a busy machine (2.5 with the pip
+    # cache warm), mostly byte-compiling the dependencies, so a venv made for the same
+    # pyproject.toml keeps its dependencies and only fedpft itself is reinstalled from
     # this checkout; the full install time shown is the one measured when the venv was made
     old = json.loads(record.read_text()) if record.is_file() else {}
     if old.get("deps_sha") == deps_sha and not reinstall:
