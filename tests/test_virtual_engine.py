@@ -57,6 +57,7 @@ def metrics(run):
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not mosquitto_up(), reason="needs Mosquitto on 127.0.0.1:1883")
 def test_virtual_engine_matches_real_processes(sim_inputs, tmp_path):
     took_v = run_engine(sim_inputs, tmp_path / "virtual", "virtual")
