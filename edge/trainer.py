@@ -128,7 +128,7 @@ class EdgeSession:
         self.optimizer = AdamW(manifest.optimizer, {n: self.params[n] for n in self._trainable})
 
     def _bind(self, session) -> tuple:
-        """Bind every parameter input once; returns (binding, batch input names, output index)."""
+        """Bind every parameter input once; returns (session, binding, batch input names, output index)."""
         binding = session.io_binding()
         batch_inputs = []
         for i in session.get_inputs():
@@ -137,10 +137,10 @@ class EdgeSession:
             else:
                 batch_inputs.append(i.name)
         outs = [o.name for o in session.get_outputs()]
-        return binding, batch_inputs, {n: k for k, n in enumerate(outs)}
+        return session, binding, batch_inputs, {n: k for k, n in enumerate(outs)}
 
     def _run(self, io: tuple, batch: Batch) -> list[np.ndarray]:
-        binding, names, index = io
+        session, binding, names, index = io
         feed = dict(batch.inputs, labels=batch.labels)
         for n in names:
             binding.bind_cpu_input(n, np.ascontiguousarray(feed[n]))
@@ -148,7 +148,6 @@ class EdgeSession:
         binding.clear_binding_outputs()
         for n in index:
             binding.bind_output(n, "cpu")
-        session = self.train_session if io is self._train else self.eval_session
         session.run_with_iobinding(binding)
         # copies: the bound outputs are reused (overwritten) by the next run
         return binding.copy_outputs_to_cpu()
@@ -209,7 +208,7 @@ class EdgeSession:
     def train_step(self, batch: Batch) -> StepOutput:
         """Forward + backward (one session run, gradients as outputs), then one AdamW step."""
         outs = self._run(self._train, batch)
-        index = self._train[2]
+        index = self._train[3]
         loss = float(outs[index[self.manifest.loss_output]])
         if math.isfinite(loss):  # a NaN step must not poison the weights the caller may still save
             self.optimizer.step({n: outs[index[n + GRAD_SUFFIX]] for n in self._trainable})
@@ -219,7 +218,7 @@ class EdgeSession:
     def predict(self, batch: Batch) -> np.ndarray:
         """Logits (batch, labels) of the eval model (dropout off)."""
         outs = self._run(self._eval, batch)
-        return outs[self._eval[2][self.manifest.logits_output]]
+        return outs[self._eval[3][self.manifest.logits_output]]
 
     def accuracy(self, stream: Iterable[Batch]) -> float | None:
         correct = total = 0
