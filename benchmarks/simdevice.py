@@ -219,7 +219,7 @@ class SimDevice:
             self._task = task
             self.timing.task_at = time.time()
             self._asm = Reassembler.for_ref(task.adapters)
-        self._pub(topics.ACK, Ack(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, acked="task"))
+        self._pub(topics.ACK, Ack(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, acked="task", task_id=task.task_id))
         self._request(task)
 
     def _request(self, task: Task) -> None:

@@ -248,7 +248,10 @@ class Federation:
             if msg.device_id in self.devices:
                 self.devices[msg.device_id].last_seen = time.time()
             if msg.acked == "task" and self.tracker is not None and msg.round_id == self.round_id:
-                self.tracker.ack(msg.device_id)
+                if self.task is not None and msg.task_id == self.task.task_id:
+                    self.tracker.ack(msg.device_id)
+                else:
+                    log.debug("round %d: ack from %s names task %s, not this round's; ignored", self.round_id, msg.device_id, msg.task_id)
 
     def _register(self, device_id: str) -> DeviceInfo:
         """The device's entry, made on its first Hello (or retained online presence). The registry is bounded (hellos from

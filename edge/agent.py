@@ -136,7 +136,8 @@ class EdgeAgent:
             return 0
         # the ack tells the cloud this device is alive and working on it (devices that never ack
         # are not waited for), so it goes out before anything slow
-        self._pub(topics.ACK, Ack(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, acked="task"))
+        self._pub(topics.ACK, Ack(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, acked="task",
+                                      task_id=task.task_id))
         if key in self.done and Path(self.done[key]).is_file():
             log.info("round %d already trained; re-sending the stored update", task.round_id)
             self.upload(task, Path(self.done[key]).read_bytes(), json.loads(Path(self.done[key] + ".json").read_text()))

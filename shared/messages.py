@@ -201,6 +201,10 @@ class Ack(_Message):
     reason: Reason | None = None
     # For acked="update": the Update.update_id this receipt is about; a device acts only on its own.
     update_id: UpdateId | None = None
+    # For acked="task": the Task.task_id acknowledged. The cloud counts only an ack of the task it
+    # is waiting on (a resumed cloud re-issues a round under a new task id; a late ack of the
+    # killed cloud's task, or a forged one, must not keep the round waiting for that device).
+    task_id: SafeId | None = None
 
 
 class BlobRequest(_Message):

@@ -118,7 +118,8 @@ class Poisoner:
         task = decode(payload)
         if "evil" not in task.devices:
             return
-        self._pub(self.topics.ACK, encode(Ack(run_id=self.run, round_id=task.round_id, sender="evil", device_id="evil", acked="task")))
+        self._pub(self.topics.ACK, encode(Ack(run_id=self.run, round_id=task.round_id, sender="evil", device_id="evil", acked="task",
+                                                 task_id=task.task_id)))
         huge = {t.key: np.full(t.shape, 1e4, t.dtype) for t in self.manifest.trainable}
         src = BlobSource(f"upd-evil-{task.round_id}", encode_tensors(huge, binding(self.run, task.round_id, "evil", task.task_id)))
         uid = make_update_id(self.run, task.round_id, "evil", task.task_id, src.sha256)

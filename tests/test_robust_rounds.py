@@ -16,7 +16,7 @@ from fedpft.shared.chunks import BlobSource
 from fedpft.shared.codec import encode_tensors
 from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest
-from fedpft.shared.messages import Hello, Presence, Task, Update, encode, make_update_id
+from fedpft.shared.messages import Ack, Hello, Presence, Task, Update, encode, make_update_id
 from fedpft.shared.transport import InMemoryHub
 from test_security_hostile import RUN, Device, good_tensors, honest
 
@@ -72,6 +72,24 @@ def test_a_flood_of_hellos_that_never_ack_does_not_hold_the_round(tiny_bert_bund
     print(f"\nround with 300 silent hellos + 1 device: {took:.1f}s (ack deadline 2 s, round timeout 120 s)")
     assert took < 30, took
     assert rec["devices"] == ["good0"] and len(rec["failed"]) == 300
+    assert any("did not ack the task within 2s" in m for m in caplog.messages)
+
+
+def test_an_ack_of_another_task_does_not_keep_the_round_waiting(tiny_bert_bundle, tmp_path, caplog):
+    """A task ack counts only for the task the round is waiting on (e.g. a late ack of a killed
+    cloud's task for the same round, or a forged one): otherwise the round waits to its timeout."""
+    def stale_ack(dev: Device, task: Task) -> None:
+        dev.pub(topics.ACK, Ack(run_id=RUN, round_id=task.round_id, sender=dev.device_id, device_id=dev.device_id,
+                                acked="task", task_id="an-earlier-task"))
+
+    fed, hub = federation(tiny_bert_bundle, tmp_path, [("good0", honest(0)), ("stale", stale_ack)], task_ack_timeout=2, round_timeout=120)
+    with caplog.at_level(logging.WARNING, logger="fedpft"):
+        t0 = time.time()
+        state = fed.run()
+    hub.join()
+    rec = state.history[-1]
+    assert time.time() - t0 < 30
+    assert rec["devices"] == ["good0"] and "stale" in rec["failed"]
     assert any("did not ack the task within 2s" in m for m in caplog.messages)
 
 
