@@ -33,7 +33,7 @@ from fedpft.shared.manifest import (
     file_entry,
 )
 
-from .adapters import adapter_state, add_adapters, remap_layers, trainable_keys
+from .adapters import adapter_state, add_adapters, trainable_keys
 from .training import (
     EVAL_MODEL,
     LOGITS,

@@ -180,12 +180,10 @@ def test_late_update_is_rejected_as_stale_and_never_mixed(tiny_bert_bundle, tmp_
     from fedpft.shared.chunks import BlobSource
     from fedpft.shared.codec import decode_tensors, encode_tensors
     from fedpft.shared.config import ServeConfig
-    from fedpft.shared.manifest import BundleManifest
     from fedpft.shared.messages import Hello, Task, Update, decode, encode, make_update_id
     from fedpft.shared.mqtt import MqttTransport
     from fedpft.shared.update import binding
 
-    manifest = BundleManifest.load(tiny_bert_bundle)
     init = decode_tensors((tiny_bert_bundle / "adapters_init.safetensors").read_bytes())[0]
     run = "late"
     fast, slow = MqttTransport(broker["url"], "dev-fast"), MqttTransport(broker["url"], "dev-slow")

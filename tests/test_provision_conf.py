@@ -79,7 +79,7 @@ def test_bad_listener_options_are_one_line_and_write_nothing(tmp_path, args, mes
 
 
 def test_conf_from_before_the_client_id_rule_is_rewritten_and_a_current_one_is_kept(tmp_path):
-    (tmp_path / CONF).write_text(f"allow_anonymous false\nlistener 8883\n")  # what provision used to write
+    (tmp_path / CONF).write_text("allow_anonymous false\nlistener 8883\n")  # what provision used to write
     res = provision(tmp_path, "dev1", "r")
     assert res.conf is not None and list(listener_blocks(tmp_path)) == ["listener 1883 127.0.0.1"]
     provision(tmp_path, "dev1", "r", listeners=listeners(bind="192.168.1.2", port=1884))

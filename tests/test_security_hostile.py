@@ -212,7 +212,7 @@ ATTACKS = {
     "chunk_hash_mismatch": (_corrupt_chunk, "sha256 mismatch (corrupted in transit)"),
     "blob_hash_mismatch": (_lying_layout, "update blob sha256 does not match the update message"),
     # rounds and membership
-    "stale_round": (lambda d, r: d.update(r + 5, _tensors(d)), f"stale: round 5 is not the current round 0"),
+    "stale_round": (lambda d, r: d.update(r + 5, _tensors(d)), "stale: round 5 is not the current round 0"),
     "not_selected": (_stranger, "rejected update from stranger for round 0: device was not selected"),
     "duplicate": (_duplicate, "from good0 already counted for this round"),
 }
