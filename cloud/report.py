@@ -11,6 +11,11 @@ def load_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.is_file() else []
 
 
+def shown_round(r: dict) -> int:
+    """Rounds are numbered from 0 on disk (metrics.jsonl, state) and from 1 wherever people read them."""
+    return int(r["round"]) + 1
+
+
 def plot_accuracy(rows: list[dict], path: Path, title: str = "FM test accuracy per round", series: dict[str, list[dict]] | None = None) -> Path | None:
     import matplotlib
 
@@ -21,7 +26,7 @@ def plot_accuracy(rows: list[dict], path: Path, title: str = "FM test accuracy p
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     drawn = False
     for name, rs in series.items():
-        pts = [(r["round"] + 1, 100 * r["fm_accuracy"]) for r in rs if r.get("fm_accuracy") is not None]
+        pts = [(shown_round(r), 100 * r["fm_accuracy"]) for r in rs if r.get("fm_accuracy") is not None]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=name)
             drawn = True
@@ -30,7 +35,10 @@ def plot_accuracy(rows: list[dict], path: Path, title: str = "FM test accuracy p
         return None
     for r in series.get("fm", rows):
         if r.get("aligned"):
-            ax.axvline(r["round"] + 1, color="grey", ls=":", lw=1)
+            ax.axvline(shown_round(r), color="grey", ls=":", lw=1)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
@@ -62,7 +70,7 @@ def write_report(run_dir: Path, header: str = "") -> Path:
         loss = f"{r['fm_loss']:.4f}" if r.get("fm_loss") is not None else "-"
         tl = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "-"
         note = f" (skipped: {r['skipped']})" if r.get("skipped") else ""
-        lines.append(f"| {r['round']}{note} | {r['clients']} | {acc} | {loss} | {tl} | {'yes' if r.get('aligned') else ''} | "
+        lines.append(f"| {shown_round(r)}{note} | {r['clients']} | {acc} | {loss} | {tl} | {'yes' if r.get('aligned') else ''} | "
                      f"{r.get('bytes_up', 0) / 1e6:.2f} | {r.get('bytes_down', 0) / 1e6:.2f} | {r.get('seconds', 0):.1f} |")
     lines += alignment_lines(rows)
     if png is not None:
@@ -89,6 +97,6 @@ def alignment_lines(rows: list[dict]) -> list[str]:
         a = r["alignment"]
         frozen = ", ".join(f"L{k}: {v}" for k, v in a.get("frozen", {}).items())
         apz = ", ".join(f"{v:.2f}" for v in a.get("mean_apoz", {}).values())
-        lines.append(f"| {r['round']} | {frozen} | {apz} | {a.get('gap_before', float('nan')):.4f} -> {a.get('gap_after', float('nan')):.4f} | "
+        lines.append(f"| {shown_round(r)} | {frozen} | {apz} | {a.get('gap_before', float('nan')):.4f} -> {a.get('gap_after', float('nan')):.4f} | "
                      f"{pct(a.get('proxy_accuracy_before'))} -> {pct(a.get('proxy_accuracy_after'))} | {pct(r.get('fm_accuracy'))} |")
     return lines
