@@ -58,7 +58,7 @@ def proxy_accuracy(out: Path) -> float:
     from fedpft.cloud.bundle_model import load_proxy, set_ffn_state
     from fedpft.cloud.evaluate import evaluate_model
     from fedpft.edge.data import BatchMaker, batches, read_local_data
-    from fedpft.export.adapters import load_adapter_state
+    from fedpft.modeling.adapters import load_adapter_state
     from fedpft.shared.manifest import verify_bundle
 
     bundle, fed = out / "bundle", out / "federation"

@@ -138,8 +138,8 @@ def work_torch(model_dir: str, shape: dict, warmup: int, steps: int) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from fedpft.cloud.models import model_class
-    from fedpft.export.adapters import add_adapters
+    from fedpft.modeling.families import model_class
+    from fedpft.modeling.adapters import add_adapters
 
     config = AutoConfig.from_pretrained(model_dir, num_labels=shape["labels"])
     model = model_class(config).from_pretrained(model_dir, config=config, ignore_mismatched_sizes=True)
@@ -185,7 +185,7 @@ def proxy_params_m(bundle: Path) -> float:
 
 def measure(work: Path, shapes: list[str], warmup: int, steps: int, repeats: int, threads: int | None, log,
             edge_python: str = sys.executable) -> dict[str, dict]:
-    from fedpft.cloud.models import offline_minilm_path
+    from fedpft.modeling.families import offline_minilm_path
 
     results = {}
     for name in shapes:

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedpft.export.adapters import add_adapters, load_adapter_state
 from fedpft.export.bundle import ADAPTERS_INIT, FM_CONFIG, PREPARE_CONFIG, PROXY_SPEC, PROXY_WEIGHTS
-
-from .proxy import ProxySpec, skeleton_from_spec
+from fedpft.modeling.adapters import add_adapters, load_adapter_state
+from fedpft.modeling.proxy import ProxySpec, skeleton_from_spec
 
 
 def load_fm_config(bundle_dir: Path):
@@ -49,7 +48,7 @@ def load_proxy(bundle_dir: Path, with_adapters: bool = True) -> tuple[nn.Module,
 
 def set_ffn_state(model: nn.Module, ffn: dict[str, torch.Tensor]) -> None:
     """Install FFN tensors keyed like the plain proxy's state dict (manifest.ffn keys)."""
-    from .models import unwrap
+    from fedpft.modeling.families import unwrap
 
     missing, unexpected = unwrap(model).load_state_dict(ffn, strict=False)
     if unexpected:

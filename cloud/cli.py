@@ -123,9 +123,9 @@ def prepare(
         signing_key=signing_key, device=device,
     )
     check_device(cfg.device)
-    from .models import ModelError
+    from fedpft.modeling.families import ModelError
     from .prepare import PrepareError, prepare as run_prepare
-    from .proxy import ProxyError
+    from fedpft.modeling.proxy import ProxyError
     from .public_data import PublicDataError
     from fedpft.export.lowering import LoweringError
 
@@ -425,7 +425,7 @@ def export_cmd(
                                 "Always fp32 (no autocast, no TF32): the merge parity check needs it; the merged model is saved and exported to ONNX from CPU."),
 ) -> None:
     """Plug the run's global adapters into the FM: PEFT adapter folder, merged HF model, ONNX, export.json."""
-    from fedpft.export.hf import ExportError, export_run
+    from .hf_export import ExportError, export_run
     from fedpft.shared.config import ExportConfig
 
     cfg = _validated(ExportConfig, run=run, out=out, round=round_id, onnx=onnx, device=device)

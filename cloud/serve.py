@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedpft.modeling.families import resolve_model_id
 from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.transport import Transport
 
 from .device import resolve_device
-from .models import resolve_model_id
 from .state import RunState
 
 log = logging.getLogger("fedpft.serve")

