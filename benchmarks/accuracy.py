@@ -57,7 +57,7 @@ def proxy_accuracy(out: Path) -> float:
 
     from fedpft.cloud.bundle_model import load_proxy, set_ffn_state
     from fedpft.cloud.evaluate import evaluate_model
-    from fedpft.edge.data import BatchMaker, batches, read_local_data
+    from fedpft.shared.records import BatchMaker, batches, read_local_data
     from fedpft.modeling.adapters import load_adapter_state
     from fedpft.shared.manifest import verify_bundle
 

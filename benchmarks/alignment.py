@@ -62,7 +62,7 @@ def load_run(run: Path, round_id: int | None):
 
 def encoded(path: Path, bundle: Path, manifest, batch_size: int, order_seed: int | None = None):
     """Batches (inputs, labels) as the devices build them; shuffled when order_seed is given."""
-    from fedpft.edge.data import BatchMaker, batches, read_local_data
+    from fedpft.shared.records import BatchMaker, batches, read_local_data
 
     data = read_local_data(path, manifest)
     records = data.records

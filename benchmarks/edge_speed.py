@@ -83,7 +83,7 @@ def random_inputs(shape: dict, vocab: int = 1000, seed: int = 0) -> dict[str, np
 
 
 def work_edge(bundle: Path, shape: dict, warmup: int, steps: int, threads: int | None) -> dict:
-    from fedpft.edge.data import Batch
+    from fedpft.shared.records import Batch
     from fedpft.edge.trainer import open_session
 
     session = open_session(bundle, threads=threads)

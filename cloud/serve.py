@@ -42,7 +42,7 @@ class Cloud:
     def eval_batches(self):
         """The evaluation set, preprocessed once by the devices' own loader (same tokenizer, same labels)."""
         if self._eval_batches is None:
-            from fedpft.edge.data import BatchMaker, batches, read_local_data
+            from fedpft.shared.records import BatchMaker, batches, read_local_data
 
             data = read_local_data(self.cfg.eval_data, self.manifest)
             records = data.records[: self.cfg.eval_max_samples] if self.cfg.eval_max_samples else data.records

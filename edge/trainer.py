@@ -25,10 +25,10 @@ from fedpft.shared.edge_config import EdgeTrainConfig
 from fedpft.shared.fsio import atomic_write
 from fedpft.shared.manifest import GRAD_SUFFIX, ROLE_EVAL, ROLE_PARAMETERS, ROLE_TRAINING, BundleManifest, TensorSpec, verify_bundle
 from fedpft.shared.messages import ProtocolError
+from fedpft.shared.records import Batch, BatchMaker, DataError, Skips, batches, epoch_order, read_local_data
 from fedpft.shared.update import STATS_PREFIX
 
 from .optim import AdamW
-from .data import Batch, BatchMaker, DataError, Skips, batches, epoch_order, read_local_data
 from .update import RoundResult
 
 CACHE_CHECKPOINT = "checkpoint.safetensors"
