@@ -80,7 +80,7 @@ def alignments(rows: list[dict]) -> list[dict]:
 
 def run_method(method: str, args, out: Path) -> dict:
     from fedpft.cloud.simulate import simulate
-    from fedpft.shared.config import SimulateConfig
+    from fedpft.cloud.config import SimulateConfig
 
     cfg = SimulateConfig(out=out, clients=args.clients, rounds=args.rounds, partition=args.partition, method=method,
                          max_samples=args.max_samples, eval_samples=args.eval_samples, distill_steps=args.distill_steps,

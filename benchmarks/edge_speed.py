@@ -171,7 +171,7 @@ def run_worker(*args: str, python: str = sys.executable) -> dict:
 
 def prepare_bundle(model: str, out: Path, labels: int) -> Path:
     from fedpft.cloud.prepare import prepare
-    from fedpft.shared.config import PrepareConfig
+    from fedpft.cloud.config import PrepareConfig
 
     prepare(PrepareConfig(model=model, out=out, num_labels=labels, distill_steps=0, max_length=64), show_progress=False)
     return out

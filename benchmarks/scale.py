@@ -54,7 +54,7 @@ from simdevice import WorkerSpec, run_worker  # noqa: E402
 from fedpft.cloud.server import Federation  # noqa: E402
 from fedpft.shared import topics  # noqa: E402
 from fedpft.shared.codec import encode_tensors  # noqa: E402
-from fedpft.shared.config import ServeConfig  # noqa: E402
+from fedpft.cloud.config import ServeConfig  # noqa: E402
 from fedpft.shared.manifest import (  # noqa: E402
     RUNTIME_PLAIN,
     BundleManifest, InputSpec, TensorSpec, file_entry, verify_bundle,

@@ -12,7 +12,7 @@ import torch
 from fedpft.export.bundle import write_bundle
 from fedpft.modeling.families import encoder_layers, family_of, load_config, load_fm, resolve_model_id
 from fedpft.modeling.proxy import ProxySpec, build_fedot, build_fedpft, build_full, check_layers, matching_layer_budget
-from fedpft.shared.config import PrepareConfig
+from fedpft.cloud.config import PrepareConfig
 from fedpft.shared.manifest import BundleManifest
 
 from .device import resolve_device

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fedpft.modeling.families import resolve_model_id
-from fedpft.shared.config import ServeConfig
+from fedpft.cloud.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.transport import Transport
 

@@ -63,7 +63,7 @@ def tiny_model_dir(folder: Path, family: str) -> Path:
 def make_bundle(model: str, out: Path, **overrides):
     """prepare() with test-friendly defaults; returns the bundle folder."""
     from fedpft.cloud.prepare import prepare
-    from fedpft.shared.config import PrepareConfig
+    from fedpft.cloud.config import PrepareConfig
 
     cfg = dict(model=model, out=out, labels=LABELS, distill_steps=0, dropout=0.0, max_length=16, seed=0)
     cfg.update(overrides)

@@ -19,7 +19,7 @@ from fedpft.modeling.families import load_fm, offline_minilm_path
 from fedpft.cloud.prepare import prepare
 from fedpft.cloud.state import RunState
 from fedpft.cloud.hf_export import ExportError, export_run, parity_inputs
-from fedpft.shared.config import PrepareConfig
+from fedpft.cloud.config import PrepareConfig
 from fedpft.shared.manifest import BundleManifest, sha256_file
 
 WORDS = "the a package library daemon installs fonts for console server with and of to x hinting".split()

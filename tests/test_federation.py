@@ -29,7 +29,7 @@ def fed(tmp_path_factory):
     """A MiniLM bundle for the 13 debian labels, client shards and an eval slice."""
     from fedpft.cloud.prepare import prepare
     from fedpft.cloud.simulate import read_jsonl, write_jsonl
-    from fedpft.shared.config import PrepareConfig
+    from fedpft.cloud.config import PrepareConfig
     from fedpft.shared.datasets import materialize, read_labels
 
     root = tmp_path_factory.mktemp("fed")

@@ -21,7 +21,8 @@ from fedpft.cloud.rollout import (
 )
 from fedpft.edge.blobs import AgentError
 from fedpft.edge.fleet import POINTERS_NAME, Pointers, load_pointers, save_pointers
-from fedpft.shared.config import BrokerConfig, RolloutConfig
+from fedpft.cloud.config import RolloutConfig
+from fedpft.shared.config import BrokerConfig
 from fedpft.shared.messages import BundleVersion, DeviceStatus, Presence
 
 V1, V2, V3 = (BundleVersion(bundle_id=f"b{i}", bundle_version=i) for i in (1, 2, 3))

@@ -23,7 +23,7 @@ from fedpft.cloud.server import Federation
 from fedpft.shared import topics
 from fedpft.shared.chunks import BlobSource, Chunk
 from fedpft.shared.codec import decode_tensors, encode_tensors
-from fedpft.shared.config import ServeConfig
+from fedpft.cloud.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest
 from fedpft.shared.messages import (
     Ack, BlobRef, BlobRequest, Hello, Presence, ProtocolError, Task, Update, decode, encode, make_update_id,
