@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from fedpft.cloud.config import PrepareConfig
 from fedpft.export.bundle import write_bundle
 from fedpft.modeling.families import encoder_layers, family_of, load_config, load_fm, resolve_model_id
 from fedpft.modeling.proxy import ProxySpec, build_fedot, build_fedpft, build_full, check_layers, matching_layer_budget
-from fedpft.cloud.config import PrepareConfig
 from fedpft.shared.manifest import BundleManifest
 
 from .device import resolve_device

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedpft.modeling.families import resolve_model_id
 from fedpft.cloud.config import ServeConfig
+from fedpft.modeling.families import resolve_model_id
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.transport import Transport
 

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from fedpft.cloud.cli import app
-from fedpft.cloud.device import DeviceError, autocast, autocast_dtype, exact_fp32, parse_device, resolve_device
 from fedpft.cloud.config import ExportConfig, PrepareConfig, ServeConfig, SimulateConfig
+from fedpft.cloud.device import DeviceError, autocast, autocast_dtype, exact_fp32, parse_device, resolve_device
 
 from conftest import LABELS, make_bundle
 from test_proxy import TINY, inputs_for

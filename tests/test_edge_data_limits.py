@@ -12,9 +12,9 @@ import tracemalloc
 
 import pytest
 
-from fedpft.shared.records import MAX_RECORD_BYTES, BatchMaker, batches, read_local_data
 from fedpft.shared.edge_config import EdgeTrainConfig
 from fedpft.shared.manifest import BundleManifest
+from fedpft.shared.records import MAX_RECORD_BYTES, BatchMaker, batches, read_local_data
 
 pytestmark = pytest.mark.security
 

@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 
+from fedpft.cloud.config import ServeConfig
 from fedpft.cloud.server import Federation
 from fedpft.edge.agent import EdgeAgent
 from fedpft.shared import topics
 from fedpft.shared.codec import encode_tensors
-from fedpft.cloud.config import ServeConfig
 from fedpft.shared.config import AgentConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.messages import BlobRef, Task, Update, decode

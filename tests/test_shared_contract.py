@@ -5,8 +5,8 @@ import stat
 
 import pytest
 
-from fedpft.shared import topics as T
 from fedpft.cloud.config import ServeConfig
+from fedpft.shared import topics as T
 from fedpft.shared.config import AgentConfig, BrokerConfig
 from fedpft.shared.fsio import atomic_write
 from fedpft.shared.messages import Ack, BlobRequest, DeviceStatus, Hello, Presence, ProtocolError, Rollout, Task, Update
