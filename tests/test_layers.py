@@ -65,8 +65,10 @@ def _imports(module: str, is_pkg: bool, tree: ast.AST):
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            yield node.lineno, mod
-            # `from fedpft import edge` / `from . import runtime` import submodules by name
+            if node.module is not None and mod != PKG:
+                yield node.lineno, mod
+                continue
+            # `from fedpft import edge` / `from .. import edge` name the package they import
             for alias in node.names:
                 yield node.lineno, f"{mod}.{alias.name}"
 
