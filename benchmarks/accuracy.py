@@ -57,8 +57,8 @@ def proxy_accuracy(out: Path) -> float:
 
     from fedpft.cloud.bundle_model import load_proxy, set_ffn_state
     from fedpft.cloud.evaluate import evaluate_model
-    from fedpft.edge.data import BatchMaker, batches, read_local_data
-    from fedpft.export.adapters import load_adapter_state
+    from fedpft.shared.records import BatchMaker, batches, read_local_data
+    from fedpft.modeling.adapters import load_adapter_state
     from fedpft.shared.manifest import verify_bundle
 
     bundle, fed = out / "bundle", out / "federation"
@@ -80,7 +80,7 @@ def alignments(rows: list[dict]) -> list[dict]:
 
 def run_method(method: str, args, out: Path) -> dict:
     from fedpft.cloud.simulate import simulate
-    from fedpft.shared.config import SimulateConfig
+    from fedpft.cloud.config import SimulateConfig
 
     cfg = SimulateConfig(out=out, clients=args.clients, rounds=args.rounds, partition=args.partition, method=method,
                          max_samples=args.max_samples, eval_samples=args.eval_samples, distill_steps=args.distill_steps,

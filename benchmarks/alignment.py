@@ -62,7 +62,7 @@ def load_run(run: Path, round_id: int | None):
 
 def encoded(path: Path, bundle: Path, manifest, batch_size: int, order_seed: int | None = None):
     """Batches (inputs, labels) as the devices build them; shuffled when order_seed is given."""
-    from fedpft.edge.data import BatchMaker, batches, read_local_data
+    from fedpft.shared.records import BatchMaker, batches, read_local_data
 
     data = read_local_data(path, manifest)
     records = data.records
@@ -112,9 +112,9 @@ def main() -> None:
     from fedpft.cloud.bundle_model import load_proxy, set_ffn_state
     from fedpft.cloud.distill import evaluate_layer_loss
     from fedpft.cloud.evaluate import PluggedFM, evaluate_model
-    from fedpft.cloud.models import encoder_layers, resolve_model_id
+    from fedpft.modeling.families import encoder_layers, resolve_model_id
     from fedpft.cloud.public_data import batch_stream, hold_out, list_public_samples, make_encoder
-    from fedpft.export.adapters import adapter_state, load_adapter_state
+    from fedpft.modeling.adapters import adapter_state, load_adapter_state
     from fedpft.shared.manifest import verify_bundle
 
     run, bundle = args.run, args.run / "bundle"

@@ -33,7 +33,7 @@ def vit_base_folder(folder: Path, num_labels: int = 10) -> str:
     the hub is unreachable here, so google/vit-base-patch16-224-in21k cannot be downloaded."""
     from transformers import ViTConfig
 
-    from fedpft.cloud.models import model_from_config
+    from fedpft.modeling.families import model_from_config
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():

@@ -83,7 +83,7 @@ def random_inputs(shape: dict, vocab: int = 1000, seed: int = 0) -> dict[str, np
 
 
 def work_edge(bundle: Path, shape: dict, warmup: int, steps: int, threads: int | None) -> dict:
-    from fedpft.edge.data import Batch
+    from fedpft.shared.records import Batch
     from fedpft.edge.trainer import open_session
 
     session = open_session(bundle, threads=threads)
@@ -138,8 +138,8 @@ def work_torch(model_dir: str, shape: dict, warmup: int, steps: int) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from fedpft.cloud.models import model_class
-    from fedpft.export.adapters import add_adapters
+    from fedpft.modeling.families import model_class
+    from fedpft.modeling.adapters import add_adapters
 
     config = AutoConfig.from_pretrained(model_dir, num_labels=shape["labels"])
     model = model_class(config).from_pretrained(model_dir, config=config, ignore_mismatched_sizes=True)
@@ -171,7 +171,7 @@ def run_worker(*args: str, python: str = sys.executable) -> dict:
 
 def prepare_bundle(model: str, out: Path, labels: int) -> Path:
     from fedpft.cloud.prepare import prepare
-    from fedpft.shared.config import PrepareConfig
+    from fedpft.cloud.config import PrepareConfig
 
     prepare(PrepareConfig(model=model, out=out, num_labels=labels, distill_steps=0, max_length=64), show_progress=False)
     return out
@@ -185,7 +185,7 @@ def proxy_params_m(bundle: Path) -> float:
 
 def measure(work: Path, shapes: list[str], warmup: int, steps: int, repeats: int, threads: int | None, log,
             edge_python: str = sys.executable) -> dict[str, dict]:
-    from fedpft.cloud.models import offline_minilm_path
+    from fedpft.modeling.families import offline_minilm_path
 
     results = {}
     for name in shapes:

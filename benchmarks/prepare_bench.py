@@ -15,7 +15,7 @@ from common import ROOT, command_line, machine, vit_base_folder, write_section
 
 def run_prepare(model: str, out: Path, **kw) -> dict:
     from fedpft.cloud.prepare import prepare
-    from fedpft.shared.config import PrepareConfig
+    from fedpft.cloud.config import PrepareConfig
     from fedpft.shared.manifest import DEVICE_ROLES
 
     t0 = time.perf_counter()

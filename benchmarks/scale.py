@@ -51,10 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # simdevice, also in s
 
 from simdevice import WorkerSpec, run_worker  # noqa: E402
 
+from fedpft.cloud.config import ServeConfig  # noqa: E402
 from fedpft.cloud.server import Federation  # noqa: E402
 from fedpft.shared import topics  # noqa: E402
 from fedpft.shared.codec import encode_tensors  # noqa: E402
-from fedpft.shared.config import ServeConfig  # noqa: E402
 from fedpft.shared.manifest import (  # noqa: E402
     RUNTIME_PLAIN,
     BundleManifest, InputSpec, TensorSpec, file_entry, verify_bundle,

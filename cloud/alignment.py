@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedpft.export.adapters import load_adapter_state
+from fedpft.modeling.adapters import load_adapter_state
+from fedpft.modeling.families import encoder_layers, ffn_linears
+from fedpft.modeling.proxy import ProxySpec
 
 from .aggregate import apoz, most_used
 from .distill import DistillResult, distill, evaluate_layer_loss
-from .models import encoder_layers, ffn_linears
-from .proxy import ProxySpec
 
 log = logging.getLogger("fedpft.alignment")
 
@@ -62,7 +62,7 @@ def frozen_masks(stats: dict[int, tuple[np.ndarray, float]], spec: ProxySpec, fr
 
 def ffn_state(proxy: torch.nn.Module, spec: ProxySpec) -> dict[str, np.ndarray]:
     """The compressed layers' FFN tensors keyed as in the plain proxy's state dict."""
-    from .models import unwrap
+    from fedpft.modeling.families import unwrap
 
     base = unwrap(proxy)
     names = {id(m): n for n, m in base.named_modules()}

@@ -113,7 +113,7 @@ def prepare(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Compress the FM into a proxy, distill it, and write the device bundle (ORT training artifacts + manifest)."""
-    from fedpft.shared.config import PrepareConfig
+    from fedpft.cloud.config import PrepareConfig
 
     cfg = _validated(
         PrepareConfig, model=model, out=out, labels=read_labels(labels), num_labels=num_labels, public_data=public_data,
@@ -123,9 +123,9 @@ def prepare(
         signing_key=signing_key, device=device,
     )
     check_device(cfg.device)
-    from .models import ModelError
+    from fedpft.modeling.families import ModelError
     from .prepare import PrepareError, prepare as run_prepare
-    from .proxy import ProxyError
+    from fedpft.modeling.proxy import ProxyError
     from .public_data import PublicDataError
     from fedpft.export.lowering import LoweringError
 
@@ -199,7 +199,7 @@ def serve(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Run federated rounds over MQTT: sample devices, collect and aggregate adapters, align, evaluate the FM."""
-    from fedpft.shared.config import ServeConfig
+    from fedpft.cloud.config import ServeConfig
     from fedpft.shared.manifest import BundleError
     from fedpft.shared.transport import TransportError
 
@@ -280,7 +280,7 @@ def rollout(
     password: Optional[str] = PASSWORD_OPT,
 ) -> None:
     """Publish a bundle version to a cohort or a fraction of the fleet (or roll it back) and print who installed it."""
-    from fedpft.shared.config import RolloutConfig
+    from fedpft.cloud.config import RolloutConfig
     from fedpft.shared.manifest import BundleError
     from fedpft.shared.messages import ProtocolError
     from fedpft.shared.signing import SignatureError
@@ -391,7 +391,7 @@ def simulate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run a complete federation on this machine: prepare, partition, N edge agents (real processes, or virtual clients with --engine virtual), rounds, report."""
-    from fedpft.shared.config import SimulateConfig
+    from fedpft.cloud.config import SimulateConfig
 
     from .partition import parse_scheme
     from .simulate import simulate as run_simulate
@@ -425,8 +425,8 @@ def export_cmd(
                                 "Always fp32 (no autocast, no TF32): the merge parity check needs it; the merged model is saved and exported to ONNX from CPU."),
 ) -> None:
     """Plug the run's global adapters into the FM: PEFT adapter folder, merged HF model, ONNX, export.json."""
-    from fedpft.export.hf import ExportError, export_run
-    from fedpft.shared.config import ExportConfig
+    from .hf_export import ExportError, export_run
+    from fedpft.cloud.config import ExportConfig
 
     cfg = _validated(ExportConfig, run=run, out=out, round=round_id, onnx=onnx, device=device)
     check_device(cfg.device)

@@ -1,6 +1,6 @@
 """Which torch device the cloud's model work runs on, and where reduced precision is allowed.
 
-`--device` names are parsed by shared/config.py (`parse_device`, no torch), which validates the
+`--device` names are parsed by cloud/config.py (`parse_device`, no torch), which validates the
 configs; resolving a name asks torch what this machine has, and refuses a device it lacks in one line
 before any work starts. Nothing else in the cloud picks a device: the FM, the proxy,
 distillation, alignment, evaluation and export all take the one resolved here.
@@ -20,7 +20,7 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Callable, Literal
 
-from fedpft.shared.config import DEVICE_CHOICES, parse_device
+from fedpft.cloud.config import DEVICE_CHOICES, parse_device
 
 if TYPE_CHECKING:
     import torch

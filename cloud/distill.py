@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fedpft.modeling.families import encoder_layers, ffn_linears, hidden_states
+from fedpft.modeling.proxy import ProxySpec
+
 from .device import autocast, model_device, to_device
-from .models import encoder_layers, ffn_linears, hidden_states
-from .proxy import ProxySpec
 
 Batch = dict[str, torch.Tensor]
 

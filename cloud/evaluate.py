@@ -7,10 +7,10 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from fedpft.export.adapters import add_adapters, load_adapter_state
+from fedpft.modeling.adapters import add_adapters, load_adapter_state
+from fedpft.modeling.families import load_fm
 
 from .device import autocast, model_device
-from .models import load_fm
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]
 

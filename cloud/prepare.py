@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 
+from fedpft.cloud.config import PrepareConfig
 from fedpft.export.bundle import write_bundle
-from fedpft.shared.config import PrepareConfig
+from fedpft.modeling.families import encoder_layers, family_of, load_config, load_fm, resolve_model_id
+from fedpft.modeling.proxy import ProxySpec, build_fedot, build_fedpft, build_full, check_layers, matching_layer_budget
 from fedpft.shared.manifest import BundleManifest
 
 from .device import resolve_device
 from .distill import DistillResult, distill
-from .models import encoder_layers, family_of, load_config, load_fm, resolve_model_id
 from .progress import progress_bar
-from .proxy import ProxySpec, build_fedot, build_fedpft, build_full, check_layers, matching_layer_budget
 from .public_data import batch_stream, list_public_samples, make_encoder
 
 log = logging.getLogger("fedpft.prepare")

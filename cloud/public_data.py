@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from fedpft.shared.records import IMAGE_SUFFIXES
 
 
 class PublicDataError(Exception):
@@ -60,8 +60,8 @@ def batch_stream(samples: list, encode, batch_size: int, seed: int) -> Iterator[
 
 
 def make_encoder(kind: str, input_spec, bundle_dir: Path | None = None):
-    """The same preprocessing the devices use (fedpft.edge.preprocess)."""
-    from fedpft.edge.preprocess import ImagePreprocessor, TextEncoder
+    """The same preprocessing the devices use (fedpft.shared.preprocess)."""
+    from fedpft.shared.preprocess import ImagePreprocessor, TextEncoder
 
     if kind == "text":
         tok = Path(input_spec.tokenizer_file)

@@ -29,9 +29,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedpft.cloud.config import RolloutConfig
 from fedpft.shared import topics
 from fedpft.shared.archive import pack_bundle
-from fedpft.shared.config import BrokerConfig, RolloutConfig
+from fedpft.shared.config import BrokerConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.messages import (
     CLOUD_SENDER, BlobRequest, BundleVersion, DeviceStatus, Presence, ProtocolError, Rollout, decode, encode,

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedpft.shared.config import ServeConfig
+from fedpft.cloud.config import ServeConfig
+from fedpft.modeling.families import resolve_model_id
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.transport import Transport
 
 from .device import resolve_device
-from .models import resolve_model_id
 from .state import RunState
 
 log = logging.getLogger("fedpft.serve")
@@ -42,7 +42,7 @@ class Cloud:
     def eval_batches(self):
         """The evaluation set, preprocessed once by the devices' own loader (same tokenizer, same labels)."""
         if self._eval_batches is None:
-            from fedpft.edge.data import BatchMaker, batches, read_local_data
+            from fedpft.shared.records import BatchMaker, batches, read_local_data
 
             data = read_local_data(self.cfg.eval_data, self.manifest)
             records = data.records[: self.cfg.eval_max_samples] if self.cfg.eval_max_samples else data.records

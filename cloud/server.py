@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpft.cloud.config import ServeConfig
 from fedpft.shared import topics
 from fedpft.shared.archive import pack_bundle
 from fedpft.shared.chunks import BlobSource, Chunk, Reassembler
 from fedpft.shared.codec import decode_tensors, encode_tensors
-from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.messages import (
     CLOUD_SENDER,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpft.shared.config import PrepareConfig, ServeConfig, SimulateConfig
+from fedpft.cloud.config import PrepareConfig, ServeConfig, SimulateConfig
 from fedpft.shared.datasets import materialize, read_labels
 
 from .partition import partition

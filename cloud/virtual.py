@@ -15,8 +15,9 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from fedpft.cloud.config import ServeConfig
 from fedpft.shared import topics
-from fedpft.shared.config import AgentConfig, ServeConfig
+from fedpft.shared.config import AgentConfig
 from fedpft.shared.messages import Presence, encode
 from fedpft.shared.transport import InMemoryHub, InMemoryTransport, TransportError
 

@@ -76,7 +76,7 @@ def train(
     except ValidationError as exc:
         err = exc.errors()[0]
         fail(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg'].removeprefix('Value error, ')}")
-    from .data import DataError
+    from fedpft.shared.records import DataError
     from .trainer import AdapterError, TrainError, load_adapters, summarize, train_round
     from .update import write_update
 

@@ -17,11 +17,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fedpft.cloud.models import encoder_layers, ffn_linears, family_of, unwrap
-from fedpft.cloud.proxy import ProxySpec
+from fedpft.modeling.adapters import adapter_state, add_adapters, trainable_keys
+from fedpft.modeling.families import encoder_layers, ffn_linears, family_of, unwrap
+from fedpft.modeling.proxy import ProxySpec
 from fedpft.shared.manifest import (
+    ROLE_ADAPTERS_INIT,
     ROLE_EVAL,
+    ROLE_FM_CONFIG,
     ROLE_PARAMETERS,
+    ROLE_PREPARE_CONFIG,
+    ROLE_PROXY_SPEC,
+    ROLE_PROXY_WEIGHTS,
     ROLE_TOKENIZER,
     ROLE_TRAINING,
     RUNTIME_PLAIN,
@@ -33,7 +39,6 @@ from fedpft.shared.manifest import (
     file_entry,
 )
 
-from .adapters import adapter_state, add_adapters, trainable_keys
 from .training import (
     EVAL_MODEL,
     LOGITS,
@@ -52,6 +57,14 @@ PROXY_SPEC = "proxy.json"
 FM_CONFIG = "fm_config.json"
 ADAPTERS_INIT = "adapters_init.safetensors"
 PREPARE_CONFIG = "prepare_config.json"
+# Where this writer puts the files only the cloud reads back; readers go through the manifest's roles.
+CLOUD_FILES = {
+    ROLE_PROXY_WEIGHTS: PROXY_WEIGHTS,
+    ROLE_PROXY_SPEC: PROXY_SPEC,
+    ROLE_FM_CONFIG: FM_CONFIG,
+    ROLE_ADAPTERS_INIT: ADAPTERS_INIT,
+    ROLE_PREPARE_CONFIG: PREPARE_CONFIG,
+}
 TOKENIZER = "tokenizer.json"
 GRAPH_PREFIX = "model."  # TrainingGraph holds the PEFT model as `.model`
 
@@ -178,7 +191,7 @@ def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_
     files.update({role: file_entry(tmp, f"{ORT_DIR}/{name}") for role, name in ORT_FILES.items()})
     if spec_in.tokenizer_file:
         files[ROLE_TOKENIZER] = file_entry(tmp, spec_in.tokenizer_file)
-    for role, rel in (("proxy_weights", PROXY_WEIGHTS), ("proxy_spec", PROXY_SPEC), ("fm_config", FM_CONFIG), ("adapters_init", ADAPTERS_INIT), ("prepare_config", PREPARE_CONFIG)):
+    for role, rel in CLOUD_FILES.items():
         files[role] = file_entry(tmp, rel)
 
     manifest = BundleManifest(

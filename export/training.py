@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedpft.cloud.models import encoder_layers, ffn_linears, family_of, unwrap
+from fedpft.modeling.families import encoder_layers, ffn_linears, family_of, unwrap
 
 OPSET = 16
 LOGITS = "logits"

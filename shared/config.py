@@ -1,174 +1,12 @@
-"""Typed configs that flow from the CLIs down. Pure pydantic: importable on devices."""
+"""The configs both sides use: the broker options every MQTT command takes, and the device's
+round and fleet agents (the cloud's virtual engine builds AgentConfigs too). Pure pydantic:
+importable on devices. The cloud's own configs are in fedpft.cloud.config."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-
-ProxyMethod = Literal["fedpft", "fedot", "full"]
-
-
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
-_DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def parse_device(text: str) -> str:
-    """The canonical --device name (lower case, no blanks), or ValueError naming the choices.
-
-    Only the grammar: whether this machine has the device is fedpft.cloud.device's question."""
-    name = str(text).strip().lower()
-    if not _DEVICE_NAME.match(name):
-        raise ValueError(f"'{text}' is not a device: give {DEVICE_CHOICES}")
-    return name
-
-
-# The torch device of the cloud's model work: auto | cpu | cuda | cuda:N | mps (fedpft.cloud.device).
-TorchDevice = Annotated[str, AfterValidator(parse_device)]
-DEVICE_DESCRIPTION = "torch device of the FM and proxy work: auto (first CUDA GPU, else MPS, else CPU), cpu, cuda, cuda:N, mps"
-
-
-class PrepareConfig(BaseModel):
-    """Everything `fedpft-cloud prepare` needs; saved as prepare_config.json in each bundle."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="local Hugging Face folder, hub id, or alias (vit-base, bert-base, roberta-base, minilm)")
-    out: Path
-    labels: list[str] | None = None
-    num_labels: int | None = Field(default=None, ge=1)
-    public_data: Path | None = None
-    proxy: ProxyMethod = "fedpft"
-    distill_steps: int = Field(default=200, ge=0)
-    distill_lr: float = Field(default=5e-4, gt=0)
-    distill_alpha: float = Field(default=0.0, ge=0, description="weight of the W_out·W_in product loss")
-    keep_layers: list[int] | None = Field(default=None, description="layers left uncompressed; default first and last")
-    ffn_keep: float = Field(default=0.25, description="fraction of FFN neurons kept in compressed layers, (0, 1]")
-    fedot_layers: int | None = Field(default=None, ge=2, description="layers kept by the fedot layer-drop proxy")
-    lora_rank: int = Field(default=8, ge=1)
-    lora_alpha: float = Field(default=16.0, gt=0)
-    max_length: int = Field(default=128, ge=8)
-    batch_size: int = Field(default=16, ge=1)
-    dropout: float | None = Field(default=None, ge=0, lt=1, description="override the FM's dropout in the training graph")
-    seed: int = 0
-    bundle_version: int = Field(default=1, ge=1, description="version number in the manifest (fleet rollouts install by it)")
-    # Ed25519 private key (fedpft-cloud keygen) that signs the manifest; a local path, so it is
-    # left out of the prepare_config the bundle records.
-    signing_key: Path | None = None
-    # where the FM and the proxy are distilled; not part of the bundle (left out of prepare_config.json)
-    device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
-
-    @model_validator(mode="after")
-    def _check(self) -> "PrepareConfig":
-        if not (0.0 < self.ffn_keep <= 1.0):
-            raise ValueError(f"--ffn-keep must be in (0, 1], got {self.ffn_keep}")
-        if self.labels is not None:
-            if len(set(self.labels)) != len(self.labels):
-                raise ValueError("labels must be unique")
-            if self.num_labels is not None and self.num_labels != len(self.labels):
-                raise ValueError(f"--num-labels {self.num_labels} does not match the {len(self.labels)} labels given")
-        if self.keep_layers is not None and len(set(self.keep_layers)) != len(self.keep_layers):
-            raise ValueError(f"--keep-layers has duplicates: {self.keep_layers}")
-        return self
-
-    def resolved_labels(self) -> list[str]:
-        if self.labels is not None:
-            return list(self.labels)
-        return [f"LABEL_{i}" for i in range(self.num_labels or 2)]
-
-
-class ServeConfig(BaseModel):
-    """`fedpft-cloud serve`: one federated run over MQTT; saved as RUN/serve_config.json."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bundle: Path
-    out: Path
-    broker: str | None = Field(default=None, description="mqtt://host:port; None starts the embedded broker")
-    run_id: str = "default"
-    rounds: int = Field(default=3, ge=1)
-    clients_per_round: int | None = Field(default=None, ge=1)
-    fraction: float | None = Field(default=None, gt=0, le=1)
-    min_clients: int = Field(default=1, ge=1)
-    round_timeout: float = Field(default=600.0, gt=0)
-    wait_for_clients: float = Field(default=120.0, ge=0, description="seconds to wait for min_clients to come online")
-    max_round_retries: int = Field(default=1, ge=0)
-    local_epochs: int = Field(default=1, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    batch_size: int = Field(default=16, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)
-    align_every: int = Field(default=0, ge=0, description="neuron-level alignment every T rounds; 0 = never")
-    align_fraction: float = Field(default=0.5, ge=0, le=1)
-    align_steps: int = Field(default=100, ge=0)
-    align_lr: float = Field(default=5e-4, gt=0)
-    public_data: Path | None = None
-    eval_data: Path | None = None
-    eval_max_samples: int | None = Field(default=None, ge=1)
-    eval_batch_size: int = Field(default=64, ge=1)
-    chunk_size: int = Field(default=1 << 20, ge=1024)
-    max_update_bytes: int = Field(default=256 << 20, ge=1024)
-    # Bounds on one device's influence (docs/protocol.md, "Bounded updates"): a device's change is
-    # clipped to norm_bound_factor x the round's typical change (0 = off), never above max_update_norm;
-    # its FedAvg weight is at most its Hello's num_samples, max_client_samples and
-    # weight_cap_factor x the round's typical weight (0 = off).
-    max_update_norm: float | None = Field(default=None, gt=0, description="absolute ceiling on the L2 norm of a device's change")
-    norm_bound_factor: float = Field(default=3.0, ge=0, description="clip changes above this multiple of the round's typical norm; 0 = off")
-    weight_cap_factor: float = Field(default=3.0, ge=0, description="cap FedAvg weights at this multiple of the round's typical weight; 0 = off")
-    max_client_samples: int | None = Field(default=None, ge=1, description="per-run maximum FedAvg weight (samples) of one device")
-    aggregator: Literal["fedavg", "median", "trimmed-mean"] = "fedavg"
-    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="share trimmed from each end by --aggregator trimmed-mean")
-    # Uploads and acks: what a device that stops half-way (or never starts) may cost the cloud.
-    upload_timeout: float = Field(default=120.0, gt=0, description="drop an unfinished upload after this many seconds without a chunk")
-    max_upload_buffer: int = Field(default=1 << 30, ge=1024, description="bytes all unfinished uploads together may hold")
-    task_ack_timeout: float = Field(default=30.0, gt=0, description="a selected device that has not acked the task by then is not waited for")
-    max_devices: int = Field(default=100_000, ge=1, description="devices the cloud keeps track of; offline ones make room")
-    seed: int = 0
-    resume: bool = False
-    # broker TLS and credentials (fedpft-cloud provision writes the cloud's password file)
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    username: str | None = None
-    password: str | None = Field(default=None, exclude=True, description="never written to serve_config.json")
-    signing_key: Path | None = Field(default=None, description="Ed25519 private key that signs every Task")
-    device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
-
-    @model_validator(mode="after")
-    def _check(self) -> "ServeConfig":
-        if self.clients_per_round is not None and self.fraction is not None:
-            raise ValueError("give --clients-per-round or --fraction, not both")
-        if self.clients_per_round is not None and self.min_clients > self.clients_per_round:
-            raise ValueError(f"--min-clients {self.min_clients} exceeds --clients-per-round {self.clients_per_round}")
-        return self
-
-
-class AgentConfig(BaseModel):
-    """`fedpft-edge train --broker ...`: one device taking part in a federated run."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    broker: str
-    device_id: str
-    data: Path
-    run_id: str = "default"
-    cache: Path = Path(".fedpft-cache")
-    holdout: float = Field(default=0.1, ge=0, lt=1)
-    threads: int | None = Field(default=None, ge=1, description="ORT intra-op threads; None lets ORT decide")
-    providers: tuple[str, ...] = Field(default=("cpu",), min_length=1, description="onnxruntime execution providers in order of preference")
-    heartbeat: float = Field(default=10.0, gt=0, description="seconds between Hello heartbeats while idle")
-    fetch_timeout: float = Field(default=600.0, gt=0)
-    ack_timeout: float = Field(default=30.0, gt=0)
-    max_retries: int = Field(default=3, ge=0)
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    username: str | None = None
-    password: str | None = None
-    # Ed25519 public key of the cloud: unsigned or tampered bundles and tasks are refused.
-    # None = development mode: everything is accepted (with one warning).
-    trust_key: Path | None = None
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class BrokerConfig(BaseModel):
@@ -184,7 +22,27 @@ class BrokerConfig(BaseModel):
     password: str | None = Field(default=None, exclude=True, description="never written to disk")
 
 
-def _safe_id(value: str | None, what: str) -> str | None:
+class AgentConfig(BrokerConfig):
+    """`fedpft-edge train --broker ...`: one device taking part in a federated run."""
+
+    broker: str
+    device_id: str
+    data: Path
+    run_id: str = "default"
+    cache: Path = Path(".fedpft-cache")
+    holdout: float = Field(default=0.1, ge=0, lt=1)
+    threads: int | None = Field(default=None, ge=1, description="ORT intra-op threads; None lets ORT decide")
+    providers: tuple[str, ...] = Field(default=("cpu",), min_length=1, description="onnxruntime execution providers in order of preference")
+    heartbeat: float = Field(default=10.0, gt=0, description="seconds between Hello heartbeats while idle")
+    fetch_timeout: float = Field(default=600.0, gt=0)
+    ack_timeout: float = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    # Ed25519 public key of the cloud: unsigned or tampered bundles and tasks are refused.
+    # None = development mode: everything is accepted (with one warning).
+    trust_key: Path | None = None
+
+
+def safe_id(value: str | None, what: str) -> str | None:
     from .messages import check_id
 
     return None if value is None else check_id(value, what)  # ProtocolError is a ValueError
@@ -204,91 +62,5 @@ class FleetConfig(BrokerConfig):
 
     @model_validator(mode="after")
     def _ids(self) -> "FleetConfig":
-        _safe_id(self.device_id, "--device-id"), _safe_id(self.cohort, "--cohort"), _safe_id(self.fleet, "--fleet")
+        safe_id(self.device_id, "--device-id"), safe_id(self.cohort, "--cohort"), safe_id(self.fleet, "--fleet")
         return self
-
-
-class RolloutConfig(BrokerConfig):
-    """`fedpft-cloud rollout`: a bundle version (or a rollback) to a cohort or a fraction of the fleet."""
-
-    bundle: Path | None = None
-    cohort: str | None = None
-    fraction: float | None = Field(default=None, gt=0, le=1)
-    rollback: bool = False
-    fleet: str = "default"
-    timeout: float = Field(default=120.0, gt=0, description="seconds to wait for the devices' acks")
-    state: Path = Path("fleet-state")
-    seed: int = Field(default=0, ge=0, description="seed of the --fraction selection")
-    chunk_size: int = Field(default=1 << 20, ge=1024)
-    settle: float = Field(default=0.5, ge=0, description="seconds to collect the retained device statuses")
-    signing_key: Path | None = Field(default=None, description="Ed25519 private key that signs the Rollout message")
-
-    @model_validator(mode="after")
-    def _check(self) -> "RolloutConfig":
-        if (self.cohort is None) == (self.fraction is None):
-            raise ValueError("give exactly one of --cohort or --fraction")
-        if self.rollback == (self.bundle is not None):
-            raise ValueError("a rollback takes no --bundle" if self.rollback else "give --bundle (or --rollback)")
-        _safe_id(self.cohort, "--cohort"), _safe_id(self.fleet, "--fleet")
-        return self
-
-
-SimMethod = Literal["fedpft", "full", "fedot", "noalign", "layeronly"]
-SimEngine = Literal["processes", "virtual"]
-
-
-class SimulateConfig(BaseModel):
-    """`fedpft-cloud simulate`: prepare, partition, start real devices, run rounds, report."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    out: Path
-    model: str = "minilm"
-    data: Path | None = Field(default=None, description="folder with train.jsonl, test.jsonl, labels.json, public.txt; None = shipped debian-sections")
-    clients: int = Field(default=3, ge=1)
-    rounds: int = Field(default=3, ge=1)
-    partition: str = "iid"
-    method: SimMethod = "fedpft"
-    max_samples: int | None = Field(default=900, ge=1, description="training samples used across all clients")
-    eval_samples: int | None = Field(default=300, ge=1)
-    distill_steps: int = Field(default=60, ge=0)
-    ffn_keep: float = Field(default=0.25, gt=0, le=1, description="share of FFN neurons the proxy keeps in compressed layers")
-    align_every: int | None = Field(default=None, ge=0, description="None = halfway through the run for fedpft")
-    align_steps: int = Field(default=30, ge=0)
-    align_fraction: float = Field(default=0.5, ge=0, le=1)
-    local_epochs: int = Field(default=2, ge=1)
-    lr: float = Field(default=3e-3, gt=0)
-    batch_size: int = Field(default=16, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)
-    max_length: int = Field(default=64, ge=8)
-    round_timeout: float = Field(default=1800.0, gt=0)
-    seed: int = 0
-    broker: str | None = None
-    edge_python: Path | None = Field(default=None, description="Python of the device processes (a venv with fedpft[edge]); None = this one")
-    device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
-    engine: SimEngine = Field(default="processes", description="processes: real edge processes over MQTT; virtual: the same edge agents on threads of the cloud process, over an in-memory hub")
-
-    @model_validator(mode="after")
-    def _engine_options(self) -> "SimulateConfig":
-        # silently ignoring it would let a user believe a broker was exercised (--edge-python is
-        # not refused: it also comes from the environment, FEDPFT_EDGE_PYTHON)
-        if self.engine == "virtual" and self.broker is not None:
-            raise ValueError("--broker only applies to --engine processes (virtual clients talk to the cloud in memory)")
-        return self
-
-    def resolved_align_every(self) -> int:
-        if self.method != "fedpft":
-            return 0
-        return max(1, (self.rounds + 1) // 2) if self.align_every is None else self.align_every
-
-
-class ExportConfig(BaseModel):
-    """`fedpft-cloud export`: a run's adapters -> PEFT adapter, merged HF model, ONNX."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    run: Path
-    out: Path
-    round: int | None = Field(default=None, ge=0, description="None = the run's latest adapters")
-    onnx: bool = True
-    device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)

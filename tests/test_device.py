@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from fedpft.cloud.cli import app
+from fedpft.cloud.config import ExportConfig, PrepareConfig, ServeConfig, SimulateConfig
 from fedpft.cloud.device import DeviceError, autocast, autocast_dtype, exact_fp32, parse_device, resolve_device
-from fedpft.shared.config import ExportConfig, PrepareConfig, ServeConfig, SimulateConfig
 
 from conftest import LABELS, make_bundle
 from test_proxy import TINY, inputs_for
@@ -104,8 +104,8 @@ def test_autocast_on_cpu_leaves_fp32_and_exact_fp32_restores_the_flags():
 
 def test_distill_refuses_models_on_two_devices():
     from fedpft.cloud.distill import distill
-    from fedpft.cloud.models import model_from_config
-    from fedpft.cloud.proxy import build_fedpft
+    from fedpft.modeling.families import model_from_config
+    from fedpft.modeling.proxy import build_fedpft
 
     fm = model_from_config(TINY["bert"])
     proxy, spec = build_fedpft(fm, None, 0.5)
@@ -115,10 +115,10 @@ def test_distill_refuses_models_on_two_devices():
 
 def test_alignment_returns_cpu_fp32_and_keeps_the_models_on_their_device():
     from fedpft.cloud.alignment import align
-    from fedpft.cloud.models import encoder_layers, ffn_linears, model_from_config
-    from fedpft.export.adapters import adapter_state, add_adapters
+    from fedpft.modeling.families import encoder_layers, ffn_linears, model_from_config
+    from fedpft.modeling.adapters import adapter_state, add_adapters
 
-    from fedpft.cloud.proxy import build_fedpft
+    from fedpft.modeling.proxy import build_fedpft
 
     base = model_from_config(TINY["bert"])
     proxy, spec = build_fedpft(base, None, 0.5)
@@ -242,7 +242,7 @@ def test_serve_cloud_evaluates_and_aligns_on_its_device(tiny_bert_bundle, tmp_pa
 
 @no_gpu
 def test_export_refuses_an_absent_gpu_before_reading_the_run(tmp_path):
-    from fedpft.export.hf import ExportError, export_run
+    from fedpft.cloud.hf_export import ExportError, export_run
 
     with pytest.raises(ExportError, match="^--device cuda:0: no CUDA GPU"):
         export_run(tmp_path / "no-such-run", tmp_path / "out", device="cuda:0")

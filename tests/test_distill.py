@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from fedpft.cloud.distill import distill, evaluate_layer_loss, relative_mse
-from fedpft.cloud.models import encoder_layers, ffn_linears, load_fm, model_from_config, offline_minilm_path
-from fedpft.cloud.proxy import build_fedpft
 from fedpft.cloud.public_data import batch_stream, list_public_samples
-from fedpft.edge.preprocess import TextEncoder
+from fedpft.modeling.families import encoder_layers, ffn_linears, load_fm, model_from_config, offline_minilm_path
+from fedpft.modeling.proxy import build_fedpft
+from fedpft.shared.preprocess import TextEncoder
 
 from test_proxy import TINY, inputs_for
 

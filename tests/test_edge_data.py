@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from fedpft.edge.data import BatchMaker, DataError, batches, epoch_order, read_local_data
 from fedpft.shared.manifest import BundleManifest
+from fedpft.shared.records import BatchMaker, DataError, batches, epoch_order, read_local_data
 
 from conftest import LABELS, write_image_data, write_text_data
 

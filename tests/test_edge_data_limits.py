@@ -12,9 +12,9 @@ import tracemalloc
 
 import pytest
 
-from fedpft.edge.data import MAX_RECORD_BYTES, BatchMaker, batches, read_local_data
 from fedpft.shared.edge_config import EdgeTrainConfig
 from fedpft.shared.manifest import BundleManifest
+from fedpft.shared.records import MAX_RECORD_BYTES, BatchMaker, batches, read_local_data
 
 pytestmark = pytest.mark.security
 
@@ -114,7 +114,7 @@ def test_a_10mb_line_costs_the_device_process_little_rss(tmp_path, tiny_bert_bun
     path = write_big_jsonl(tmp_path / "d.jsonl")
     script = (
         "import resource, sys\n"
-        "from fedpft.edge.data import read_local_data, BatchMaker, batches\n"
+        "from fedpft.shared.records import read_local_data, BatchMaker, batches\n"
         "from fedpft.shared.manifest import BundleManifest\n"
         "m = BundleManifest.load(sys.argv[1]); maker = BatchMaker(sys.argv[1], m)\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

@@ -38,6 +38,36 @@ print("LOADED", loaded, "INSTALLED", installed)
     assert out.is_file()
 
 
+@pytest.mark.parametrize("python", [sys.executable, EDGE_PYTHON], ids=["dev-venv", "edge-only-venv"])
+def test_every_shared_and_edge_module_imports_without_heavy_packages(python):
+    """Each module of fedpft.shared and fedpft.edge imports on a device; shared even without
+    tokenizers and Pillow (preprocessing imports them only when it runs)."""
+    if python is None:
+        pytest.skip("FEDPFT_EDGE_PYTHON not set (CI builds a venv with only the edge extra)")
+    script = f"""
+import importlib, pkgutil, sys
+for blocked in ("tokenizers", "PIL"):
+    sys.modules[blocked] = None  # an import of them now fails
+import fedpft.shared
+shared = [m.name for m in pkgutil.walk_packages(fedpft.shared.__path__, "fedpft.shared.")]
+for name in shared:
+    importlib.import_module(name)
+for blocked in ("tokenizers", "PIL"):
+    del sys.modules[blocked]
+import fedpft.edge
+edge = [m.name for m in pkgutil.walk_packages(fedpft.edge.__path__, "fedpft.edge.")]
+for name in edge:
+    importlib.import_module(name)
+loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+print("MODULES", len(shared), len(edge), "LOADED", loaded)
+"""
+    proc = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOADED []" in proc.stdout, proc.stdout
+    counts = proc.stdout.split("MODULES ")[1].split()[:2]
+    assert all(int(c) > 5 for c in counts), proc.stdout
+
+
 def test_one_onnxruntime_distribution_per_venv():
     """onnxruntime and onnxruntime-training both write the `onnxruntime` module: a venv holding both
     runs whichever was unpacked last. `[all]` must bring only the training build, `[edge]` only the plain one."""

@@ -211,7 +211,7 @@ print("HEAVY", heavy)
 def test_held_out_split_stays_fixed_while_the_round_seed_changes(monkeypatch, tiny_bert_bundle, text_data):
     """The cloud sends a new seed every round; were it to move the held-out split, samples held out
     in one round would be trained on in the next and acc_before/acc_after would measure memorisation."""
-    from fedpft.edge.data import LocalData
+    from fedpft.shared.records import LocalData
 
     held_out_sets = []
     real_split = LocalData.split

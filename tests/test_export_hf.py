@@ -15,11 +15,11 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, BertConfig, BertModel, ViTConfig, ViTModel
 
-from fedpft.cloud.models import load_fm, offline_minilm_path
+from fedpft.cloud.config import PrepareConfig
+from fedpft.cloud.hf_export import ExportError, export_run, parity_inputs
 from fedpft.cloud.prepare import prepare
 from fedpft.cloud.state import RunState
-from fedpft.export.hf import ExportError, export_run, parity_inputs
-from fedpft.shared.config import PrepareConfig
+from fedpft.modeling.families import load_fm, offline_minilm_path
 from fedpft.shared.manifest import BundleManifest, sha256_file
 
 WORDS = "the a package library daemon installs fonts for console server with and of to x hinting".split()

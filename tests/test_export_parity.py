@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from fedpft.cloud.bundle_model import load_proxy, set_ffn_state
-from fedpft.cloud.models import encoder_layers, ffn_linears
-from fedpft.edge.data import Batch, BatchMaker, Record
 from fedpft.edge.trainer import open_session
-from fedpft.export.adapters import load_adapter_state, trainable_keys
 from fedpft.export.training import TrainingGraph
+from fedpft.modeling.adapters import load_adapter_state, trainable_keys
+from fedpft.modeling.families import encoder_layers, ffn_linears
+from fedpft.shared.records import Batch, BatchMaker, Record
 
 from conftest import WORDS
 

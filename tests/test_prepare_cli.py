@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedpft.cloud.cli import app
-from fedpft.cloud.models import offline_minilm_path
+from fedpft.modeling.families import offline_minilm_path
 
 from test_distill import PUBLIC
 

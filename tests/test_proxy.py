@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, ViTConfig
 
-from fedpft.cloud.models import encoder_layers, ffn_linears, model_from_config
-from fedpft.cloud.proxy import (
+from fedpft.modeling.families import encoder_layers, ffn_linears, model_from_config
+from fedpft.modeling.proxy import (
     ProxyError,
     build_fedot,
     build_fedpft,

@@ -9,12 +9,12 @@ import time
 import numpy as np
 import pytest
 
+from fedpft.cloud.config import ServeConfig
 from fedpft.cloud.sampling import RoundTracker
 from fedpft.cloud.server import Federation
 from fedpft.shared import topics
 from fedpft.shared.chunks import BlobSource
 from fedpft.shared.codec import encode_tensors
-from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest
 from fedpft.shared.messages import Ack, Hello, Presence, Task, Update, encode, make_update_id
 from fedpft.shared.transport import InMemoryHub

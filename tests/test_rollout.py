@@ -19,9 +19,10 @@ from conftest import make_bundle, mosquitto_up
 from fedpft.cloud.rollout import (
     DeviceView, FleetState, GroupRecord, group_key, outcome, prevailing, read_fleet, rollout, select_fraction,
 )
+from fedpft.cloud.config import RolloutConfig
 from fedpft.edge.blobs import AgentError
 from fedpft.edge.fleet import POINTERS_NAME, Pointers, load_pointers, save_pointers
-from fedpft.shared.config import BrokerConfig, RolloutConfig
+from fedpft.shared.config import BrokerConfig
 from fedpft.shared.messages import BundleVersion, DeviceStatus, Presence
 
 V1, V2, V3 = (BundleVersion(bundle_id=f"b{i}", bundle_version=i) for i in (1, 2, 3))

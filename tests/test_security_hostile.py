@@ -18,12 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedpft.cloud.config import ServeConfig
 from fedpft.cloud.sampling import RoundTracker
 from fedpft.cloud.server import Federation
 from fedpft.shared import topics
 from fedpft.shared.chunks import BlobSource, Chunk
 from fedpft.shared.codec import decode_tensors, encode_tensors
-from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest
 from fedpft.shared.messages import (
     Ack, BlobRef, BlobRequest, Hello, Presence, ProtocolError, Task, Update, decode, encode, make_update_id,

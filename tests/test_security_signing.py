@@ -12,11 +12,12 @@ import time
 import numpy as np
 import pytest
 
+from fedpft.cloud.config import ServeConfig
 from fedpft.cloud.server import Federation
 from fedpft.edge.agent import EdgeAgent
 from fedpft.shared import topics
 from fedpft.shared.codec import encode_tensors
-from fedpft.shared.config import AgentConfig, ServeConfig
+from fedpft.shared.config import AgentConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.messages import BlobRef, Task, Update, decode
 from fedpft.shared.signing import (

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import LABELS, WORDS, make_bundle, mosquitto_up, write_text_data
+from fedpft.cloud.config import SimulateConfig
 from fedpft.shared.codec import decode_tensors
-from fedpft.shared.config import SimulateConfig
 from test_federation import final_adapters
 
 MOSQUITTO = "mqtt://127.0.0.1:1883"

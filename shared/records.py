@@ -1,4 +1,5 @@
-"""A device's labelled data: lightweight records, streamed as preprocessed batches.
+"""Labelled data as records, streamed as preprocessed batches: a device's training data, and the
+cloud's evaluation set read by the very same reader (same tokenizer, same labels, same skips).
 
 Accepted layouts (labels are the bundle manifest's class names):
 - text, JSONL: one `{"text": ..., "label": ...}` object a line (`.jsonl`, `.json`, `.ndjson`).
@@ -29,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpft.shared.edge_config import EdgeTrainConfig
-from fedpft.shared.manifest import BundleManifest
+from .edge_config import EdgeTrainConfig
+from .manifest import BundleManifest
 
 from .preprocess import ImagePreprocessor, TextEncoder
 

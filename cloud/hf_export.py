@@ -24,6 +24,8 @@ import torch
 
 from fedpft.shared.manifest import BundleError, BundleManifest, InputSpec, sha256_file
 
+from .config import PrepareConfig, load_prepare_config
+
 log = logging.getLogger("fedpft.export")
 
 ADAPTER_DIR = "adapter"
@@ -52,7 +54,7 @@ class ExportSource:
     round: int | None  # None: the adapters before any round (the bundle's initial ones)
     bundle: Path
     manifest: BundleManifest
-    prepare_config: dict
+    prepare_config: PrepareConfig
 
 
 @dataclass
@@ -66,7 +68,7 @@ class ExportResult:
 
 def locate(run: Path, round_id: int | None = None) -> ExportSource:
     """Resolve the run folder, the adapters to export (latest or of round `round_id`) and the bundle."""
-    from fedpft.cloud.state import STATE, RunState
+    from .state import STATE, RunState
 
     run = Path(run)
     if not run.is_dir():
@@ -101,12 +103,10 @@ def locate(run: Path, round_id: int | None = None) -> ExportSource:
         raise ExportError(str(exc)) from exc
     if manifest.bundle_id != state.bundle_id:
         raise ExportError(f"{bundle} is bundle {manifest.bundle_id[:12]}, but run {run} was made with {state.bundle_id[:12]}")
-    entry = manifest.files.get("prepare_config")
-    pc_file = bundle / (entry.path if entry else "prepare_config.json")
     try:
-        prepare_config = json.loads(pc_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{pc_file}: cannot read the bundle's prepare config ({_first_line(exc)})") from exc
+        prepare_config = load_prepare_config(bundle, manifest)
+    except BundleError as exc:
+        raise ExportError(str(exc)) from exc
     return ExportSource(run, state.run_id, adapters, round_done, bundle, manifest, prepare_config)
 
 
@@ -130,7 +130,7 @@ def export_run(run: Path, out: Path, round_id: int | None = None, onnx: bool = T
 
     device: where the FM is loaded, plugged and merged (fedpft.cloud.device names; fp32, no TF32);
     the saved merged model and everything the ONNX export sees are on CPU."""
-    from fedpft.cloud.device import DeviceError, resolve_device
+    from .device import DeviceError, resolve_device
 
     try:
         torch_device = resolve_device(device)
@@ -155,22 +155,22 @@ def export_run(run: Path, out: Path, round_id: int | None = None, onnx: bool = T
 
 
 def _export(src: ExportSource, tmp: Path, onnx: bool, atol: float, device: torch.device) -> ExportResult:
-    from fedpft.cloud.device import exact_fp32, to_device
-    from fedpft.cloud.evaluate import PluggedFM
-    from fedpft.cloud.models import ModelError, resolve_model_id
+    from .device import exact_fp32, to_device
+    from .evaluate import PluggedFM
+    from fedpft.modeling.families import ModelError, resolve_model_id
     from fedpft.shared.codec import decode_tensors
     from fedpft.shared.messages import ProtocolError
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     pc, manifest = src.prepare_config, src.manifest
-    fm_source = resolve_model_id(pc["model"])
+    fm_source = resolve_model_id(pc.model)
     try:
         adapters = decode_tensors(src.adapters.read_bytes())[0]
     except ProtocolError as exc:
         raise ExportError(f"{src.adapters}: {exc}") from exc
     try:
-        fm = PluggedFM(fm_source, manifest.labels, pc["lora_rank"], pc["lora_alpha"], pc.get("seed", 0), device)
+        fm = PluggedFM(fm_source, manifest.labels, pc.lora_rank, pc.lora_alpha, pc.seed, device)
         fm.plug(adapters)
     except ModelError as exc:
         raise ExportError(str(exc)) from exc
@@ -278,7 +278,7 @@ def _check(what: str, got: np.ndarray, expected: np.ndarray, atol: float) -> flo
 
 
 def _write_provenance(path: Path, src: ExportSource, fm_source: str, merge_diff: float, onnx_diff: float | None, atol: float) -> None:
-    from .bundle import versions
+    from fedpft.export.bundle import versions
 
     record = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -293,8 +293,8 @@ def _write_provenance(path: Path, src: ExportSource, fm_source: str, merge_diff:
         "fm_id": src.manifest.fm_id,
         "fm_source": fm_source,
         "labels": src.manifest.labels,
-        "lora_rank": src.prepare_config["lora_rank"],
-        "lora_alpha": src.prepare_config["lora_alpha"],
+        "lora_rank": src.prepare_config.lora_rank,
+        "lora_alpha": src.prepare_config.lora_alpha,
         "files": {"adapter": ADAPTER_DIR, "merged": MERGED_DIR, "onnx": f"{ONNX_DIR}/{ONNX_FILE}" if onnx_diff is not None else None},
         "parity": {"atol": atol, "merged_vs_peft_max_abs_diff": merge_diff, "onnx_vs_torch_max_abs_diff": onnx_diff},
         "versions": versions(),

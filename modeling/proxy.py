@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import encoder_layers, ffn_linears, unwrap
+from .families import encoder_layers, ffn_linears, unwrap
 
 
 class ProxyError(ValueError):
@@ -158,7 +158,7 @@ def build_full(fm: nn.Module) -> tuple[nn.Module, ProxySpec]:
 
 
 def _set_encoder_layers(model: nn.Module, layers: nn.ModuleList) -> None:
-    from .models import backbone
+    from .families import backbone
 
     enc = backbone(model).encoder
     enc.layer = layers
@@ -167,7 +167,7 @@ def _set_encoder_layers(model: nn.Module, layers: nn.ModuleList) -> None:
 
 def skeleton_from_spec(config, spec: ProxySpec) -> nn.Module:
     """An FM-shaped model of `config` edited to the proxy's shapes; load the proxy's weights into it."""
-    from .models import model_from_config
+    from .families import model_from_config
 
     cfg = copy.deepcopy(config)
     cfg.num_hidden_layers = spec.num_fm_layers

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpft.shared.manifest import InputSpec
+from .manifest import InputSpec
 
 _RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
 
