@@ -17,17 +17,18 @@ from pathlib import Path
 from fedpft.shared import topics
 from fedpft.shared.chunks import BlobSource
 from fedpft.shared.config import AgentConfig
+from fedpft.shared.fsio import atomic_write
 from fedpft.shared.manifest import BundleError
 from fedpft.shared.messages import (
     Ack, EndOfRun, Hello, ProtocolError, Task, Update, make_update_id,
 )
+from fedpft.shared.routes import check_route
 from fedpft.shared.signing import SignatureError
 from fedpft.shared.transport import Transport
 from fedpft.shared.update import bind_update
 
 from .blobs import AgentError
 from .link import Address, DeviceLink
-from .update import atomic_write_bytes
 
 log = logging.getLogger("fedpft.agent")
 
@@ -35,13 +36,9 @@ log = logging.getLogger("fedpft.agent")
 def run_address(run: str, me: str) -> Address:
     """A run's device: tasks on the round topic, EndOfRun on the control topic (whose clearing
     means a cloud is (re)starting the run), receipts in its inbox."""
-
-    def check(topic: str, msg) -> None:
-        topics.check_sender(topic, msg.run_id, msg.sender)
-
     return Address(space=run, device_id=me, topic=lambda kind: topics.device_topic(run, me, kind),
                    listen=(topics.round_topic(run), topics.control_topic(run), topics.device_topic(run, me, topics.INBOX)),
-                   resend=topics.resend_pattern(run, me), check=check, retained=frozenset({topics.PRESENCE}),
+                   resend=topics.resend_pattern(run, me), check=check_route, retained=frozenset({topics.PRESENCE}),
                    wake=topics.control_topic(run))
 
 
@@ -104,10 +101,10 @@ class EdgeAgent:
         path = self.cache / "updates" / f"{self.run}-round{task.round_id:04d}.safetensors"
         # the update and its fields before the done file that names them: a crash in between
         # trains the round again rather than re-sending half an update
-        atomic_write_bytes(path, update)
-        atomic_write_bytes(Path(str(path) + ".json"), json.dumps(fields).encode())
+        atomic_write(path, update)
+        atomic_write(Path(str(path) + ".json"), json.dumps(fields).encode())
         self.done[key] = str(path)
-        atomic_write_bytes(self.done_file, json.dumps(self.done).encode())
+        atomic_write(self.done_file, json.dumps(self.done).encode())
         self.upload(task, update, fields)
         return 1
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedpft.shared.chunks import Reassembler
+from fedpft.shared.fsio import atomic_write
 from fedpft.shared.messages import BlobRef, ProtocolError
 
 log = logging.getLogger("fedpft.agent")
@@ -74,10 +75,7 @@ class BlobFetcher:
             data = asm.result()
         finally:
             self.hold(held)
-        done.parent.mkdir(parents=True, exist_ok=True)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(done)
+        atomic_write(done, data)
         asm.discard()
         return data
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fedpft.shared import topics
+from fedpft.shared.config import BrokerConfig
 from fedpft.shared.messages import encode
 from fedpft.shared.transport import Transport, TransportError
 
@@ -21,19 +22,13 @@ from .link import Address
 log = logging.getLogger("fedpft.agent")
 
 
-def connect_with_backoff(cfg, client_id: str, will: tuple[str, bytes], max_wait: float = 300.0) -> Transport:
-    """Connect, retrying with exponential backoff + jitter (a fleet must not reconnect in lockstep).
-
-    `cfg` holds the broker URL, TLS files and credentials (AgentConfig, FleetConfig)."""
+def connect_with_backoff(cfg: BrokerConfig, client_id: str, will: tuple[str, bytes], max_wait: float = 300.0) -> Transport:
+    """Connect, retrying with exponential backoff + jitter (a fleet must not reconnect in lockstep)."""
     from fedpft.shared.mqtt import MqttTransport
 
     delay, waited = 1.0, 0.0
     while True:
-        t = MqttTransport(
-            cfg.broker, client_id=client_id, will=will,
-            ca=str(cfg.ca) if cfg.ca else None, cert=str(cfg.cert) if cfg.cert else None, key=str(cfg.key) if cfg.key else None,
-            username=cfg.username, password=cfg.password,
-        )
+        t = MqttTransport.from_config(cfg, client_id, will=will)
         try:
             t.connect()
             return t
@@ -47,7 +42,7 @@ def connect_with_backoff(cfg, client_id: str, will: tuple[str, bytes], max_wait:
 
 
 @contextmanager
-def connected(cfg, address: Address, client_id: str, goodbye: str) -> Iterator[Transport]:
+def connected(cfg: BrokerConfig, address: Address, client_id: str, goodbye: str) -> Iterator[Transport]:
     """A connected transport whose last will marks the device offline ("connection lost"); on
     leaving, an offline presence saying `goodbye`, retained, then close."""
     presence = address.topic(topics.PRESENCE)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -22,8 +21,10 @@ from pathlib import Path
 
 from fedpft.shared import topics
 from fedpft.shared.config import FleetConfig
+from fedpft.shared.fsio import atomic_write
 from fedpft.shared.manifest import BundleError, BundleManifest
 from fedpft.shared.messages import BundleVersion, DeviceStatus, ProtocolError, Rollout
+from fedpft.shared.routes import check_fleet_route
 from fedpft.shared.signing import SignatureError
 from fedpft.shared.transport import Transport
 
@@ -71,15 +72,9 @@ def load_pointers(path: Path) -> Pointers:
 
 
 def save_pointers(path: Path, p: Pointers) -> None:
-    """temp + fsync + rename: a crash leaves the old pointers or the new, never half of either."""
+    """Atomically: a crash leaves the old pointers or the new, never half of either."""
     data = {k: v.model_dump() if v is not None else None for k, v in (("current", p.current), ("previous", p.previous))}
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2).encode())
 
 
 # ---- the agent ------------------------------------------------------------------------------------
@@ -87,14 +82,8 @@ def save_pointers(path: Path, p: Pointers) -> None:
 
 def fleet_address(fleet: str, me: str) -> Address:
     """A fleet's device: rollouts on the fleet's rollout topic, its status and presence retained."""
-
-    def check(topic: str, msg) -> None:
-        topics.check_fleet_sender(topic, msg.run_id, msg.sender)
-        if not isinstance(msg, Rollout):
-            raise ProtocolError(f"a {msg.type} message does not belong on the rollout topic")
-
     return Address(space=fleet, device_id=me, topic=lambda kind: topics.fleet_device_topic(fleet, me, kind),
-                   listen=(topics.rollout_topic(fleet),), resend=topics.fleet_resend_pattern(fleet, me), check=check,
+                   listen=(topics.rollout_topic(fleet),), resend=topics.fleet_resend_pattern(fleet, me), check=check_fleet_route,
                    retained=frozenset({topics.PRESENCE, topics.STATUS}))
 
 

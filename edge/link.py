@@ -42,7 +42,7 @@ class Address:
     space: the run id (or fleet name) every message carries as its run_id.
     topic(kind): this device's own topic of that kind.
     listen: the JSON topics to subscribe; resend: the pattern its blob chunks come on.
-    check(topic, msg): ProtocolError unless `msg` may arrive on `topic`.
+    check(topic, msg): ProtocolError unless `msg` may arrive on `topic` (`shared/routes.py`).
     retained: kinds published retained (the cloud reads them on connecting).
     wake: the topic whose cleared retained message means the cloud (re)started the run.
     """
@@ -52,7 +52,7 @@ class Address:
     topic: Callable[[str], str]
     listen: tuple[str, ...]
     resend: str
-    check: Callable[[str, object], None]
+    check: Callable[[str, object], object]
     retained: frozenset[str] = frozenset()
     wake: str | None = None
 
