@@ -65,7 +65,6 @@ class EdgeAgent:
     def serve(self) -> int:
         """Run until the cloud ends the run; returns the number of rounds trained."""
         self.link.start()
-        self.link.publish(topics.PRESENCE, self.link.address.presence("online"))
         self.hello()
         # the Hello is the heartbeat: it also re-announces after a reconnect, and a restarting
         # cloud (its wake) counts only devices that said hello since

@@ -111,7 +111,6 @@ class FleetAgent:
     def serve(self) -> None:
         """Handle rollouts until `stop` is set; re-publish the status every heartbeat."""
         self.link.start()
-        self.link.publish(topics.PRESENCE, self.link.address.presence("online"))
         self.publish_status()
         try:
             # the status is the heartbeat: it keeps "last seen" fresh and re-announces after a reconnect

@@ -106,9 +106,11 @@ class DeviceLink:
 
     # ------------------------------------------------------------------ wire
     def start(self) -> None:
+        """Listen, then say (retained, where the address keeps presence) that the device is online."""
         for topic in self.address.listen:
             self.t.subscribe(topic, self._on_json)
         self.t.subscribe(self.address.resend, self._on_chunk)
+        self.publish(topics.PRESENCE, self.address.presence("online"))
 
     def publish(self, kind: str, msg) -> None:
         self.t.publish(self.address.topic(kind), encode(msg), retain=kind in self.address.retained)
