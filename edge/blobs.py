@@ -1,21 +1,20 @@
 """Downloading a cloud blob on a device: ask for missing chunks, collect, verify, cache.
 
-Shared by the round agent (`edge/agent.py`) and the fleet agent (`edge/fleet.py`). The fetcher
-owns no connection: it is handed how to ask for chunks (a BlobRequest on the caller's topic)
-and how to take the caller's next event, and it hands back every event that is not one of its
-chunks, so the caller's loop sees them afterwards, in order.
+The device link (`edge/link.py`) holds one for both agents. The fetcher owns no connection: it
+is handed how to ask for chunks (a BlobRequest on the device's topic) and how to take the next
+event, and it hands back every event that is not one of its chunks, so the agent's loop sees
+them afterwards, in order.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from fedpft.shared.chunks import Chunk, Reassembler
+from fedpft.shared.chunks import Reassembler
+from fedpft.shared.fsio import atomic_write
 from fedpft.shared.messages import BlobRef, ProtocolError
 
 log = logging.getLogger("fedpft.agent")
@@ -25,24 +24,6 @@ STALL_SECONDS = 5.0  # no new chunk for this long: ask again for the missing one
 
 class AgentError(Exception):
     pass
-
-
-def enqueue_chunk(events: queue.Queue, topic: str, payload: bytes) -> None:
-    """Handler body for chunk topics: parse off the network thread's queue, never raise."""
-    try:
-        events.put(("chunk", Chunk.from_bytes(payload)))
-    except ProtocolError as exc:
-        log.warning("ignored chunk on %s: %s", topic, exc.reason)
-
-
-def take_event(events: queue.Queue, deferred: deque, timeout: float):
-    """An agent's next event: the ones handed back first (in order), else the queue's; None on timeout."""
-    if deferred:
-        return deferred.popleft()
-    try:
-        return events.get(timeout=timeout)
-    except queue.Empty:
-        return None
 
 
 class BlobFetcher:
@@ -94,10 +75,7 @@ class BlobFetcher:
             data = asm.result()
         finally:
             self.hold(held)
-        done.parent.mkdir(parents=True, exist_ok=True)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(done)
+        atomic_write(done, data)
         asm.discard()
         return data
 

@@ -135,7 +135,7 @@ def _online(broker, device_id, run_id, data, cache, holdout, threads, providers,
     from fedpft.shared.messages import ProtocolError, check_id
     from fedpft.shared.transport import TransportError
 
-    from .online import run_online
+    from .agent import run_online
 
     if device_id is None:
         fail("online mode needs --device-id")

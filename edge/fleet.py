@@ -2,7 +2,7 @@
 
 The device keeps two versions in `cache/versions/<bundle_id>/`: the current one and the one
 before it, named by a small pointer file (`cache/fleet.json`, written atomically). A rollout
-downloads the bundle (resumable chunks, `BlobFetcher`), unpacks it (sha256 of every device file
+downloads the bundle through the device link (`edge/link.py`: resumable chunks), unpacks it (sha256 of every device file
 checked against the manifest), checks the manifest's signature when the device trusts a key, and
 only then moves the pointers; anything wrong leaves the current version current. A rollback
 swaps the pointers back. Every state change is published as a retained `DeviceStatus`; a final
@@ -13,34 +13,27 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import queue
 import shutil
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedpft.shared import topics
-from fedpft.shared.archive import unpack_bundle
 from fedpft.shared.config import FleetConfig
-from fedpft.shared.manifest import BundleError, BundleManifest, verify_bundle
-from fedpft.shared.messages import (
-    BlobRef, BlobRequest, BundleVersion, DeviceStatus, Presence, ProtocolError, Rollout, decode, encode,
-)
-from fedpft.shared.signing import SignatureError, load_public_key, verify
-from fedpft.shared.transport import Transport, TransportError
+from fedpft.shared.fsio import atomic_write
+from fedpft.shared.manifest import BundleError, BundleManifest
+from fedpft.shared.messages import BundleVersion, DeviceStatus, ProtocolError, Rollout
+from fedpft.shared.routes import check_fleet_route
+from fedpft.shared.signing import SignatureError
+from fedpft.shared.transport import Transport
 
-from .blobs import AgentError, BlobFetcher, enqueue_chunk, take_event
+from .blobs import AgentError
+from .link import Address, DeviceLink, Stopped
 
 log = logging.getLogger("fedpft.fleet")
 
 POINTERS_NAME = "fleet.json"
-
-
-class Stopped(Exception):
-    """SIGTERM (or the caller) asked the agent to stop."""
 
 
 # ---- version pointers (pure) ------------------------------------------------------------------
@@ -79,95 +72,49 @@ def load_pointers(path: Path) -> Pointers:
 
 
 def save_pointers(path: Path, p: Pointers) -> None:
-    """temp + fsync + rename: a crash leaves the old pointers or the new, never half of either."""
+    """Atomically: a crash leaves the old pointers or the new, never half of either."""
     data = {k: v.model_dump() if v is not None else None for k, v in (("current", p.current), ("previous", p.previous))}
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2).encode())
 
 
 # ---- the agent ------------------------------------------------------------------------------------
 
 
+def fleet_address(fleet: str, me: str) -> Address:
+    """A fleet's device: rollouts on the fleet's rollout topic, its status and presence retained."""
+    return Address(space=fleet, device_id=me, topic=lambda kind: topics.fleet_device_topic(fleet, me, kind),
+                   listen=(topics.rollout_topic(fleet),), resend=topics.fleet_resend_pattern(fleet, me), check=check_fleet_route,
+                   retained=frozenset({topics.PRESENCE, topics.STATUS}))
+
+
 class FleetAgent:
     def __init__(self, cfg: FleetConfig, transport: Transport, stop: threading.Event | None = None):
-        self.cfg, self.t = cfg, transport
+        self.cfg = cfg
         self.fleet, self.me = cfg.fleet, cfg.device_id
-        self.stop = stop or threading.Event()
-        self.cache = Path(cfg.cache)
-        self.versions = self.cache / "versions"
+        self.link = DeviceLink(transport, fleet_address(self.fleet, self.me), cfg.cache, trust_key=cfg.trust_key,
+                               fetch_timeout=cfg.fetch_timeout, signed="rollouts", log=log, stop=stop)
+        self.versions = self.link.cache / "versions"
         self.versions.mkdir(parents=True, exist_ok=True)
-        self.pointers_file = self.cache / POINTERS_NAME
+        self.pointers_file = self.link.cache / POINTERS_NAME
         self.pointers = load_pointers(self.pointers_file)
-        self.events: queue.Queue = queue.Queue()
-        self.deferred: deque = deque()
-        self.blobs = BlobFetcher(self.cache, self._request_chunks, self.next_event, self.deferred.extend, cfg.fetch_timeout)
         self.state = "installed" if self.pointers.current else "idle"
         self.rollout_id: str | None = None
         self.reason: str | None = None
-        self.trusted = load_public_key(cfg.trust_key) if cfg.trust_key is not None else None
-        if self.trusted is None:
-            log.warning("no --trust-key: unsigned rollouts and bundles are accepted (development mode)")
-
-    # ------------------------------------------------------------------ handlers (dispatcher thread)
-    def _on_json(self, topic: str, payload: bytes) -> None:
-        if not payload:
-            return
-        try:
-            msg = decode(payload)
-            topics.check_fleet_sender(topic, msg.run_id, msg.sender)
-            if not isinstance(msg, Rollout):
-                raise ProtocolError(f"a {msg.type} message does not belong on the rollout topic")
-        except ProtocolError as exc:
-            log.warning("ignored message on %s: %s", topic, exc.reason)
-            return
-        self.events.put(("msg", msg))
-
-    def _on_chunk(self, topic: str, payload: bytes) -> None:
-        enqueue_chunk(self.events, topic, payload)
-
-    # ------------------------------------------------------------------ wire
-    def _pub(self, kind: str, msg, retain: bool = False) -> None:
-        self.t.publish(topics.fleet_device_topic(self.fleet, self.me, kind), encode(msg), retain=retain)
-
-    def _request_chunks(self, ref: BlobRef, missing: list[int]) -> None:
-        self._pub(topics.BLOBREQ, BlobRequest(run_id=self.fleet, sender=self.me, device_id=self.me, blob_id=ref.blob_id, missing=missing))
 
     def status(self) -> DeviceStatus:
         return DeviceStatus(run_id=self.fleet, sender=self.me, device_id=self.me, cohort=self.cfg.cohort, installed=self.pointers.current,
                             previous=self.pointers.previous, state=self.state, rollout_id=self.rollout_id, reason=self.reason)
 
     def publish_status(self) -> None:
-        self._pub(topics.STATUS, self.status(), retain=True)
+        self.link.publish(topics.STATUS, self.status())
 
-    def start(self) -> None:
-        self.t.subscribe(topics.rollout_topic(self.fleet), self._on_json)
-        self.t.subscribe(topics.fleet_resend_pattern(self.fleet, self.me), self._on_chunk)
-        self._pub(topics.PRESENCE, Presence(run_id=self.fleet, sender=self.me, device_id=self.me, status="online"), retain=True)
-        self.publish_status()
-
-    def next_event(self, timeout: float):
-        if self.stop.is_set():
-            raise Stopped()
-        return take_event(self.events, self.deferred, timeout)
-
-    # ------------------------------------------------------------------ main loop
     def serve(self) -> None:
         """Handle rollouts until `stop` is set; re-publish the status every heartbeat."""
-        self.start()
-        last = time.time()
+        self.link.start()
+        self.publish_status()
         try:
-            while True:
-                ev = self.next_event(0.5)
-                if time.time() - last > self.cfg.heartbeat:
-                    self.publish_status()  # keeps "last seen" fresh; re-announces after a reconnect
-                    last = time.time()
-                if ev is not None and ev[0] == "msg":
-                    self.handle(ev[1])
+            # the status is the heartbeat: it keeps "last seen" fresh and re-announces after a reconnect
+            self.link.serve(self.handle, self.publish_status, self.cfg.heartbeat, 0.5)
         except Stopped:
             log.info("stopping")
             if self.state == "installing":
@@ -184,8 +131,7 @@ class FleetAgent:
             return
         self.rollout_id, self.reason = r.rollout_id, None
         try:
-            if self.trusted is not None:
-                verify(r, self.trusted, f"rollout {r.rollout_id}")
+            self.link.check_signed(r, f"rollout {r.rollout_id}")
             if r.rollback:
                 self._set_pointers(self.pointers.rolled_back(r.target))
             else:
@@ -205,30 +151,15 @@ class FleetAgent:
         target = r.target
         if target == self.pointers.current:
             return
-        folder = self.versions / target.bundle_id
-        try:
-            self._check(verify_bundle(folder, device_only=True), target)  # kept from before: no download
-        except (BundleError, SignatureError, AgentError):
-            assert r.bundle is not None
-            data = self.blobs.fetch(r.bundle)
-            staging = self.versions / f".incoming-{target.bundle_id}"
-            manifest = unpack_bundle(data, staging)  # BundleError unless every file matches its sha256
-            self.blobs.forget(r.bundle)
-            try:
-                self._check(manifest, target)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            shutil.rmtree(folder, ignore_errors=True)
-            staging.rename(folder)
-        self._set_pointers(self.pointers.installed(target))
 
-    def _check(self, m: BundleManifest, target: BundleVersion) -> None:
-        got = BundleVersion(bundle_id=m.bundle_id, bundle_version=m.bundle_version) if m.bundle_id == target.bundle_id else None
-        if got != target:
-            raise AgentError(f"bundle is {m.bundle_id[:12]} v{m.bundle_version}, the rollout announced {target}")
-        if self.trusted is not None:
-            verify(m, self.trusted, f"bundle {m.bundle_id[:12]}")
+        def announced(m: BundleManifest) -> None:
+            got = BundleVersion(bundle_id=m.bundle_id, bundle_version=m.bundle_version) if m.bundle_id == target.bundle_id else None
+            if got != target:
+                raise AgentError(f"bundle is {m.bundle_id[:12]} v{m.bundle_version}, the rollout announced {target}")
+
+        # a version kept from before is used as it is: no download
+        self.link.install_bundle(r.bundle, self.versions / target.bundle_id, announced)
+        self._set_pointers(self.pointers.installed(target))
 
     def _set_pointers(self, p: Pointers) -> None:
         save_pointers(self.pointers_file, p)
@@ -240,22 +171,9 @@ class FleetAgent:
 
 def run_fleet(cfg: FleetConfig, stop: threading.Event) -> Pointers:
     """Connect (retained offline presence as the last will), serve rollouts until `stop`, say goodbye."""
-    from .online import connect_with_backoff
+    from .connection import connected
 
-    presence_topic = topics.fleet_device_topic(cfg.fleet, cfg.device_id, topics.PRESENCE)
-
-    def offline(reason: str) -> bytes:
-        return encode(Presence(run_id=cfg.fleet, sender=cfg.device_id, device_id=cfg.device_id, status="offline", reason=reason))
-
-    will = (presence_topic, offline("connection lost"))
-    transport = connect_with_backoff(cfg, client_id=f"fedpft-fleet-{cfg.fleet}-{cfg.device_id}", will=will)
-    try:
+    with connected(cfg, fleet_address(cfg.fleet, cfg.device_id), f"fedpft-fleet-{cfg.fleet}-{cfg.device_id}", "stopped") as transport:
         agent = FleetAgent(cfg, transport, stop)
         agent.serve()
         return agent.pointers
-    finally:
-        try:
-            transport.publish(presence_topic, offline("stopped"), retain=True)
-        except TransportError:
-            pass
-        transport.close()

@@ -21,7 +21,7 @@ def test_edge_runs_without_heavy_packages(python, tmp_path, tiny_bert_bundle):
     out = tmp_path / "u.safetensors"
     script = f"""
 import importlib.util, sys
-import fedpft.edge.cli, fedpft.edge.agent, fedpft.edge.online, fedpft.shared.mqtt
+import fedpft.edge.cli, fedpft.edge.agent, fedpft.edge.fleet, fedpft.edge.connection, fedpft.edge.task_training, fedpft.shared.mqtt
 from typer.testing import CliRunner
 res = CliRunner().invoke(fedpft.edge.cli.app, ["train", "--bundle", {str(tiny_bert_bundle)!r}, "--data", {str(data)!r},
                                                 "--out", {str(out)!r}, "-q"])

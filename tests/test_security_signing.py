@@ -112,7 +112,7 @@ def test_without_trust_key_the_device_warns_once_and_accepts(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fedpft"):
         agent = _agent(hub, tmp_path)
     assert [r.getMessage() for r in caplog.records].count("no --trust-key: unsigned tasks and bundles are accepted (development mode)") == 1
-    agent.check_signed(_task(), "task")  # no error
+    agent.link.check_signed(_task(), "task")  # no error
 
 
 def _run(bundle, tmp_path, hub, signing_key, trust_key, trainer):
