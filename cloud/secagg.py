@@ -46,7 +46,7 @@ STAGES = ("keys", "shares", "masked", "unmask", "done", "failed")
 
 
 def default_threshold(n: int) -> int:
-    """2n/3 + 1 (at least 2): tolerates a third of the round dropping, and two disjoint survivor
+    """Of n share holders per device, 2n/3 + 1 (at least 2): tolerates a third of the round dropping, and two disjoint survivor
     sets can never both reach it, so a lying cloud cannot get both secrets of one device."""
     return min(n, max(2, 2 * n // 3 + 1))
 
@@ -55,7 +55,7 @@ def default_threshold(n: int) -> int:
 class SecAggConfig:
     layout: dict[str, tuple[int, ...]]
     value_bound: float
-    threshold: int | None = None  # None: default_threshold(devices whose keys arrived)
+    threshold: int | None = None  # None: default_threshold(share holders per device)
     degree: int | None = None  # SecAgg+ neighbours; None = complete graph
     frac_bits: int = ring.FRAC_BITS
     clip: float | None = None
@@ -190,8 +190,8 @@ class SecAggCoordinator:
     def roster(self) -> SecAggRoster:
         self._expect("keys")
         n = len(self.keys)
-        self.threshold = self.config.threshold or default_threshold(n)
         holders = n if self.config.degree is None or self.config.degree >= n - 1 else self.config.degree + 1
+        self.threshold = self.config.threshold or default_threshold(holders)
         if n < max(2, self.threshold):
             raise self._abort(f"secure aggregation needs {max(2, self.threshold)} devices' keys, got {n}")
         if not holders / 2 < self.threshold <= holders:
