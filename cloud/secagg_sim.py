@@ -38,6 +38,48 @@ def _wire(msg) -> tuple[object, int]:
     return decode(data), len(data)
 
 
+class _Wire:
+    """Carries messages between the participants and the coordinator, timing each side."""
+
+    def __init__(self, coord: SecAggCoordinator, tamper: Tamper | None):
+        self.coord, self.rep = coord, SimReport(None, None)
+        self.tamper = tamper or (lambda stage, d, m, b: (m, b))
+
+    def up(self, stage: str, d: str, msg, blob: bytes | None = None) -> None:
+        if msg is None:  # the device refused the stage (its reason is logged)
+            return
+        msg, blob = self.tamper(stage, d, msg, blob)
+        if msg is None:  # a tamper that drops the message
+            return
+        msg, size = _wire(msg)
+        self.rep.bytes_up += size + (len(blob) if blob else 0)
+        reason = self.cloud(lambda: self.coord.handle(msg, blob))
+        if reason:
+            self.rep.log.append(reason)
+
+    def down(self, msg, stage: str = "", d: str = ""):
+        msg, size = _wire(self.tamper(stage, d, msg, None)[0] if stage else msg)
+        self.rep.bytes_down += size
+        return msg
+
+    def device(self, d: str, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        except ProtocolError as exc:
+            self.rep.log.append(f"{d}: {exc.reason}")
+            return None
+        finally:
+            self.rep.device_s += time.perf_counter() - t
+
+    def cloud(self, fn):
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.rep.cloud_s += time.perf_counter() - t
+
+
 def run_round(contributions: Mapping[str, Mapping[str, np.ndarray]], config: SecAggConfig, run_id: str = "run",
               round_id: int = 1, task_id: str = "task1", drop_before_masked: set[str] = frozenset(),
               drop_before_reveal: set[str] = frozenset(), tamper: Tamper | None = None, signing_key=None,
@@ -45,70 +87,27 @@ def run_round(contributions: Mapping[str, Mapping[str, np.ndarray]], config: Sec
               after_masked: Callable[[SecAggCoordinator], SecAggCoordinator] | None = None) -> SimReport:
     """Drive all four stages; `after_masked` may swap the coordinator (a crash and restore)."""
     ids = sorted(contributions)
-    coord = coordinator or SecAggCoordinator(run_id, round_id, task_id, ids, config, signing_key)
+    w = _Wire(coordinator or SecAggCoordinator(run_id, round_id, task_id, ids, config, signing_key), tamper)
     parts = {d: SecAggParticipant(run_id, d, trusted_key) for d in ids}
-    rep = SimReport(None, None)
-    tamper = tamper or (lambda stage, d, m, b: (m, b))
-
-    def up(stage: str, d: str, msg, blob: bytes | None = None) -> None:
-        msg, blob = tamper(stage, d, msg, blob)
-        if msg is None:
-            return
-        msg, size = _wire(msg)
-        rep.bytes_up += size + (len(blob) if blob else 0)
-        t = time.perf_counter()
-        reason = coord.handle(msg, blob)
-        rep.cloud_s += time.perf_counter() - t
-        if reason:
-            rep.log.append(reason)
-
-    def device(d: str, fn, *args):
-        t = time.perf_counter()
-        try:
-            return fn(*args)
-        except ProtocolError as exc:
-            rep.log.append(f"{d}: {exc.reason}")
-            return None
-        finally:
-            rep.device_s += time.perf_counter() - t
-
-    def cloud(fn):
-        t = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            rep.cloud_s += time.perf_counter() - t
-
     try:
         for d in ids:
-            up("keys", d, device(d, parts[d].keys, round_id, task_id))
-        roster, size = _wire(cloud(coord.roster))
-        rep.bytes_down += size
+            w.up("keys", d, w.device(d, parts[d].keys, round_id, task_id))
+        roster = w.down(w.cloud(w.coord.roster))
         for d in ids:
-            shares = device(d, parts[d].on_roster, roster)
-            if shares is not None:
-                up("shares", d, shares)
-        routed = cloud(coord.routed)
+            w.up("shares", d, w.device(d, parts[d].on_roster, roster))
+        routed = w.cloud(w.coord.routed)
         for d, msg in routed.items():
-            msg, size = _wire(tamper("routed", d, msg, None)[0])
-            rep.bytes_down += size
-            rep.log.extend(device(d, parts[d].on_routed, msg) or [])
-        for d in routed:
-            if d in drop_before_masked:
-                continue
-            out = device(d, parts[d].masked_input, contributions[d])
+            w.rep.log.extend(w.device(d, parts[d].on_routed, w.down(msg, "routed", d)) or [])
+        for d in sorted(set(routed) - set(drop_before_masked)):
+            out = w.device(d, parts[d].masked_input, contributions[d])
             if out is not None:
-                up("masked", d, *out)
+                w.up("masked", d, *out)
         if after_masked is not None:
-            coord = after_masked(coord)
-        req, size = _wire(cloud(coord.unmask_request))
-        rep.bytes_down += size
-        for d in req.survivors:
-            if d not in drop_before_reveal:
-                reveal = device(d, parts[d].on_unmask, req)
-                if reveal is not None:
-                    up("reveal", d, reveal)
-        rep.result = cloud(coord.result)
+            w.coord = after_masked(w.coord)
+        req = w.down(w.cloud(w.coord.unmask_request))
+        for d in sorted(set(req.survivors) - set(drop_before_reveal)):
+            w.up("reveal", d, w.device(d, parts[d].on_unmask, req))
+        w.rep.result = w.cloud(w.coord.result)
     except SecAggAbort as exc:
-        rep.failure = exc.reason
-    return rep
+        w.rep.failure = exc.reason
+    return w.rep
