@@ -51,6 +51,20 @@ def default_threshold(n: int) -> int:
     return min(n, max(2, 2 * n // 3 + 1))
 
 
+def value_bound(clip: float, weight_cap: float, max_positions: float, noise_std: float = 0.0,
+                stats_sensitivity: float = 0.0) -> float:
+    """Bound on |x| of every coordinate one device encodes (the ring's overflow bound uses it).
+
+    Without DP: weight_cap * clip for the weighted change (a coordinate is at most the L2 norm),
+    the weight itself, and max_positions for counts. With DP (noise_std > 0): weight 1, so
+    clip + 10 noise stds for the change and 1 + 10 stds of the rates' noise (std * S / C) for the
+    rates; a 10-sigma tail (p ~ 1e-23) is clamped by the device if it ever happens.
+    """
+    if noise_std > 0:
+        return max(clip + 10 * noise_std, 1.0 + 10 * noise_std * stats_sensitivity / clip)
+    return max(weight_cap * clip, weight_cap, max_positions)
+
+
 @dataclass(frozen=True)
 class SecAggConfig:
     layout: dict[str, tuple[int, ...]]

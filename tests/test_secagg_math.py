@@ -123,3 +123,12 @@ def test_neighbour_graph_complete_and_circulant():
     assert g == sc.neighbours(list(reversed(ids)), 4, CTX)  # order-free
     with pytest.raises(ValueError, match="even"):
         sc.neighbours(ids, 3, CTX)
+
+
+def test_value_bound_covers_weighted_changes_counts_and_noise():
+    from fedpft.cloud.secagg import value_bound
+
+    assert value_bound(clip=2.0, weight_cap=300, max_positions=4096) == 4096
+    assert value_bound(clip=20.0, weight_cap=300, max_positions=4096) == 6000
+    assert value_bound(clip=1.0, weight_cap=300, max_positions=4096, noise_std=0.1, stats_sensitivity=40.0) == pytest.approx(41.0)
+    ring.check_capacity(800, value_bound(clip=20.0, weight_cap=300, max_positions=4096))
