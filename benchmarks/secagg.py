@@ -73,8 +73,8 @@ def table(rows: list[dict], load_before: float) -> str:
     lines = [
         "## Secure aggregation: extra bytes and seconds per round (in-process)", "",
         f"Command: `{command_line()}`  ",
-        f"Machine: {machine()}; {load_before:.1f} before the runs "
-        "(4 engineers share these 2 cores: above 2 the times are inflated).  ",
+        f"Machine: {machine()}; {load_before:.1f} before the runs. Devices run one after another in this "
+        "process, so the round wall is the sum of their work, not what a real fleet (in parallel) waits.  ",
         "Updates: MiniLM-shaped (the 50 LoRA r=8 tensors + head, 152,461 values) plus the neuron counts of 4 "
         "compressed layers (6,144), as on an alignment round; every device and the cloud in one process "
         "(`cloud/secagg_sim.py`: the real state machines, messages encoded and decoded as on MQTT, no broker).", "",

@@ -285,11 +285,11 @@ class DeviceStatus(_FromDevice):
 # Cloud messages carry signer/signature like a Task; a device with a trusted key verifies them.
 
 X25519Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-# A roster entry is ~250 bytes of JSON: 800 keeps the roster under MAX_MESSAGE_BYTES; past that,
-# rounds need SecAgg+ (a degree) and several cohorts.
-MAX_SECAGG_DEVICES = 800
-# Boxes / reveal shares per message (~250 bytes each); a SecAgg+ degree bounds a device's holders.
-MAX_SECAGG_HOLDERS = 800
+# A roster entry is 250-330 bytes of JSON (by id length): 700 keeps the roster under
+# MAX_MESSAGE_BYTES even with 64-character ids (tested); larger rounds run as several cohorts.
+MAX_SECAGG_DEVICES = 700
+# Boxes / reveal shares per message (~300 bytes each); a SecAgg+ degree bounds a device's holders.
+MAX_SECAGG_HOLDERS = 700
 
 
 class SecAggKeys(_FromDevice):

@@ -7,7 +7,7 @@ import pytest
 
 from fedpft.shared import topics
 from fedpft.shared.messages import (
-    BlobRef, ProtocolError, SecAggBox, SecAggKeys, SecAggMasked, SecAggPeer, SecAggReveal, SecAggRoster, SecAggRouted,
+    MAX_MESSAGE_BYTES, MAX_SECAGG_DEVICES, MAX_SECAGG_HOLDERS, BlobRef, ProtocolError, SecAggBox, SecAggKeys, SecAggMasked, SecAggPeer, SecAggReveal, SecAggRoster, SecAggRouted,
     SecAggShare, SecAggShares, SecAggUnmask, decode, encode,
 )
 
@@ -59,3 +59,19 @@ def test_edge_side_imports_no_heavy_package():
             "bad = [m for m in ('torch', 'transformers', 'dp_accounting', 'scipy', 'fedpft.cloud') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_largest_secagg_messages_fit_the_message_limit():
+    ids = [f"{i:05d}".rjust(64, "d") for i in range(MAX_SECAGG_DEVICES)]
+    peers = [SecAggPeer(device_id=d, enc_key=K1, mask_key=K2, seed_commitment=H) for d in ids]
+    roster = SecAggRoster(run_id="r" * 64, round_id=10**6, sender="cloud", task_id="t" * 64, threshold=MAX_SECAGG_DEVICES,
+                          degree=None, frac_bits=24, value_bound=1e6, layout_sha256=H, clip=1.0, noise_std=0.1, peers=peers,
+                          signer="a" * 16, signature="b" * 128)
+    box = SecAggBox(peer=ids[0], box="A" * 216)
+    shares = SecAggShares(run_id="r" * 64, round_id=1, sender=ids[0], device_id=ids[0], task_id="t" * 64,
+                          boxes=[box] * MAX_SECAGG_HOLDERS)
+    reveal = SecAggReveal(run_id="r" * 64, round_id=1, sender=ids[0], device_id=ids[0], task_id="t" * 64,
+                          shares=[SecAggShare(owner=ids[0], secret="mask_key", share="f" * 132)] * (MAX_SECAGG_HOLDERS + 1))
+    for msg in (roster, shares, reveal):
+        assert len(encode(msg)) < MAX_MESSAGE_BYTES
+        assert decode(encode(msg)) == msg
