@@ -49,6 +49,11 @@ def snapshot(coord: SecAggCoordinator) -> bytes:
     return encode_tensors({_SUM: coord.masked_sum.view(np.int64)}, {"secagg_state": json.dumps(state, sort_keys=True)})
 
 
+def resumable(coord: SecAggCoordinator) -> bool:
+    """True when a restored coordinator can go on; otherwise restart the round under a new task."""
+    return coord.stage in RESUMABLE
+
+
 def restore(data: bytes, signing_key: Ed25519PrivateKey | None = None) -> SecAggCoordinator:
     """The coordinator back from `snapshot`; ProtocolError (one line) if the bytes are not one."""
     tensors, meta = decode_tensors(data)

@@ -35,6 +35,8 @@ from fedpft.shared.messages import (
 from fedpft.shared.signing import SignatureError, verify
 from fedpft.shared.update import binding
 
+from .privacy import contribution
+
 
 class SecAggParticipant:
     def __init__(self, run_id: str, device_id: str, trusted_key: Ed25519PublicKey | None = None):
@@ -119,6 +121,19 @@ class SecAggParticipant:
         return warnings
 
     # ---- stage 3 --------------------------------------------------------------------------
+    def masked_update(self, delta: Mapping[str, np.ndarray], num_samples: float,
+                      stats: Mapping[int, tuple[np.ndarray, float]] | None,
+                      rng: np.random.Generator | None = None) -> tuple[SecAggMasked, bytes]:
+        """The device's change (adapters minus the Task's global adapters) clipped, weighted and
+        noised as the roster says, then masked. Without DP the clip only keeps the ring from
+        overflowing (value_bound / weight)."""
+        if self.stage != "routed":
+            raise ProtocolError(f"masked input asked at stage {self.stage!r}; sitting the round out")
+        r = self.roster
+        clip = r.clip or r.value_bound / max(float(num_samples), 1.0)
+        values = contribution(delta, num_samples, stats, clip=clip, noise_std=r.noise_std, rng=rng)
+        return self.masked_input(values)
+
     def masked_input(self, values: Mapping[str, np.ndarray]) -> tuple[SecAggMasked, bytes]:
         if self.stage != "routed":
             raise ProtocolError(f"masked input asked at stage {self.stage!r}; sitting the round out")

@@ -280,3 +280,41 @@ def test_persisted_state_is_masked_only_and_a_restored_coordinator_finishes(tmp_
 def test_a_corrupt_state_file_is_one_line():
     with pytest.raises(ProtocolError, match="malformed safetensors|not a secagg state"):
         secagg_store.restore(b"\0" * 16)
+
+
+def _manual_round(c, cfg, ids):
+    coord = SecAggCoordinator("run", 1, "task1", ids, cfg)
+    parts = {d: SecAggParticipant("run", d) for d in ids}
+    for d in ids:
+        assert coord.handle(parts[d].keys(1, "task1")) is None
+    roster = coord.roster()
+    for d in ids:
+        assert coord.handle(parts[d].on_roster(roster)) is None
+    for d, msg in coord.routed().items():
+        assert parts[d].on_routed(msg) == []
+    return coord, parts
+
+
+def test_a_crash_in_the_unmask_stage_resumes_with_the_same_request(tmp_path):
+    glob, devs = fleet(tiny_shapes())
+    c = contributions(glob, devs)
+    ids = sorted(c)
+    coord, parts = _manual_round(c, config(c), ids)
+    for d in ids[1:]:
+        u, w, st = devs[d]
+        assert coord.handle(*parts[d].masked_update({k: u[k].astype(np.float64) - glob[k] for k in glob}, w, st)) is None
+    req = coord.unmask_request()
+    for d in ids[1:4]:
+        assert coord.handle(parts[d].on_unmask(req)) is None
+    assert not secagg_store.resumable(SecAggCoordinator("run", 1, "task1", ids, config(c)))
+    secagg_store.write(tmp_path / "s", coord)  # the cloud dies here; revealed shares are not on disk
+    back = secagg_store.read(tmp_path / "s")
+    assert secagg_store.resumable(back) and back.reveals == {}
+    again = back.current_unmask()
+    assert (again.survivors, again.dropped) == (req.survivors, req.dropped) == (ids[1:], [ids[0]])
+    for d in ids[1:]:
+        assert back.handle(parts[d].on_unmask(again)) is None  # the same request: the same answer
+    rep_values = back.result().values
+    deltas, _, _ = average(rep_values)
+    ref = fedavg([devs[d][0] for d in ids[1:]], [devs[d][1] for d in ids[1:]])
+    assert all(np.abs(glob[k] + deltas[k] - ref[k]).max() < 1e-6 for k in glob)
