@@ -318,3 +318,15 @@ def test_a_crash_in_the_unmask_stage_resumes_with_the_same_request(tmp_path):
     deltas, _, _ = average(rep_values)
     ref = fedavg([devs[d][0] for d in ids[1:]], [devs[d][1] for d in ids[1:]])
     assert all(np.abs(glob[k] + deltas[k] - ref[k]).max() < 1e-6 for k in glob)
+
+
+def test_secagg_plus_refuses_when_too_few_holders_of_one_device_survive():
+    from fedpft.shared import secagg_crypto as sc
+
+    glob, devs = fleet(tiny_shapes(), n=12)
+    c = contributions(glob, devs)
+    graph = sc.neighbours(sorted(c), 4, sc.context("run", 1, "task1"))  # holders 5, default T 4
+    victim = sorted(c)[0]
+    gone = set(sorted(graph[victim])[:2])
+    rep = run_round(c, config(c, degree=4), drop_before_masked=gone)
+    assert rep.result is None and f"of {victim}'s share holders sent a masked input, threshold 4" in rep.failure
