@@ -5,17 +5,19 @@ Layout (one run = one subtree, so runs never see each other's traffic):
     fedpft/<run>/round                          cloud -> all   Task
     fedpft/<run>/control                        cloud -> all   EndOfRun
     fedpft/<run>/blob/<blob_id>                 cloud -> all   chunks of a blob (bundle, adapters, ffn)
+    fedpft/<run>/secagg                         cloud -> all   SecAggRoster, SecAggUnmask (secure aggregation)
     fedpft/<run>/device/<id>/hello              device -> cloud  Hello
     fedpft/<run>/device/<id>/presence           device -> cloud  Presence (retained; last will)
     fedpft/<run>/device/<id>/update             device -> cloud  Update
     fedpft/<run>/device/<id>/ack                device -> cloud  Ack (task received)
     fedpft/<run>/device/<id>/blobreq            device -> cloud  BlobRequest (missing chunks)
     fedpft/<run>/device/<id>/upload/<blob_id>   device -> cloud  chunks of the device's update blob
-    fedpft/<run>/device/<id>/inbox              cloud -> device  Ack (update received), BlobRequest
+    fedpft/<run>/device/<id>/secagg             device -> cloud  SecAggKeys, SecAggShares, SecAggMasked, SecAggReveal
+    fedpft/<run>/device/<id>/inbox              cloud -> device  Ack (update received), BlobRequest, SecAggRouted
     fedpft/<run>/device/<id>/resend/<blob_id>   cloud -> device  re-sent chunks asked for by blobreq
 
 Everything a device may write sits under `fedpft/<run>/device/<id>/`, so a broker ACL confines
-each device to that subtree plus read on the three broadcast topics (see `device_acl`).
+each device to that subtree plus read on the broadcast topics (see `device_acl`).
 
 Fleet rollouts live beside runs, in their own subtree (`fleet` is therefore not a valid run id):
 
@@ -50,13 +52,14 @@ BLOBREQ = "blobreq"
 UPLOAD = "upload"
 INBOX = "inbox"
 RESEND = "resend"
+SECAGG = "secagg"  # broadcast (roster, unmask) and per device (keys, shares, masked, reveal)
 
-BROADCAST_KINDS = frozenset({ROUND, CONTROL})
-DEVICE_KINDS = frozenset({HELLO, PRESENCE, UPDATE, ACK, BLOBREQ, INBOX})
+BROADCAST_KINDS = frozenset({ROUND, CONTROL, SECAGG})
+DEVICE_KINDS = frozenset({HELLO, PRESENCE, UPDATE, ACK, BLOBREQ, INBOX, SECAGG})
 # Kinds followed by a blob id level.
 BLOB_KINDS = frozenset({BLOB, UPLOAD, RESEND})
 # What a device publishes (the rest under its subtree it only reads).
-DEVICE_WRITES = (HELLO, PRESENCE, UPDATE, ACK, BLOBREQ, UPLOAD)
+DEVICE_WRITES = (HELLO, PRESENCE, UPDATE, ACK, BLOBREQ, UPLOAD, SECAGG)
 
 
 # Fleet layer (rollouts).
@@ -95,6 +98,10 @@ def round_topic(run: str) -> str:
 
 def control_topic(run: str) -> str:
     return f"{_run(run)}/{CONTROL}"
+
+
+def secagg_topic(run: str) -> str:
+    return f"{_run(run)}/{SECAGG}"
 
 
 def blob_topic(run: str, blob_id: str) -> str:
@@ -149,7 +156,7 @@ def device_acl(run: str, device_id: str) -> dict[str, list[str]]:
     """Least-privilege ACL for one device: read broadcasts and its own inbox, write only its own."""
     dev = _device(run, device_id)
     return {
-        "read": [round_topic(run), control_topic(run), blob_pattern(run), f"{dev}/{INBOX}", f"{dev}/{RESEND}/+"],
+        "read": [round_topic(run), control_topic(run), secagg_topic(run), blob_pattern(run), f"{dev}/{INBOX}", f"{dev}/{RESEND}/+"],
         "write": [f"{dev}/{k}/+" if k == UPLOAD else f"{dev}/{k}" for k in DEVICE_WRITES],
     }
 
