@@ -32,6 +32,7 @@ from fedpft.shared.manifest import (
     TensorSpec,
     file_entry,
 )
+from fedpft.shared.methods import method
 
 from .adapters import adapter_state, add_adapters, trainable_keys
 from .training import (
@@ -141,7 +142,7 @@ def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_
     base = unwrap(peft_proxy)
     config = base.config
     fam = family_of(config)
-    stat_layers = spec.compressed if spec.method == "fedpft" else []
+    stat_layers = spec.compressed if method(spec.method).stats else []
     graph = TrainingGraph(peft_proxy, stat_layers)
     info = generate_training_artifacts(graph, example_inputs(fam.kind, config), tmp)
 

@@ -8,7 +8,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-ProxyMethod = Literal["fedpft", "fedot", "full"]
+from .methods import METHODS, proxies
+
+# names from the one method table (shared/methods.py)
+ProxyMethod = Literal[proxies()]  # type: ignore[valid-type]
 
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
@@ -233,7 +236,7 @@ class RolloutConfig(BrokerConfig):
         return self
 
 
-SimMethod = Literal["fedpft", "full", "fedot", "noalign", "layeronly"]
+SimMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 SimEngine = Literal["processes", "virtual"]
 
 
@@ -277,7 +280,7 @@ class SimulateConfig(BaseModel):
         return self
 
     def resolved_align_every(self) -> int:
-        if self.method != "fedpft":
+        if not METHODS[self.method].align:
             return 0
         return max(1, (self.rounds + 1) // 2) if self.align_every is None else self.align_every
 
