@@ -13,8 +13,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from fedpft.shared.config import BrokerConfig, safe_id
 from fedpft.shared.manifest import ROLE_PREPARE_CONFIG, BundleError, BundleManifest
+from fedpft.shared.methods import METHODS, proxies
 
-ProxyMethod = Literal["fedpft", "fedot", "full"]
+# names from the one method table (shared/methods.py)
+ProxyMethod = Literal[proxies()]  # type: ignore[valid-type]
 
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
@@ -186,7 +188,7 @@ class RolloutConfig(BrokerConfig):
         return self
 
 
-SimMethod = Literal["fedpft", "full", "fedot", "noalign", "layeronly"]
+SimMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 SimEngine = Literal["processes", "virtual"]
 
 

@@ -14,6 +14,7 @@ from fedpft.export.bundle import write_bundle
 from fedpft.modeling.families import encoder_layers, family_of, load_config, load_fm, resolve_model_id
 from fedpft.modeling.proxy import ProxySpec, build_fedot, build_fedpft, build_full, check_layers, matching_layer_budget
 from fedpft.shared.manifest import BundleManifest
+from fedpft.shared.methods import method
 
 from .device import resolve_device
 from .distill import DistillResult, distill
@@ -69,7 +70,7 @@ def validate(cfg: PrepareConfig):
     n = config.num_hidden_layers
     if cfg.keep_layers is not None:
         check_layers(cfg.keep_layers, n)
-    if cfg.distill_steps > 0 and cfg.proxy != "full":
+    if cfg.distill_steps > 0 and method(cfg.proxy).distill:
         if cfg.public_data is None:
             raise PrepareError("distillation needs --public-data (or pass --distill-steps 0 to skip it)")
         list_public_samples(cfg.public_data, family_of(config).kind)
@@ -102,8 +103,8 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> PrepareResult:
     fm = load_fm(model_id, labels, cfg.dropout, cfg.seed)
     proxy, spec = build_proxy(fm, cfg)
     result = DistillResult()
-    if cfg.distill_steps == 0 or cfg.proxy == "full":
-        if cfg.proxy != "full":
+    if cfg.distill_steps == 0 or not method(cfg.proxy).distill:
+        if method(cfg.proxy).distill:
             log.warning("distillation skipped (--distill-steps 0): the proxy is the raw compressed FM")
     else:
         log.info("distilling on %s", device)

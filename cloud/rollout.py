@@ -39,7 +39,7 @@ from fedpft.shared.messages import (
 )
 from fedpft.shared.transport import Transport
 
-from .server import BlobServer
+from .blobs import BlobServer
 
 log = logging.getLogger("fedpft.rollout")
 

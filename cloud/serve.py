@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedpft.cloud.config import ServeConfig
+from fedpft.cloud.config import ServeConfig, load_prepare_config
 from fedpft.modeling.families import resolve_model_id
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.transport import Transport
@@ -20,10 +19,6 @@ from .state import RunState
 log = logging.getLogger("fedpft.serve")
 
 
-def prepare_config(bundle: Path) -> dict:
-    return json.loads((Path(bundle) / "prepare_config.json").read_text())
-
-
 class Cloud:
     """The torch side of a run: the FM with plugged adapters, and the proxy for alignment."""
 
@@ -31,10 +26,9 @@ class Cloud:
         from .evaluate import PluggedFM
 
         self.cfg, self.manifest = cfg, manifest
-        pc = prepare_config(cfg.bundle)
-        self.pc = pc
+        self.pc = pc = load_prepare_config(cfg.bundle, manifest)
         self.device = resolve_device(cfg.device)
-        self.fm = PluggedFM(resolve_model_id(pc["model"]), manifest.labels, pc["lora_rank"], pc["lora_alpha"], pc["seed"], self.device)
+        self.fm = PluggedFM(resolve_model_id(pc.model), manifest.labels, pc.lora_rank, pc.lora_alpha, pc.seed, self.device)
         self._eval_batches = None
         self._proxy = None
 
@@ -57,7 +51,8 @@ class Cloud:
         return self.fm.evaluate(self.eval_batches())
 
     # -- alignment
-    def align(self, adapters, stats, current_ffn: dict[str, np.ndarray] | None, round_id: int) -> tuple[dict[str, np.ndarray], dict]:
+    def align(self, adapters: dict[str, np.ndarray], stats: dict[int, tuple[np.ndarray, float]],
+              current_ffn: dict[str, np.ndarray] | None, round_id: int) -> tuple[dict[str, np.ndarray], dict]:
         """(re-aligned FFN tensors under proxy state-dict keys, facts for the round's record)."""
         from .alignment import align
         from .evaluate import evaluate_model
@@ -69,18 +64,18 @@ class Cloud:
             # the bundle's own proxy + adapters, exactly as devices start from
             proxy, spec = load_proxy(self.cfg.bundle, with_adapters=True)
             self._proxy = proxy.to(self.device), spec
-            public = self.cfg.public_data or self.pc.get("public_data")
+            public = self.cfg.public_data or self.pc.public_data
             if public is None:
                 raise ValueError("alignment needs public data: pass --public-data")
             kind = self.manifest.input.kind
             encoder = make_encoder(kind, self.manifest.input, self.cfg.bundle)
-            samples, held = hold_out(list_public_samples(Path(public), kind), self.pc.get("batch_size", 16))
+            samples, held = hold_out(list_public_samples(Path(public), kind), self.pc.batch_size)
             self._held = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in encoder(c).items()} for c in held]
             self._public = (samples, encoder)
         proxy, spec = self._proxy
         samples, encoder = self._public
         # a stream seeded by the round, so a resumed run aligns on exactly the same batches
-        stream = batch_stream(samples, encoder, self.pc.get("batch_size", 16), self.cfg.seed * 7919 + round_id)
+        stream = batch_stream(samples, encoder, self.pc.batch_size, self.cfg.seed * 7919 + round_id)
         if current_ffn:
             # resume: the proxy must carry the FFN weights of the last alignment
             from .bundle_model import set_ffn_state

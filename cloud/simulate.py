@@ -20,13 +20,11 @@ import numpy as np
 
 from fedpft.cloud.config import PrepareConfig, ServeConfig, SimulateConfig
 from fedpft.shared.datasets import materialize, read_labels
+from fedpft.shared.methods import method
 
 from .partition import partition
 
 log = logging.getLogger("fedpft.simulate")
-
-PROXY_FOR = {"fedpft": "fedpft", "noalign": "fedpft", "layeronly": "fedpft", "fedot": "fedot", "full": "full"}
-
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
@@ -147,9 +145,10 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
     shards, eval_path = make_shards(cfg, data, run)
     bundle = run / "bundle"
     if not (bundle / "manifest.json").is_file():
+        row = method(cfg.method)
         prep = PrepareConfig(
             model=cfg.model, out=bundle, labels=labels, public_data=public if public.is_file() else None,
-            proxy=PROXY_FOR[cfg.method], distill_steps=0 if cfg.method == "noalign" else cfg.distill_steps, ffn_keep=cfg.ffn_keep,
+            proxy=row.proxy, distill_steps=cfg.distill_steps if row.distill else 0, ffn_keep=cfg.ffn_keep,
             max_length=cfg.max_length, seed=cfg.seed, device=cfg.device,
         )
         res = prepare(prep, show_progress=show_progress)

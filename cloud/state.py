@@ -32,6 +32,7 @@ METRICS = "metrics.jsonl"
 UPDATES = "updates"
 INDEX = "index.json"  # per finished round: update file name -> sha256
 SHA_SUFFIX = ".sha256"
+FOLD = "running-sum.bin"  # the open round's streaming-aggregation sum (cloud/fold.py); not an update
 # what `serve` writes into a run folder; anything else there (a simulation's bundle, shards,
 # logs) belongs to someone else and is left alone
 RUN_FILES = (STATE, METRICS, "checkpoints", UPDATES, "serve_config.json", "report.md")
@@ -108,6 +109,49 @@ class RunStore:
         atomic_write(self.folder / (rel + SHA_SUFFIX), (digest + "\n").encode())
         self._write(rel, payload, digest)
         return self.folder / rel
+
+    def read_update(self, round_id: int, device: str) -> bytes:
+        """An update this round accepted, checked against the sha256 taken when it was stored."""
+        rel = f"{UPDATES}/round_{round_id:04d}/{device}.safetensors"
+        data = self._read(self.folder / rel)
+        want = self.pending.get(rel)
+        if want is not None and sha256(data) != want:
+            raise RunError(f"{self.folder / rel}: sha256 does not match the one taken when it was accepted (changed on disk)")
+        return data
+
+    def save_fold(self, round_id: int, data: bytes) -> None:
+        """Persist the open round's running sum, rewritten as the round goes on; the hash first, so a
+        cloud killed between the two writes leaves a pair that does not match (refolded on resume)."""
+        rel = f"{UPDATES}/round_{round_id:04d}/{FOLD}"
+        self._guard(rel)
+        atomic_write(self.folder / (rel + SHA_SUFFIX), (sha256(data) + "\n").encode())
+        atomic_write(self.folder / rel, data)
+
+    def load_fold(self, round_id: int) -> bytes | None:
+        """The round's persisted running sum if it matches its sha256 side file; None (with a line
+        when one was there) otherwise."""
+        path = self.folder / UPDATES / f"round_{round_id:04d}" / FOLD
+        try:
+            data = path.read_bytes()
+            want = path.with_name(FOLD + SHA_SUFFIX).read_text().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("running sum %s unreadable (%s); refolding the stored updates", path, exc.strerror or exc)
+            return None
+        if sha256(data) != want:
+            log.warning("running sum %s does not match its sha256 side file; refolding the stored updates", path)
+            return None
+        return data
+
+    def drop_fold(self, round_id: int) -> None:
+        """A committed round's checkpoint replaces its running sum (best effort: only disk space)."""
+        folder = self.folder / UPDATES / f"round_{round_id:04d}"
+        for name in (FOLD, FOLD + SHA_SUFFIX):
+            try:
+                (folder / name).unlink()
+            except OSError:
+                pass
 
     def stored_updates(self, round_id: int) -> list[Path]:
         """The round's stored updates whose bytes match their sha256 side file; any other is

@@ -79,7 +79,7 @@ class VirtualDevice:
 
     def __init__(self, hub: InMemoryHub, cfg: AgentConfig):
         from fedpft.edge.agent import EdgeAgent
-        from fedpft.edge.online import make_trainer, rough_sample_count
+        from fedpft.edge.task_training import make_trainer, rough_sample_count
 
         self.cfg = cfg
         # the client id doubles as the dispatcher thread's name, which device_logs routes by

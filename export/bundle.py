@@ -38,6 +38,7 @@ from fedpft.shared.manifest import (
     TensorSpec,
     file_entry,
 )
+from fedpft.shared.methods import method
 
 from .training import (
     EVAL_MODEL,
@@ -154,7 +155,7 @@ def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_
     base = unwrap(peft_proxy)
     config = base.config
     fam = family_of(config)
-    stat_layers = spec.compressed if spec.method == "fedpft" else []
+    stat_layers = spec.compressed if method(spec.method).stats else []
     graph = TrainingGraph(peft_proxy, stat_layers)
     info = generate_training_artifacts(graph, example_inputs(fam.kind, config), tmp)
 

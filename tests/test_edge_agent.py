@@ -13,7 +13,8 @@ from fedpft.cloud.server import Federation
 from fedpft.edge.agent import EdgeAgent
 from fedpft.shared import topics
 from fedpft.shared.codec import encode_tensors
-from fedpft.shared.config import AgentConfig, ServeConfig
+from fedpft.cloud.config import ServeConfig
+from fedpft.shared.config import AgentConfig
 from fedpft.shared.manifest import BundleManifest
 from fedpft.shared.messages import Task, Update, decode
 from fedpft.shared.transport import InMemoryHub

@@ -33,6 +33,8 @@ TORCH_FREE = {"shared", "edge"}
 EXCEPTIONS = {
     # `simulate --engine virtual` runs the devices' own agents on threads of the cloud process
     ("fedpft.cloud.virtual", "edge"): "the virtual engine hosts the edge agents in process",
+    # the in-process secure-aggregation round (tests, benchmarks/secagg.py) hosts the edge participants
+    ("fedpft.cloud.secagg_sim", "edge"): "the in-process secure-aggregation round hosts the edge participants",
 }
 
 

@@ -1,0 +1,208 @@
+"""The upload collector: update chunks and Update messages in, one verdict per update out.
+
+Reassembly is bounded (MAX_UPLOADS_PER_DEVICE per device, cfg.max_upload_buffer bytes in all, a
+stalled upload expires) and only a device the open round waits for may upload at all. The verdict
+is computed here; the round loop acts on it (ack, durable write, fold), so the collector never
+publishes and never touches the run folder. Main-loop only, like the rest of the round state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from fedpft.shared.chunks import Chunk, Reassembler
+from fedpft.shared.codec import decode_tensors
+from fedpft.cloud.config import ServeConfig
+from fedpft.shared.messages import ProtocolError, Task, Update
+from fedpft.shared.update import check_binding, split_update
+
+from .sampling import RoundTracker
+
+log = logging.getLogger("fedpft.serve")
+
+# Unfinished uploads one device may have at once: its update and one retry under a new blob id.
+MAX_UPLOADS_PER_DEVICE = 2
+
+
+@dataclass
+class OpenRound:
+    """The round the cloud waits on now (round_id -1 and no tracker between rounds)."""
+
+    round_id: int = -1
+    task: Task | None = None
+    tracker: RoundTracker | None = None
+
+
+@dataclass
+class Upload:
+    """One device's blob arriving in chunks; `reserved` bytes count against the upload buffer."""
+
+    asm: Reassembler
+    reserved: int
+    last: float = field(default_factory=time.time)
+
+
+@dataclass
+class Verdict:
+    """What to do about one Update: accept (with its validated content), count a failure the device
+    reported, ack a duplicate again, or reject with a reason the device is told."""
+
+    msg: Update
+    kind: Literal["accept", "failed", "duplicate", "reject"]
+    reason: str | None = None
+    data: bytes = b""  # accept: the blob exactly as received (what is stored)
+    adapters: dict[str, np.ndarray] = field(default_factory=dict)
+    stats: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)
+
+
+class UploadCollector:
+    def __init__(self, cfg: ServeConfig, open_round: OpenRound, expected: dict, stat_layers: dict[int, int]):
+        self.cfg, self.open = cfg, open_round
+        self.expected, self.stat_layers = expected, stat_layers
+        self.uploads: dict[tuple[str, str], Upload] = {}
+        self.upload_bytes = 0  # reserved by unfinished uploads, at most cfg.max_upload_buffer
+        self.waiting: dict[tuple[str, str], Update] = {}  # update messages whose blob is still arriving
+        self.bytes_up = 0
+
+    # -- chunks in
+    def chunk(self, device: str, chunk: Chunk, nbytes: int) -> Verdict | None:
+        key = (device, chunk.blob_id)
+        up = self.uploads.get(key)
+        if up is None:
+            up = self._start(device, chunk)
+            if up is None:
+                return None
+        try:
+            new = up.asm.add(chunk)
+        except ProtocolError as exc:
+            waiting = self.waiting.get(key)
+            self.drop(key, exc.reason, quiet=True)
+            if waiting is not None:  # its Update came first: refuse that, so the device hears why
+                return _reject(waiting, f"rejected chunk: {exc.reason}")
+            raise ProtocolError(f"rejected chunk from {device}: {exc.reason}") from None
+        if new:
+            self.bytes_up += nbytes
+            up.last = time.time()
+        if up.asm.done and key in self.waiting:
+            return self.update(self.waiting.pop(key))
+        return None
+
+    def _start(self, device: str, chunk: Chunk) -> Upload | None:
+        """Room for a new upload, within the bounds: only a device the open round waits for, at most
+        MAX_UPLOADS_PER_DEVICE at once (the oldest gives way), at most cfg.max_upload_buffer bytes
+        reserved in total. The Update, when it came first, fixes the blob's hash and size."""
+        tr, cfg = self.open.tracker, self.cfg
+        if tr is None or device not in tr.selected or device in tr.answered():
+            if tr is not None and device in tr.answered():
+                return None  # a retry's chunks after its update counted: harmless
+            raise ProtocolError(f"upload chunk from {device} dropped: no open round waits for its update")
+        if chunk.total_size > cfg.max_update_bytes:
+            raise ProtocolError(f"upload from {device}: blob of {chunk.total_size} bytes exceeds the {cfg.max_update_bytes}-byte limit")
+        mine = sorted((k for k in self.uploads if k[0] == device), key=lambda k: self.uploads[k].last)
+        for k in mine[: max(0, len(mine) - MAX_UPLOADS_PER_DEVICE + 1)]:
+            self.drop(k, f"{device} started another upload ({chunk.blob_id})")
+        if self.upload_bytes + chunk.total_size > cfg.max_upload_buffer:
+            raise ProtocolError(f"upload from {device} dropped: unfinished uploads hold {self.upload_bytes} bytes, "
+                                f"the buffer is {cfg.max_upload_buffer} bytes")
+        key = (device, chunk.blob_id)
+        waiting = self.waiting.get(key)
+        asm = (Reassembler.for_ref(waiting.blob, max_bytes=cfg.max_update_bytes) if waiting is not None and waiting.blob
+               else Reassembler(chunk.blob_id, max_bytes=cfg.max_update_bytes))
+        self.upload_bytes += chunk.total_size
+        up = self.uploads[key] = Upload(asm, chunk.total_size)
+        return up
+
+    # -- updates in, verdicts out
+    def update(self, msg: Update) -> Verdict | None:
+        """The verdict on `msg`, or None while its blob is still arriving."""
+        tr, task = self.open.tracker, self.open.task
+        if tr is None or msg.round_id != self.open.round_id:
+            return self._refuse(msg, f"stale: round {msg.round_id} is not the current round {self.open.round_id}")
+        if msg.device_id not in tr.selected:
+            return self._refuse(msg, "device was not selected for this round")
+        if msg.device_id in tr.answered():
+            self.forget(msg)
+            counted = tr.accepted.get(msg.device_id)
+            if counted is not None and getattr(counted, "update_id", None) not in (None, msg.update_id):
+                return _reject(msg, f"another update ({counted.update_id}) from {msg.device_id} already counted for this round")
+            return Verdict(msg, "duplicate", "duplicate (already counted)")  # QoS 1 redelivery: ack again, count once
+        task_id = task.task_id if task is not None else None
+        if task_id is None or msg.task_id != task_id or msg.update_id is None:
+            return self._refuse(msg, f"answers task {msg.task_id}, not this round's task {task_id}" if msg.task_id
+                                else "carries no task_id/update_id binding it to this round's task")
+        if msg.error is not None:
+            return Verdict(msg, "failed", msg.error)
+        ref = msg.blob
+        assert ref is not None
+        if ref.size > self.cfg.max_update_bytes:
+            return _reject(msg, f"update of {ref.size} bytes exceeds the {self.cfg.max_update_bytes}-byte cap")
+        key = (msg.device_id, ref.blob_id)
+        up = self.uploads.get(key)
+        if up is not None and not up.asm.done:
+            try:  # chunks came first: what they declared must agree with the Update now, not at the end
+                up.asm.bind(ref.sha256, ref.size)
+            except ProtocolError as exc:
+                self.drop(key, exc.reason, quiet=True)
+                return _reject(msg, exc.reason)
+        if up is None or not up.asm.done:
+            # bounded like the uploads: a device's older announced-but-unfinished updates give way
+            mine = [k for k in self.waiting if k[0] == msg.device_id and k != key]
+            for k in mine[: max(0, len(mine) - MAX_UPLOADS_PER_DEVICE + 1)]:
+                self.drop(k, f"{msg.device_id} announced another update ({ref.blob_id})")
+            self.waiting[key] = msg
+            return None
+        self.uploads.pop(key)
+        self.upload_bytes -= up.reserved
+        return self._validate(msg, up.asm.result(), task_id)
+
+    def _validate(self, msg: Update, data: bytes, task_id: str) -> Verdict:
+        try:
+            if data and hashlib.sha256(data).hexdigest() != msg.blob.sha256:
+                raise ProtocolError("update blob sha256 does not match the update message")
+            tensors, meta = decode_tensors(data, self.cfg.max_update_bytes)
+            check_binding(meta, self.cfg.run_id, msg.round_id, msg.device_id, task_id)
+            adapters, stats = split_update(tensors, self.expected, self.stat_layers)
+        except ProtocolError as exc:
+            return _reject(msg, exc.reason)
+        return Verdict(msg, "accept", data=data, adapters=adapters, stats=stats)
+
+    def _refuse(self, msg: Update, reason: str) -> Verdict:
+        self.forget(msg)
+        return _reject(msg, reason)
+
+    # -- bounds
+    def forget(self, msg: Update) -> None:
+        """Free the upload of an Update that will not count."""
+        if msg.blob is not None and (msg.device_id, msg.blob.blob_id) in self.uploads:
+            up = self.uploads.pop((msg.device_id, msg.blob.blob_id))
+            self.upload_bytes -= up.reserved
+
+    def drop(self, key: tuple[str, str], why: str, quiet: bool = False) -> None:
+        """Forget an unfinished upload (and the Update waiting for it), with one log line unless the caller logs."""
+        up = self.uploads.pop(key, None)
+        msg = self.waiting.pop(key, None)
+        if up is not None:
+            self.upload_bytes -= up.reserved
+        if not quiet and (up is not None or msg is not None):
+            got, count = (up.asm.received, up.asm.count or "?") if up is not None else (0, "?")
+            log.warning("dropped upload %s from %s (%d/%s chunks): %s", key[1], key[0], got, count, why)
+
+    def expire(self, now: float) -> None:
+        for key, up in list(self.uploads.items()):
+            if now - up.last > self.cfg.upload_timeout:
+                self.drop(key, f"no chunk for {self.cfg.upload_timeout:.0f}s (--upload-timeout)")
+
+    def close(self, round_id: int) -> None:
+        """At a round's end no upload can count any more: free them, each with a log line."""
+        for key in {*self.uploads, *self.waiting}:
+            self.drop(key, f"round {round_id} ended")
+
+
+def _reject(msg: Update, reason: str) -> Verdict:
+    return Verdict(msg, "reject", reason)
