@@ -126,9 +126,15 @@ def _progress(enabled: bool):
                lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"))
 
 
-def _online(broker, device_id, run_id, data, cache, holdout, threads, providers, ca, cert, key, username, password, trust_key) -> None:
+def _log_agent() -> None:
+    """A device agent's log: its own lines from INFO up, other libraries' warnings only."""
     import logging
 
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedpft").setLevel(logging.INFO)
+
+
+def _online(broker, device_id, run_id, data, cache, holdout, threads, providers, ca, cert, key, username, password, trust_key) -> None:
     from pydantic import ValidationError
 
     from fedpft.shared.config import AgentConfig
@@ -159,8 +165,7 @@ def _online(broker, device_id, run_id, data, cache, holdout, threads, providers,
             load_public_key(trust_key)  # a bad key file fails here, before connecting
         except SignatureError as exc:
             fail(str(exc))
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fedpft").setLevel(logging.INFO)
+    _log_agent()
     try:
         rounds = run_online(cfg)
     except TransportError as exc:
@@ -184,7 +189,6 @@ def fleet(
     heartbeat: float = typer.Option(30.0, "--heartbeat", help="Seconds between re-published statuses (the cloud's 'last seen')."),
 ) -> None:
     """Serve fleet rollouts: install the bundle versions sent to this device's cohort, keep the previous one, roll back; until SIGTERM."""
-    import logging
     import signal
     import threading
 
@@ -207,8 +211,7 @@ def fleet(
         fail(f"{'.'.join(str(x) for x in err['loc']) or 'options'}: {err['msg'].removeprefix('Value error, ')}")
     except SignatureError as exc:
         fail(str(exc))
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fedpft").setLevel(logging.INFO)
+    _log_agent()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
