@@ -154,6 +154,17 @@ def _validated(model_cls, **kwargs):
         fail(f"--{str(err['loc'][0]).replace('_', '-')}: {msg}" if err["loc"] else msg)
 
 
+# Secure aggregation and DP options, shared by serve and simulate (typer reads an Option's metadata, so one serves both).
+SECURE_AGG_OPT = typer.Option(False, "--secure-agg", help="Secure aggregation (SecAgg over MQTT): the cloud learns only the sum of the round's adapter changes and neuron counts, never one device's update; devices that drop after masking are recovered while at most n - T drop. The run folder then holds no individual update.")
+SECAGG_T_OPT = typer.Option(None, "--secagg-threshold", help="Shamir threshold T of --secure-agg: the round survives n - T devices dropping after their shares, and no T - 1 colluders learn a device's masks. Default 2n/3 + 1 of the round's n devices; must be a strict majority.")
+SECAGG_STAGE_OPT = typer.Option(60.0, "--secagg-stage-timeout", help="Seconds each short --secure-agg stage (keys, shares, unmask) waits for the devices; the masked-input stage waits until the round's deadline.")
+DP_CLIP_OPT = typer.Option(None, "--dp-clip", help="Client-level DP: each device clips its adapter change to this L2 norm C and weighs 1 (uniform average over the devices whose update arrived).")
+DP_NOISE_OPT = typer.Option(None, "--dp-noise", help="DP noise multiplier Z: Gaussian noise of std Z*C on the round's sum (needs --dp-clip). Epsilon at --dp-delta is written to metrics.jsonl and report.md each round.")
+DP_MODE_OPT = typer.Option("central", "--dp-mode", help="central: the cloud adds the noise to the sum; distributed (needs --secure-agg): each device adds its share of it under the masks, so nobody sees an un-noised sum.")
+DP_DELTA_OPT = typer.Option(1e-5, "--dp-delta", help="The delta at which the accountant (dp-accounting, RDP) reports epsilon.")
+DP_MAX_EPS_OPT = typer.Option(None, "--dp-max-epsilon", help="End the run cleanly (one line, state committed) before a round whose privacy cost would take epsilon past this.")
+
+
 @app.command()
 def serve(
     bundle: Path = typer.Option(..., "--bundle", "-b", help="Bundle folder written by `prepare`."),
@@ -195,6 +206,14 @@ def serve(
     username: Optional[str] = typer.Option(None, "--username", help="Broker user name (`provision` creates fedpft-cloud)."),
     password: Optional[str] = typer.Option(None, "--password", envvar="FEDPFT_MQTT_PASSWORD", help="Broker password (or env FEDPFT_MQTT_PASSWORD)."),
     signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key (from `keygen`) that signs every task."),
+    secure_agg: bool = SECURE_AGG_OPT,
+    secagg_threshold: Optional[int] = SECAGG_T_OPT,
+    secagg_stage_timeout: float = SECAGG_STAGE_OPT,
+    dp_clip: Optional[float] = DP_CLIP_OPT,
+    dp_noise: Optional[float] = DP_NOISE_OPT,
+    dp_mode: str = DP_MODE_OPT,
+    dp_delta: float = DP_DELTA_OPT,
+    dp_max_epsilon: Optional[float] = DP_MAX_EPS_OPT,
     device: str = device_option("the FM (evaluation) and the proxy (alignment)", SERVE_PRECISION),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -214,6 +233,7 @@ def serve(
         max_client_samples=max_client_samples, aggregator=aggregator, trim_fraction=trim_fraction, upload_timeout=upload_timeout,
         max_upload_buffer=max_upload_buffer, task_ack_timeout=task_ack_timeout, max_update_norm=max_update_norm, max_devices=max_devices, seed=seed, resume=resume,
         ca=ca, cert=cert, key=key, username=username, password=password, signing_key=signing_key, device=device,
+        secure_agg=secure_agg, secagg_threshold=secagg_threshold, secagg_stage_timeout=secagg_stage_timeout, dp_clip=dp_clip, dp_noise=dp_noise, dp_mode=dp_mode, dp_delta=dp_delta, dp_max_epsilon=dp_max_epsilon,
     )
     check_device(cfg.device)
     from fedpft.shared.signing import SignatureError
@@ -387,6 +407,14 @@ def simulate(
     edge_python: Optional[Path] = typer.Option(None, "--edge-python", envvar="FEDPFT_EDGE_PYTHON", help="Python interpreter of the device processes, e.g. a venv with only the edge extra (plain onnxruntime, as devices install it). Default: this Python (the cloud's onnxruntime-training build, whose inference core runs the same graphs)."),
     device: str = device_option("the cloud's FM and proxy (distillation, alignment, evaluation; the device processes run ONNX Runtime on CPU)",
                                 f"{DISTILL_PRECISION} {SERVE_PRECISION}"),
+    secure_agg: bool = SECURE_AGG_OPT,
+    secagg_threshold: Optional[int] = SECAGG_T_OPT,
+    secagg_stage_timeout: float = SECAGG_STAGE_OPT,
+    dp_clip: Optional[float] = DP_CLIP_OPT,
+    dp_noise: Optional[float] = DP_NOISE_OPT,
+    dp_mode: str = DP_MODE_OPT,
+    dp_delta: float = DP_DELTA_OPT,
+    dp_max_epsilon: Optional[float] = DP_MAX_EPS_OPT,
     engine: str = typer.Option("processes", "--engine", help="processes: N real `fedpft-edge` processes over MQTT (the deployment path). virtual: the same edge agents and ORT trainer on threads of this process over an in-memory hub (same protocol, aggregation, alignment and metrics; no broker, no process start-up; for research sweeps)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -405,7 +433,7 @@ def simulate(
         max_samples=max_samples, eval_samples=eval_samples, distill_steps=distill_steps, align_every=align_every,
         align_steps=align_steps, local_epochs=local_epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
         max_length=max_length, seed=seed, broker=broker, ffn_keep=ffn_keep, edge_python=edge_python, device=device,
-        engine=engine,
+        engine=engine, secure_agg=secure_agg, secagg_threshold=secagg_threshold, secagg_stage_timeout=secagg_stage_timeout, dp_clip=dp_clip, dp_noise=dp_noise, dp_mode=dp_mode, dp_delta=dp_delta, dp_max_epsilon=dp_max_epsilon,
     )
     check_device(cfg.device)
     try:

@@ -103,7 +103,42 @@ def load_prepare_config(bundle: Path, manifest: BundleManifest | None = None) ->
         raise BundleError(f"{path}: cannot read the bundle's prepare config ({' '.join(why[:2]) or type(exc).__name__})") from None
 
 
-class ServeConfig(BrokerConfig):
+class PrivacyOptions(BaseModel):
+    """Secure aggregation and client-level DP (issue 14; docs/protocol.md). All off by default, and
+    then nothing of a run changes: wire, run folder and results are exactly those of a plain run."""
+
+    secure_agg: bool = Field(default=False, description="the cloud learns only the round's sum (SecAgg over MQTT)")
+    secagg_threshold: int | None = Field(default=None, ge=2, description="Shamir threshold T; None = 2n/3 + 1 of the round's n devices")
+    secagg_stage_timeout: float = Field(default=60.0, gt=0, description="seconds each short secagg stage (keys, shares, unmask) waits")
+    dp_clip: float | None = Field(default=None, gt=0, description="DP: devices clip their change to this L2 norm and weigh 1")
+    dp_noise: float | None = Field(default=None, gt=0, description="DP: Gaussian noise multiplier Z (std Z * clip on the sum)")
+    dp_mode: Literal["central", "distributed"] = "central"
+    dp_delta: float = Field(default=1e-5, gt=0, lt=1, description="the delta epsilon is reported at")
+    dp_max_epsilon: float | None = Field(default=None, gt=0, description="end the run before a round would spend more")
+
+    @model_validator(mode="after")
+    def _privacy(self):
+        if self.dp_noise is not None and self.dp_clip is None:
+            raise ValueError("--dp-noise needs --dp-clip (the noise is calibrated to the clip)")
+        if self.dp_max_epsilon is not None and self.dp_noise is None:
+            raise ValueError("--dp-max-epsilon needs --dp-noise (without noise nothing is accounted)")
+        if self.dp_mode == "distributed" and not (self.secure_agg and self.dp_noise is not None):
+            raise ValueError("--dp-mode distributed needs --secure-agg and --dp-noise (devices add the noise under the masks)")
+        if self.secagg_threshold is not None and not self.secure_agg:
+            raise ValueError("--secagg-threshold needs --secure-agg")
+        return self
+
+    def privacy_fields(self) -> dict:
+        """The privacy options as given (for passing from simulate to serve)."""
+        return {k: getattr(self, k) for k in PrivacyOptions.model_fields}
+
+    def default_privacy(self) -> set[str]:
+        """Privacy options left at their defaults: kept out of serve_config.json, so a plain run's
+        folder is what it was before these options existed."""
+        return {k for k, f in PrivacyOptions.model_fields.items() if getattr(self, k) == f.default}
+
+
+class ServeConfig(BrokerConfig, PrivacyOptions):
     """`fedpft-cloud serve`: one federated run over MQTT; saved as RUN/serve_config.json."""
 
     model_config = ConfigDict(extra="forbid")
@@ -160,6 +195,10 @@ class ServeConfig(BrokerConfig):
             raise ValueError("give --clients-per-round or --fraction, not both")
         if self.clients_per_round is not None and self.min_clients > self.clients_per_round:
             raise ValueError(f"--min-clients {self.min_clients} exceeds --clients-per-round {self.clients_per_round}")
+        if self.dp_noise is not None and self.align_every and not self.secure_agg:
+            raise ValueError("DP with --align-every needs --secure-agg: only then are the neuron counts sent as rates and noised")
+        if self.dp_clip is not None and self.aggregator != "fedavg":
+            raise ValueError("DP (--dp-clip) calibrates its noise to a sum: use --aggregator fedavg")
         return self
 
 
@@ -192,7 +231,7 @@ SimMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 SimEngine = Literal["processes", "virtual"]
 
 
-class SimulateConfig(BaseModel):
+class SimulateConfig(PrivacyOptions):
     """`fedpft-cloud simulate`: prepare, partition, start real devices, run rounds, report."""
 
     model_config = ConfigDict(extra="forbid")

@@ -33,6 +33,7 @@ from fedpft.shared.update import split_update
 
 from .blobs import BlobServer
 from .fold import RoundFold
+from .private_rounds import DEVICE_SECAGG, BudgetSpent, PrivateRounds
 from .registry import DeviceInfo, DeviceRegistry
 from .sampling import RoundStatus, RoundTracker
 from .state import RunState, RunStore
@@ -44,7 +45,8 @@ __all__ = ["BlobServer", "DeviceInfo", "Federation", "MAX_UPLOADS_PER_DEVICE", "
 log = logging.getLogger("fedpft.serve")
 
 # What each device topic the cloud subscribes to may carry.
-_KIND_TYPES = {topics.HELLO: Hello, topics.PRESENCE: Presence, topics.UPDATE: Update, topics.ACK: Ack, topics.BLOBREQ: BlobRequest}
+_KIND_TYPES = {topics.HELLO: (Hello,), topics.PRESENCE: (Presence,), topics.UPDATE: (Update,), topics.ACK: (Ack,),
+               topics.BLOBREQ: (BlobRequest,), topics.SECAGG: DEVICE_SECAGG}
 
 
 class Federation:
@@ -61,6 +63,7 @@ class Federation:
         self.open = OpenRound()
         self.collector = UploadCollector(cfg, self.open, self.strategy.expected, self.strategy.stat_layers)
         self.fold: RoundFold | None = None  # the open round's running sum
+        self.privacy = PrivateRounds(self)  # --secure-agg / --dp-*: identity hooks otherwise
         self._next_expiry = 0.0
         self.show_progress = show_progress
         self.signing_key = load_private_key(cfg.signing_key) if cfg.signing_key is not None else None
@@ -109,7 +112,7 @@ class Federation:
         (a BlobRequest naming another device would have the cloud re-send chunks to that one)."""
         if parsed.run != self.cfg.run_id:
             raise ProtocolError(f"message for run {parsed.run!r}; this cloud serves {self.cfg.run_id!r}")
-        if _KIND_TYPES.get(parsed.kind) is not type(msg):
+        if type(msg) not in _KIND_TYPES.get(parsed.kind, ()):
             raise ProtocolError(f"a {msg.type} message does not belong on a {parsed.kind} topic")
         if msg.device_id != parsed.device_id:
             raise ProtocolError(f"message about device {msg.device_id!r} on device {parsed.device_id!r}'s topic")
@@ -136,6 +139,7 @@ class Federation:
         for kind in (topics.HELLO, topics.PRESENCE, topics.UPDATE, topics.ACK, topics.BLOBREQ):
             self.t.subscribe(topics.all_devices_pattern(run, kind), self._on_json)
         self.t.subscribe(topics.all_devices_pattern(run, topics.UPLOAD), self._on_upload)
+        self.privacy.subscribe()
 
     # ------------------------------------------------------------------ main loop side
     def _waiting(self) -> bool:
@@ -161,6 +165,8 @@ class Federation:
 
     def _handle(self, ev) -> None:
         if ev[0] == "chunk":
+            if self.privacy.takes(ev[2]):
+                return self.privacy.chunk(*ev[1:])
             return self._settle(self.collector.chunk(*ev[1:]))
         msg, tr = ev[1], self.tracker
         busy = set(tr.selected) if tr is not None else ()
@@ -171,7 +177,9 @@ class Federation:
             if self.devices.presence(msg, busy) and tr is not None and tr.give_up(msg.device_id, reason):
                 log.warning("round %d: not waiting for %s: %s", self.round_id, msg.device_id, reason)
         elif isinstance(msg, Update):
-            self._settle(self.collector.update(msg))
+            self._settle(self.privacy.screen(msg) or self.collector.update(msg))
+        elif isinstance(msg, DEVICE_SECAGG):
+            self.privacy.message(msg)
         elif isinstance(msg, Ack):
             self.devices.seen(msg.device_id)
             if msg.acked == "task" and tr is not None and msg.round_id == self.round_id:
@@ -280,12 +288,13 @@ class Federation:
         state = self.store.begin(self.cfg.run_id, self.manifest.bundle_id, self.cfg.resume)
         if state is not None:
             log.info("resuming run %s at round %d", state.run_id, state.next_round)
+            self.privacy.on_resume()
             return state
         init = decode_tensors((Path(self.cfg.bundle) / self.manifest.files["adapters_init"].path).read_bytes())[0]
         rel = self.store.write_tensors("checkpoints/adapters_round_init.safetensors", init)
         state = RunState(run_id=self.cfg.run_id, bundle_id=self.manifest.bundle_id, adapters=rel)
         self.store.commit(state)
-        (Path(self.cfg.out) / "serve_config.json").write_text(self.cfg.model_dump_json(indent=2))
+        (Path(self.cfg.out) / "serve_config.json").write_text(self.cfg.model_dump_json(indent=2, exclude=self.cfg.default_privacy()))
         return state
 
     def run(self) -> RunState:
@@ -298,10 +307,15 @@ class Federation:
         bundle_ref = self.blobs.offer(f"bundle-{self.manifest.bundle_id[:16]}", pack_bundle(self.cfg.bundle))
         with progress_bar("federated rounds", self.cfg.rounds, self.show_progress) as bar:
             bar.advance(state.next_round)
+            reason = None
             while state.next_round < self.cfg.rounds:
-                record = self.run_round(state, bundle_ref)
+                try:
+                    record = self.run_round(state, bundle_ref)
+                except BudgetSpent as exc:  # raised before the round's Task: the state is the last committed one
+                    log.warning("%s", reason := exc.reason)
+                    break
                 bar.advance(**{k: v for k, v in record.items() if k in ("fm_accuracy", "clients") and v is not None})
-        end = EndOfRun(run_id=self.cfg.run_id, round_id=state.next_round, sender=CLOUD_SENDER)
+        end = EndOfRun(run_id=self.cfg.run_id, round_id=state.next_round, sender=CLOUD_SENDER, reason=reason or "completed")
         self.t.publish(topics.control_topic(self.cfg.run_id), encode(end), retain=True)
         return state
 
@@ -321,7 +335,7 @@ class Federation:
         else:
             if tracker.failed or tracker.given_up:
                 record["failed"] = {**tracker.given_up, **tracker.failed}
-            record.update(self.strategy.aggregate(r, self.fold, state))
+            record.update(self.privacy.aggregate(r, self.fold, state))
         self.fold = None
         record.update(bytes_up=self.bytes_up - up0, bytes_down=self.blobs.bytes_sent - sent0, seconds=round(time.time() - t0, 2))
         state.history.append(record)
@@ -351,7 +365,8 @@ class Federation:
             reason = f"only {len(online)} of the {cfg.min_clients} devices needed are online"
             log.warning("round %d attempt %d: %s", r, attempt, reason)
             return None, reason
-        task = self.strategy.configure(r, online, state, attempt, blobs)
+        task = self.privacy.configure(self.strategy.configure(r, online, state, attempt, blobs), online)
+        self.privacy.check_budget(task, state)
         if self.signing_key is not None:
             task = sign(task, self.signing_key)
         self.round_id, self.task = r, task
@@ -359,6 +374,8 @@ class Federation:
         self._restore_accepted(r, state)
         self.t.publish(topics.round_topic(cfg.run_id), encode(task))
         log.info("round %d: task sent to %s", r, ", ".join(task.devices))
+        if self.privacy.secure:
+            return self.privacy.attempt(task)
         while self._waiting():
             self.pump(1.0)
         tracker, self.open.tracker = self.tracker, None

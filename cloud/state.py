@@ -35,7 +35,7 @@ SHA_SUFFIX = ".sha256"
 FOLD = "running-sum.bin"  # the open round's streaming-aggregation sum (cloud/fold.py); not an update
 # what `serve` writes into a run folder; anything else there (a simulation's bundle, shards,
 # logs) belongs to someone else and is left alone
-RUN_FILES = (STATE, METRICS, "checkpoints", UPDATES, "serve_config.json", "report.md")
+RUN_FILES = (STATE, METRICS, "checkpoints", UPDATES, "serve_config.json", "report.md", "secagg-state.safetensors")
 SET_ASIDE = "replaced-"
 
 

@@ -91,24 +91,29 @@ class AdapterStrategy:
         )
 
     def begin(self, rnd: int, state: RunState | None) -> RoundFold:
-        """An empty running sum against the round's global adapters (the bundle's, without a state)."""
+        """An empty running sum against the round's global adapters (the bundle's, without a state).
+        Under DP every device weighs 1 (a sample-count weight would be a private sum of its own)."""
         if state is None:
             rel = self.manifest.files["adapters_init"].path
             ref = decode_tensors((Path(self.cfg.bundle) / rel).read_bytes())[0]
         else:
             rel, ref = state.adapters, self.store.read_tensors(state.adapters)
-        return RoundFold(ref, self.cfg.max_client_samples, label=f"round {rnd} on {rel}")
+        return RoundFold(ref, 1 if self.cfg.dp_clip is not None else self.cfg.max_client_samples, label=f"round {rnd} on {rel}")
 
     def load(self, rnd: int) -> Callable[[str], Tensors]:
         """Reads one accepted update of round `rnd` back from the run folder (the second pass)."""
         return lambda device: split_update(decode_tensors(self.store.read_update(rnd, device), self.cfg.max_update_bytes)[0],
                                            self.expected, self.stat_layers)[0]
 
-    def aggregate(self, rnd: int, fold: RoundFold, state: RunState) -> dict:
-        """Writes the round's adapters (and FFN weights when it aligns) into `state`; the round's metrics."""
+    def aggregate(self, rnd: int, fold: RoundFold, state: RunState,
+                  noise: Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]] | None = None) -> dict:
+        """Writes the round's adapters (and FFN weights when it aligns) into `state`; the round's
+        metrics. `noise(mean, n)`: central DP's noise on the mean of n updates."""
         cfg = self.cfg
         previous = next((h["typical_norm"] for h in reversed(state.history) if h.get("typical_norm") is not None), None)
-        b = fold.bounds(cfg.norm_bound_factor, cfg.max_update_norm, previous, cfg.weight_cap_factor)
+        # DP: the clip C is the bound (devices clipped already; the cloud enforces it), not the round's median
+        factor, ceiling = (0.0, cfg.dp_clip) if cfg.dp_clip is not None else (cfg.norm_bound_factor, cfg.max_update_norm)
+        b = fold.bounds(factor, ceiling, previous, cfg.weight_cap_factor)
         record = self._bounds_record(rnd, fold, b)
         if cfg.aggregator == "fedavg":
             adapters = fold.finish(b, self.load(rnd))
@@ -116,12 +121,20 @@ class AdapterStrategy:
             load = self.load(rnd)
             updates = [load(d) if s == 1.0 else clip_update(load(d), fold.reference, b.bound) for d, s in zip(b.names, b.scales)]
             adapters = aggregate(updates, b.weights, cfg.aggregator, cfg.trim_fraction)
+        if noise is not None:
+            adapters = noise(adapters, len(b.names))
         losses = [fold.folded[d].mean_loss or 0.0 for d in b.names]
         record.update(clients=len(b.names), devices=b.names, aggregator=cfg.aggregator,
                       train_loss=float(np.average(losses, weights=b.weights)))
+        record.update(self.finish_round(rnd, adapters, fold.stats() if fold.off else {}, state))
+        return record
+
+    def finish_round(self, rnd: int, adapters: dict[str, np.ndarray], stats: Stats, state: RunState) -> dict:
+        """The aggregated adapters into `state`, the alignment when due, the FM's evaluation; their facts."""
+        record: dict = {}
         state.adapters = self.store.write_tensors(f"checkpoints/adapters_round_{rnd:04d}.safetensors", adapters)
-        if self.aligns(rnd) and fold.off:
-            ffn, info = self.aligner(adapters, fold.stats(), self.store.read_tensors(state.ffn) if state.ffn else None, rnd)
+        if self.aligns(rnd) and stats:
+            ffn, info = self.aligner(adapters, stats, self.store.read_tensors(state.ffn) if state.ffn else None, rnd)
             state.alignments += 1
             state.ffn = self.store.write_tensors(f"checkpoints/ffn_align_{state.alignments:03d}.safetensors", ffn)
             record.update(alignment=info, aligned=True)

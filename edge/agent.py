@@ -18,7 +18,7 @@ from fedpft.shared import topics
 from fedpft.shared.chunks import BlobSource
 from fedpft.shared.config import AgentConfig
 from fedpft.shared.fsio import atomic_write
-from fedpft.shared.manifest import BundleError
+from fedpft.shared.manifest import BundleError, BundleManifest
 from fedpft.shared.messages import (
     Ack, EndOfRun, Hello, ProtocolError, Task, Update, make_update_id,
 )
@@ -29,6 +29,7 @@ from fedpft.shared.update import bind_update
 
 from .blobs import AgentError
 from .link import Address, DeviceLink
+from .secure_task import SecureTask, clipped_update
 
 log = logging.getLogger("fedpft.agent")
 
@@ -37,7 +38,8 @@ def run_address(run: str, me: str) -> Address:
     """A run's device: tasks on the round topic, EndOfRun on the control topic (whose clearing
     means a cloud is (re)starting the run), receipts in its inbox."""
     return Address(space=run, device_id=me, topic=lambda kind: topics.device_topic(run, me, kind),
-                   listen=(topics.round_topic(run), topics.control_topic(run), topics.device_topic(run, me, topics.INBOX)),
+                   listen=(topics.round_topic(run), topics.control_topic(run), topics.device_topic(run, me, topics.INBOX),
+                           topics.secagg_topic(run)),
                    resend=topics.resend_pattern(run, me), check=check_route, retained=frozenset({topics.PRESENCE}),
                    wake=topics.control_topic(run))
 
@@ -80,7 +82,6 @@ class EdgeAgent:
 
     def handle_task(self, task: Task) -> int:
         """Train the task (or re-send the update already trained for its round); 1 if trained now."""
-        key = f"{task.round_id}"
         if time.time() > task.deadline:
             log.warning("task for round %d arrived after its deadline; skipped", task.round_id)
             return 0
@@ -88,15 +89,25 @@ class EdgeAgent:
         # are not waited for), so it goes out before anything slow
         self.link.publish(topics.ACK, Ack(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, acked="task",
                                           task_id=task.task_id))
-        if key in self.done and Path(self.done[key]).is_file():
-            log.info("round %d already trained; re-sending the stored update", task.round_id)
-            self.upload(task, Path(self.done[key]).read_bytes(), json.loads(Path(self.done[key] + ".json").read_text()))
-            return 0
         try:
-            update, fields = self._train(task)
+            if task.privacy is not None and task.privacy.secure_agg:
+                return SecureTask(self, task).run(self._trained)
+            update, fields, trained = self._trained(task)
+            if task.privacy is not None and task.privacy.clip is not None:
+                update = self._clipped(task, update, task.privacy.clip)
         except Exception as exc:  # noqa: BLE001 - any failure is this round's, reported; the device stays for the next
             self.report_failure(task, _failure_line(task, exc))
             return 0
+        self.upload(task, update, fields)
+        return trained
+
+    def _trained(self, task: Task) -> tuple[bytes, dict, int]:
+        """(update, its Update fields, 1 if trained now): the round's stored update when there is one."""
+        key = f"{task.round_id}"
+        if key in self.done and Path(self.done[key]).is_file():
+            log.info("round %d already trained; re-sending the stored update", task.round_id)
+            return Path(self.done[key]).read_bytes(), json.loads(Path(self.done[key] + ".json").read_text()), 0
+        update, fields = self._train(task)
         path = self.cache / "updates" / f"{self.run}-round{task.round_id:04d}.safetensors"
         # the update and its fields before the done file that names them: a crash in between
         # trains the round again rather than re-sending half an update
@@ -104,8 +115,11 @@ class EdgeAgent:
         atomic_write(Path(str(path) + ".json"), json.dumps(fields).encode())
         self.done[key] = str(path)
         atomic_write(self.done_file, json.dumps(self.done).encode())
-        self.upload(task, update, fields)
-        return 1
+        return update, fields, 1
+
+    def _clipped(self, task: Task, update: bytes, clip: float) -> bytes:
+        bundle_dir = self.cache / "bundles" / task.bundle.sha256[:16]
+        return clipped_update(update, self.link.fetch(task.adapters), BundleManifest.load(bundle_dir), clip)
 
     def _train(self, task: Task) -> tuple[bytes, dict]:
         self.link.check_signed(task, f"task for round {task.round_id}")

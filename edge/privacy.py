@@ -70,10 +70,12 @@ def stats_sensitivity(stats_layout: Mapping[str, tuple[int, ...]]) -> float:
 
 
 def contribution(delta: Tensors, num_samples: float, stats: Mapping[int, tuple[np.ndarray, float]] | None,
-                 clip: float, noise_std: float = 0.0, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+                 clip: float, noise_std: float = 0.0, rng: np.random.Generator | None = None,
+                 dp: bool | None = None) -> dict[str, np.ndarray]:
     """The named float64 values a device encodes: weight * clip(delta, C) [+ noise], the weight,
-    and the statistics [as noised rates]. noise_std > 0 means DP: weight 1, rates, noise."""
-    dp = noise_std > 0
+    and the statistics [as noised rates]. DP (default: noise_std > 0; central DP under masks has
+    no device noise but is DP all the same): weight 1, rates."""
+    dp = noise_std > 0 if dp is None else dp
     rng = rng if rng is not None else np.random.default_rng()
     weight = 1.0 if dp else float(num_samples)
     clipped, _ = clip_l2(delta, clip)

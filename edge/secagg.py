@@ -131,7 +131,7 @@ class SecAggParticipant:
             raise ProtocolError(f"masked input asked at stage {self.stage!r}; sitting the round out")
         r = self.roster
         clip = r.clip or r.value_bound / max(float(num_samples), 1.0)
-        values = contribution(delta, num_samples, stats, clip=clip, noise_std=r.noise_std, rng=rng)
+        values = contribution(delta, num_samples, stats, clip=clip, noise_std=r.noise_std, rng=rng, dp=r.clip is not None)
         return self.masked_input(values)
 
     def masked_input(self, values: Mapping[str, np.ndarray]) -> tuple[SecAggMasked, bytes]:

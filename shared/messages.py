@@ -9,96 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import secrets
-import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (
-    BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema, field_validator, model_validator,
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_serializer, model_validator
+
+from .message_base import (  # noqa: F401  (re-exported: the one place callers import wire types from)
+    CLOUD_SENDER, MAX_MESSAGE_BYTES, MAX_TASK_DEVICES, PROTOCOL_VERSION, SAFE_ID_RE, BlobRef, ProtocolError, Reason, SafeId,
+    Sha256Hex, _FromDevice, _id, _Message, _Record, check_id,
 )
-from pydantic.functional_validators import AfterValidator
-
-PROTOCOL_VERSION = 1
-# Control messages are small; a bigger payload is a bug or an attack, refused before parsing.
-MAX_MESSAGE_BYTES = 256 * 1024
-# Ids become MQTT topic levels and folder names: no '/', '+', '#', '$', spaces, nor '.'/'..'.
-SAFE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-CLOUD_SENDER = "cloud"
-# A Task's device list stays well under MAX_MESSAGE_BYTES (66 bytes a 64-char id): a flood of
-# registered ids cannot make the Task itself unreadable.
-MAX_TASK_DEVICES = 2000
-
-
-class ProtocolError(ValueError):
-    """Input from the wire that this side refuses; `reason` is one line fit for a log."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def check_id(value: str, what: str = "id") -> str:
-    """Return `value` if it is a safe run/device/blob id, else raise ProtocolError."""
-    if not isinstance(value, str) or SAFE_ID_RE.fullmatch(value) is None or set(value) == {"."}:
-        raise ProtocolError(f"invalid {what} {value!r}: use 1-64 chars of [A-Za-z0-9_.-], not only dots")
-    return value
-
-
-def _id(value: str) -> str:
-    try:
-        return check_id(value)
-    except ProtocolError as exc:
-        raise ValueError(exc.reason) from None
-
-
-SafeId = Annotated[str, AfterValidator(_id), WithJsonSchema({"type": "string", "pattern": f"^{SAFE_ID_RE.pattern}$"})]
-Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Reason = Annotated[str, Field(max_length=2000)]
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class BlobRef(_Record):
-    """Names a blob that travels in chunks; the receiver checks size and sha256 on arrival."""
-
-    blob_id: SafeId
-    sha256: Sha256Hex
-    size: int = Field(ge=0)
-
-
-class _Message(_Record):
-    protocol: int = PROTOCOL_VERSION
-    run_id: SafeId
-    round_id: int = Field(default=0, ge=0)
-    sender: SafeId
-    sent_at: float = Field(default_factory=time.time)
-
-    @field_validator("protocol")
-    @classmethod
-    def _version(cls, v: int) -> int:
-        if v != PROTOCOL_VERSION:
-            raise ValueError(f"unsupported protocol version {v} (this side speaks {PROTOCOL_VERSION})")
-        return v
-
-    @property
-    def key(self) -> tuple[str, str, int, str]:
-        """Idempotency key (type, run, round, sender): a redelivered QoS 1 copy has the same key."""
-        return (self.type, self.run_id, self.round_id, self.sender)  # type: ignore[attr-defined]
-
-
-class _FromDevice(_Message):
-    """A message a device publishes about itself: sender must be that device."""
-
-    device_id: SafeId
-
-    @model_validator(mode="after")
-    def _sender_is_device(self) -> "_FromDevice":
-        if self.sender != self.device_id:
-            raise ValueError(f"sender {self.sender!r} differs from device_id {self.device_id!r}")
-        return self
+from .secagg_messages import (  # noqa: F401
+    MAX_SECAGG_DEVICES, MAX_SECAGG_HOLDERS, SecAggBox, SecAggKeys, SecAggMasked, SecAggPeer, SecAggReveal, SecAggRoster,
+    SecAggRouted, SecAggShare, SecAggShares, SecAggUnmask, TaskPrivacy, X25519Hex,
+)
 
 
 class Hello(_FromDevice):
@@ -140,6 +63,9 @@ class Task(_Message):
     # covers run, round and the sha256 of the adapters and FFN blobs. None: the cloud has no key.
     signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$", description="key id of the signing key")
     signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
+    # Secure aggregation / DP (issue 14). Omitted from the JSON when None (the serializer below),
+    # so a plain run's Task, and what its signature covers, stay byte for byte as before.
+    privacy: TaskPrivacy | None = None
 
     @field_validator("devices")
     @classmethod
@@ -147,6 +73,13 @@ class Task(_Message):
         if len(set(v)) != len(v):
             raise ValueError("devices has duplicates")
         return v
+
+    @model_serializer(mode="wrap")
+    def _omit_plain_privacy(self, handler):
+        data = handler(self)
+        if data.get("privacy", 0) is None:
+            del data["privacy"]
+        return data
 
 
 UpdateId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
@@ -278,133 +211,6 @@ class DeviceStatus(_FromDevice):
     state: Literal["idle", "installing", "installed", "failed"]
     rollout_id: SafeId | None = None
     reason: Reason | None = None
-
-
-# ---- secure aggregation (SecAgg / SecAgg+): fedpft.shared.secagg_*, cloud/secagg.py, edge/secagg.py ----
-# Stages of one round's task: keys -> roster -> shares -> routed -> masked -> unmask -> reveal.
-# Cloud messages carry signer/signature like a Task; a device with a trusted key verifies them.
-
-X25519Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-# A roster entry is 250-330 bytes of JSON (by id length): 700 keeps the roster under
-# MAX_MESSAGE_BYTES even with 64-character ids (tested); larger rounds run as several cohorts.
-MAX_SECAGG_DEVICES = 700
-# Boxes / reveal shares per message (~300 bytes each); a SecAgg+ degree bounds a device's holders.
-MAX_SECAGG_HOLDERS = 700
-
-
-class SecAggKeys(_FromDevice):
-    """Stage 1 (device -> cloud): fresh X25519 public keys for this task (`enc_key` seals shares,
-    `mask_key` agrees pairwise masks) and a commitment to the device's self-mask seed."""
-
-    type: Literal["secagg_keys"] = "secagg_keys"
-    task_id: SafeId
-    enc_key: X25519Hex
-    mask_key: X25519Hex
-    seed_commitment: Sha256Hex
-
-
-class SecAggPeer(_Record):
-    device_id: SafeId
-    enc_key: X25519Hex
-    mask_key: X25519Hex
-    seed_commitment: Sha256Hex
-
-
-class SecAggRoster(_Message):
-    """Stage 1 result (cloud -> all): the accepted keys and the round's secure-sum parameters."""
-
-    type: Literal["secagg_roster"] = "secagg_roster"
-    task_id: SafeId
-    threshold: int = Field(ge=2)
-    degree: int | None = Field(default=None, ge=2, description="SecAgg+ neighbours per device; None = complete graph")
-    frac_bits: int = Field(ge=0, le=40)
-    value_bound: float = Field(gt=0, description="bound on |x| of every encoded coordinate of one device")
-    layout_sha256: Sha256Hex
-    clip: float | None = Field(default=None, gt=0, description="L2 clip of the weighted update (DP)")
-    noise_std: float = Field(default=0.0, ge=0, description="std of the Gaussian noise each device adds (distributed DP)")
-    peers: list[SecAggPeer] = Field(min_length=2, max_length=MAX_SECAGG_DEVICES)
-    signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$", description="key id of the signing key")
-    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
-
-    @model_validator(mode="after")
-    def _shape(self) -> "SecAggRoster":
-        ids = [p.device_id for p in self.peers]
-        if len(set(ids)) != len(ids):
-            raise ValueError("peers has duplicates")
-        if self.threshold > len(ids):
-            raise ValueError(f"threshold {self.threshold} exceeds the {len(ids)} peers")
-        return self
-
-
-class SecAggBox(_Record):
-    """A Shamir share pair sealed for one peer (base64 of nonce | ChaCha20-Poly1305 ciphertext)."""
-
-    peer: SafeId  # recipient in SecAggShares, sender in SecAggRouted
-    box: str = Field(pattern=r"^[A-Za-z0-9+/=]{1,400}$")
-
-
-class SecAggShares(_FromDevice):
-    """Stage 2 (device -> cloud): one sealed box for each of its share holders but itself."""
-
-    type: Literal["secagg_shares"] = "secagg_shares"
-    task_id: SafeId
-    boxes: list[SecAggBox] = Field(min_length=1, max_length=MAX_SECAGG_HOLDERS)
-
-
-class SecAggRouted(_Message):
-    """Stage 2 result (cloud -> one device's inbox): the boxes sealed for it; their senders are
-    the peers it masks with."""
-
-    type: Literal["secagg_routed"] = "secagg_routed"
-    task_id: SafeId
-    device_id: SafeId
-    boxes: list[SecAggBox] = Field(max_length=MAX_SECAGG_HOLDERS)
-    signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$", description="key id of the signing key")
-    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
-
-
-class SecAggMasked(_FromDevice):
-    """Stage 3 (device -> cloud): the masked input, a safetensors blob (uploaded in chunks) bound
-    to (run, round, device, task) in its metadata."""
-
-    type: Literal["secagg_masked"] = "secagg_masked"
-    task_id: SafeId
-    blob: BlobRef
-
-
-class SecAggUnmask(_Message):
-    """Stage 4 (cloud -> all): who sent a masked input (reveal their self-seed shares) and who
-    dropped after sending shares (reveal their mask-key shares). Disjoint, by construction."""
-
-    type: Literal["secagg_unmask"] = "secagg_unmask"
-    task_id: SafeId
-    survivors: list[SafeId] = Field(min_length=1, max_length=MAX_SECAGG_DEVICES)
-    dropped: list[SafeId] = Field(default_factory=list, max_length=MAX_SECAGG_DEVICES)
-    signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$", description="key id of the signing key")
-    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
-
-    @model_validator(mode="after")
-    def _disjoint(self) -> "SecAggUnmask":
-        if set(self.survivors) & set(self.dropped):
-            raise ValueError("a device is both survivor and dropped")
-        if len(set(self.survivors)) != len(self.survivors) or len(set(self.dropped)) != len(self.dropped):
-            raise ValueError("survivors or dropped has duplicates")
-        return self
-
-
-class SecAggShare(_Record):
-    owner: SafeId
-    secret: Literal["mask_key", "self_seed"]
-    share: str = Field(pattern=r"^[0-9a-f]{132}$")
-
-
-class SecAggReveal(_FromDevice):
-    """Stage 4 answer (device -> cloud): the shares it holds of the survivors' self-mask seeds and
-    of the dropped devices' mask keys, never both for one owner."""
-
-    type: Literal["secagg_reveal"] = "secagg_reveal"
-    task_id: SafeId
-    shares: list[SecAggShare] = Field(max_length=MAX_SECAGG_HOLDERS + 1)
 
 
 SECAGG_MODELS = (SecAggKeys, SecAggRoster, SecAggShares, SecAggRouted, SecAggMasked, SecAggUnmask, SecAggReveal)

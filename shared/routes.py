@@ -8,7 +8,10 @@ topic with the same line.
 from __future__ import annotations
 
 from . import topics
-from .messages import Ack, BlobRequest, DeviceStatus, EndOfRun, Hello, Presence, ProtocolError, Rollout, Task, Update
+from .messages import (
+    Ack, BlobRequest, DeviceStatus, EndOfRun, Hello, Presence, ProtocolError, Rollout, SecAggKeys, SecAggMasked, SecAggReveal,
+    SecAggRoster, SecAggRouted, SecAggShares, SecAggUnmask, Task, Update,
+)
 
 # Run topics: kind -> the message types it may carry.
 RUN_ROUTES: dict[str, tuple[type, ...]] = {
@@ -19,7 +22,9 @@ RUN_ROUTES: dict[str, tuple[type, ...]] = {
     topics.UPDATE: (Update,),
     topics.ACK: (Ack,),
     topics.BLOBREQ: (BlobRequest,),
-    topics.INBOX: (Ack, BlobRequest),
+    topics.INBOX: (Ack, BlobRequest, SecAggRouted),
+    # the run's broadcast secagg topic (cloud) and each device's own (check_sender binds the sender)
+    topics.SECAGG: (SecAggRoster, SecAggUnmask, SecAggKeys, SecAggShares, SecAggMasked, SecAggReveal),
 }
 # Fleet topics (run_id holds the fleet name).
 FLEET_ROUTES: dict[str, tuple[type, ...]] = {
