@@ -73,6 +73,7 @@ def write_report(run_dir: Path, header: str = "") -> Path:
         lines.append(f"| {shown_round(r)}{note} | {r['clients']} | {acc} | {loss} | {tl} | {'yes' if r.get('aligned') else ''} | "
                      f"{r.get('bytes_up', 0) / 1e6:.2f} | {r.get('bytes_down', 0) / 1e6:.2f} | {r.get('seconds', 0):.1f} |")
     lines += alignment_lines(rows)
+    lines += privacy_lines(rows)
     if png is not None:
         lines += ["", "![FM accuracy per round](accuracy.png)"]
     out = run_dir / "report.md"
@@ -99,4 +100,20 @@ def alignment_lines(rows: list[dict]) -> list[str]:
         apz = ", ".join(f"{v:.2f}" for v in a.get("mean_apoz", {}).values())
         lines.append(f"| {shown_round(r)} | {frozen} | {apz} | {a.get('gap_before', float('nan')):.4f} -> {a.get('gap_after', float('nan')):.4f} | "
                      f"{pct(a.get('proxy_accuracy_before'))} -> {pct(a.get('proxy_accuracy_after'))} | {pct(r.get('fm_accuracy'))} |")
+    return lines
+
+
+def privacy_lines(rows: list[dict]) -> list[str]:
+    """What secure aggregation and DP did per round: survivors and drop-outs, and the privacy spent."""
+    rows = [r for r in rows if "secagg_survivors" in r or "dp_clip" in r]
+    if not rows:
+        return []
+    lines = ["", "Privacy (secure aggregation: masked inputs summed, dropped devices recovered; DP: epsilon spent so far "
+             "at the given delta, accountant RDP of dp-accounting):", "",
+             "| round | secure sum of | dropped | rejected | secagg MB | DP clip | noise Z | q | epsilon | delta |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eps = f"{r['dp_epsilon']:.3f}" if r.get("dp_epsilon") is not None else "-"
+        lines.append(f"| {shown_round(r)} | {r.get('secagg_survivors', '-')} | {', '.join(r.get('secagg_dropped', [])) or '-'} | "
+                     f"{len(r.get('secagg_rejected', []))} | {r.get('secagg_bytes', 0) / 1e6:.3f} | {r.get('dp_clip', '-')} | "
+                     f"{r.get('dp_noise', '-')} | {r.get('dp_q', '-')} | {eps} | {r.get('dp_delta', '-')} |")
     return lines
