@@ -157,6 +157,7 @@ def _validated(model_cls, **kwargs):
 # Secure aggregation and DP options, shared by serve and simulate (typer reads an Option's metadata, so one serves both).
 SECURE_AGG_OPT = typer.Option(False, "--secure-agg", help="Secure aggregation (SecAgg over MQTT): the cloud learns only the sum of the round's adapter changes and neuron counts, never one device's update; devices that drop after masking are recovered while at most n - T drop. The run folder then holds no individual update.")
 SECAGG_T_OPT = typer.Option(None, "--secagg-threshold", help="Shamir threshold T of --secure-agg: the round survives n - T devices dropping after their shares, and no T - 1 colluders learn a device's masks. Default 2n/3 + 1 of the round's n devices; must be a strict majority.")
+SECAGG_DEGREE_OPT = typer.Option(None, "--secagg-degree", help="SecAgg+ (Bell et al. 2020): each device masks with and shares among d neighbours (even) instead of every device: O(d) work per device for large rounds; T then counts among d + 1 holders. Default: all (SecAgg).")
 SECAGG_STAGE_OPT = typer.Option(60.0, "--secagg-stage-timeout", help="Seconds each short --secure-agg stage (keys, shares, unmask) waits for the devices; the masked-input stage waits until the round's deadline.")
 DP_CLIP_OPT = typer.Option(None, "--dp-clip", help="Client-level DP: each device clips its adapter change to this L2 norm C and weighs 1 (uniform average over the devices whose update arrived).")
 DP_NOISE_OPT = typer.Option(None, "--dp-noise", help="DP noise multiplier Z: Gaussian noise of std Z*C on the round's sum (needs --dp-clip). Epsilon at --dp-delta is written to metrics.jsonl and report.md each round.")
@@ -208,6 +209,7 @@ def serve(
     signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key (from `keygen`) that signs every task."),
     secure_agg: bool = SECURE_AGG_OPT,
     secagg_threshold: Optional[int] = SECAGG_T_OPT,
+    secagg_degree: Optional[int] = SECAGG_DEGREE_OPT,
     secagg_stage_timeout: float = SECAGG_STAGE_OPT,
     dp_clip: Optional[float] = DP_CLIP_OPT,
     dp_noise: Optional[float] = DP_NOISE_OPT,
@@ -233,7 +235,7 @@ def serve(
         max_client_samples=max_client_samples, aggregator=aggregator, trim_fraction=trim_fraction, upload_timeout=upload_timeout,
         max_upload_buffer=max_upload_buffer, task_ack_timeout=task_ack_timeout, max_update_norm=max_update_norm, max_devices=max_devices, seed=seed, resume=resume,
         ca=ca, cert=cert, key=key, username=username, password=password, signing_key=signing_key, device=device,
-        secure_agg=secure_agg, secagg_threshold=secagg_threshold, secagg_stage_timeout=secagg_stage_timeout, dp_clip=dp_clip, dp_noise=dp_noise, dp_mode=dp_mode, dp_delta=dp_delta, dp_max_epsilon=dp_max_epsilon,
+        secure_agg=secure_agg, secagg_threshold=secagg_threshold, secagg_degree=secagg_degree, secagg_stage_timeout=secagg_stage_timeout, dp_clip=dp_clip, dp_noise=dp_noise, dp_mode=dp_mode, dp_delta=dp_delta, dp_max_epsilon=dp_max_epsilon,
     )
     check_device(cfg.device)
     from fedpft.shared.signing import SignatureError
@@ -409,6 +411,7 @@ def simulate(
                                 f"{DISTILL_PRECISION} {SERVE_PRECISION}"),
     secure_agg: bool = SECURE_AGG_OPT,
     secagg_threshold: Optional[int] = SECAGG_T_OPT,
+    secagg_degree: Optional[int] = SECAGG_DEGREE_OPT,
     secagg_stage_timeout: float = SECAGG_STAGE_OPT,
     dp_clip: Optional[float] = DP_CLIP_OPT,
     dp_noise: Optional[float] = DP_NOISE_OPT,
@@ -433,7 +436,7 @@ def simulate(
         max_samples=max_samples, eval_samples=eval_samples, distill_steps=distill_steps, align_every=align_every,
         align_steps=align_steps, local_epochs=local_epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
         max_length=max_length, seed=seed, broker=broker, ffn_keep=ffn_keep, edge_python=edge_python, device=device,
-        engine=engine, secure_agg=secure_agg, secagg_threshold=secagg_threshold, secagg_stage_timeout=secagg_stage_timeout, dp_clip=dp_clip, dp_noise=dp_noise, dp_mode=dp_mode, dp_delta=dp_delta, dp_max_epsilon=dp_max_epsilon,
+        engine=engine, secure_agg=secure_agg, secagg_threshold=secagg_threshold, secagg_degree=secagg_degree, secagg_stage_timeout=secagg_stage_timeout, dp_clip=dp_clip, dp_noise=dp_noise, dp_mode=dp_mode, dp_delta=dp_delta, dp_max_epsilon=dp_max_epsilon,
     )
     check_device(cfg.device)
     try:

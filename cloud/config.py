@@ -109,6 +109,7 @@ class PrivacyOptions(BaseModel):
 
     secure_agg: bool = Field(default=False, description="the cloud learns only the round's sum (SecAgg over MQTT)")
     secagg_threshold: int | None = Field(default=None, ge=2, description="Shamir threshold T; None = 2n/3 + 1 of the round's n devices")
+    secagg_degree: int | None = Field(default=None, ge=2, description="SecAgg+: each device masks with d neighbours (even); None = all")
     secagg_stage_timeout: float = Field(default=60.0, gt=0, description="seconds each short secagg stage (keys, shares, unmask) waits")
     dp_clip: float | None = Field(default=None, gt=0, description="DP: devices clip their change to this L2 norm and weigh 1")
     dp_noise: float | None = Field(default=None, gt=0, description="DP: Gaussian noise multiplier Z (std Z * clip on the sum)")
@@ -124,8 +125,10 @@ class PrivacyOptions(BaseModel):
             raise ValueError("--dp-max-epsilon needs --dp-noise (without noise nothing is accounted)")
         if self.dp_mode == "distributed" and not (self.secure_agg and self.dp_noise is not None):
             raise ValueError("--dp-mode distributed needs --secure-agg and --dp-noise (devices add the noise under the masks)")
-        if self.secagg_threshold is not None and not self.secure_agg:
-            raise ValueError("--secagg-threshold needs --secure-agg")
+        if (self.secagg_threshold is not None or self.secagg_degree is not None) and not self.secure_agg:
+            raise ValueError("--secagg-threshold and --secagg-degree need --secure-agg")
+        if self.secagg_degree is not None and self.secagg_degree % 2:
+            raise ValueError(f"--secagg-degree must be even (a circulant graph), got {self.secagg_degree}")
         return self
 
     def privacy_fields(self) -> dict:

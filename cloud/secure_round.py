@@ -61,14 +61,18 @@ def secagg_config(cfg, shape: dict[str, tuple[int, ...]], n_devices: int, max_we
     the full N(0, (Z*C)^2) on the sum (more survivors over-noise by n/T, never under-noise)."""
     if cfg.dp_clip is None:
         counts = MAX_POSITIONS if any(k.endswith("positions") for k in shape) else 0.0
-        return SecAggConfig(shape, value_bound(PLAIN_CLIP, max(max_weight, 1.0), counts), threshold=cfg.secagg_threshold)
-    noise = 0.0
+        return SecAggConfig(shape, value_bound(PLAIN_CLIP, max(max_weight, 1.0), counts), threshold=cfg.secagg_threshold,
+                            degree=cfg.secagg_degree)
+    noise, threshold = 0.0, cfg.secagg_threshold
     if cfg.dp_mode == "distributed":
-        t = cfg.secagg_threshold or default_threshold(n_devices)
-        noise = cfg.dp_noise * cfg.dp_clip / float(np.sqrt(t))
+        # the fewest survivors the coordinator accepts: its threshold, among d + 1 holders under SecAgg+
+        holders = n_devices if cfg.secagg_degree is None else min(n_devices, cfg.secagg_degree + 1)
+        # pinned: fewer keys must fail the round, not lower T and leave the sum under-noised
+        threshold = cfg.secagg_threshold or default_threshold(holders)
+        noise = cfg.dp_noise * cfg.dp_clip / float(np.sqrt(threshold))
     neurons = sum(int(np.prod(s)) for k, s in shape.items() if k.endswith("off_counts"))
     bound = value_bound(cfg.dp_clip, 1.0, 1.0, noise, float(np.sqrt(neurons)))
-    return SecAggConfig(shape, bound, threshold=cfg.secagg_threshold, clip=cfg.dp_clip, noise_std=noise)
+    return SecAggConfig(shape, bound, threshold=threshold, degree=cfg.secagg_degree, clip=cfg.dp_clip, noise_std=noise)
 
 
 def state_path(cfg) -> Path:
