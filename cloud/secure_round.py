@@ -93,7 +93,9 @@ class SecureRound:
     # ---- intake (main loop, from Federation._handle)
     def message(self, msg, nbytes: int) -> None:
         self.bytes += nbytes
-        if isinstance(msg, SecAggMasked):
+        c = self.coord
+        if isinstance(msg, SecAggMasked) and (c.stage, msg.task_id, msg.round_id) == ("masked", c.task_id, c.round_id) \
+                and msg.device_id in c.survivors_u2:
             self.announced[msg.device_id] = msg
             asm = self.uploads.get(msg.device_id)
             if asm is not None and asm.blob_id == msg.blob.blob_id:
@@ -103,7 +105,7 @@ class SecureRound:
                     self.uploads.pop(msg.device_id)
                     return self._refused(msg, f"rejected masked upload: {exc.reason}")
             return self._masked_ready(msg.device_id)
-        reason = self.coord.handle(msg)
+        reason = self.coord.handle(msg)  # a masked input out of place is refused here, with the coordinator's reason
         if reason:
             log.warning("round %d: %s", self.task.round_id, reason)
 

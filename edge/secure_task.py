@@ -118,6 +118,8 @@ class SecureTask:
                     continue
                 if ev is not None:
                     held.append(ev)
+                if ev is not None and ev[0] == "wake":  # a (re)started cloud restarts the round under a new task
+                    raise Superseded("the cloud restarted the run")
                 if isinstance(msg, EndOfRun) or (isinstance(msg, Task) and self.agent.me in msg.devices
                                                  and msg.task_id != task.task_id):
                     raise Superseded(f"{msg.type} arrived")

@@ -44,11 +44,13 @@ class Devices:
                 stdout=log, stderr=subprocess.STDOUT))
 
     def serve(self, bundle: Path, run_id: str, out: Path, *extra: str, rounds: int = 2) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "fedpft.cloud.cli", "serve", "--bundle", str(bundle), "--out", str(out), "--broker", self.url,
+        return subprocess.run(self.serve_cmd(bundle, run_id, out, *extra, rounds=rounds), capture_output=True, text=True, timeout=400)
+
+    def serve_cmd(self, bundle: Path, run_id: str, out: Path, *extra: str, rounds: int = 2) -> list[str]:
+        return [sys.executable, "-m", "fedpft.cloud.cli", "serve", "--bundle", str(bundle), "--out", str(out), "--broker", self.url,
                "--run-id", run_id, "--rounds", str(rounds), "--min-clients", "2", "--lr", "1e-2", "--batch-size", "8",
                "--max-steps", "2", "--eval-data", str(self.eval), "--round-timeout", "90", "--wait-for-clients", "60",
                "--norm-bound-factor", "0", "--weight-cap-factor", "0", "--seed", "3", "-q", *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=400)
 
     def finish(self) -> None:
         for p in self.procs:
@@ -59,8 +61,9 @@ class Devices:
         self.procs = []
 
 
-def dropping_device(url: str, run_id: str, stop: threading.Event) -> None:
-    """A third device that hellos, sends its keys and shares, then drops (its last will says so)."""
+def dropping_device(url: str, run_id: str, stop: threading.Event, leave: bool = True) -> None:
+    """A third device that hellos, sends its keys and shares, then drops (its last will says so),
+    or with leave=False stalls silently until `stop`."""
     from fedpft.edge.secagg import SecAggParticipant
     from fedpft.shared import topics
     from fedpft.shared.messages import Hello, Presence, SecAggRoster, Task, decode, encode
@@ -81,6 +84,9 @@ def dropping_device(url: str, run_id: str, stop: threading.Event) -> None:
                 pub(topics.SECAGG, part.keys(msg.round_id, msg.task_id))
             elif isinstance(msg, SecAggRoster):
                 pub(topics.SECAGG, part.on_roster(msg))
+                if not leave:
+                    stop.wait()
+                    break
                 time.sleep(0.5)
                 pub(topics.PRESENCE, Presence(run_id=run_id, sender=me, device_id=me, status="offline", reason="connection lost"))
                 t.close()
@@ -153,3 +159,44 @@ def test_central_dp_records_epsilon_and_stops_at_the_budget(tiny_bert_bundle, tm
     assert "epsilon" in (tmp_path / "dp" / "report.md").read_text()
     state = json.loads((tmp_path / "dp" / "state.json").read_text())
     assert state["next_round"] == 1
+
+
+def test_cloud_killed_mid_secure_round_restarts_it_cleanly(tiny_bert_bundle, tmp_path, broker):  # noqa: F811
+    """A stalling third device keeps round 0 in its masked stage; the cloud is killed there (the
+    masked-only state is on disk) and resumed: the round restarts under a new task with the two
+    devices left, and the state file is gone."""
+    from fedpft.cloud import secagg_store
+
+    stop = threading.Event()
+    fake = threading.Thread(target=dropping_device, args=(broker["url"], "cut", stop, False), daemon=True)
+    fake.start()
+    time.sleep(1.0)
+    devs = Devices(tmp_path, broker["url"])
+    devs.start("cut")
+    out = tmp_path / "cut"
+    cmd = devs.serve_cmd(tiny_bert_bundle, "cut", out, "--secure-agg", "--secagg-threshold", "2", "--clients-per-round", "3",
+                         rounds=1)
+    cloud = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "secagg-state.safetensors"
+
+    def stage() -> str | None:
+        try:
+            return secagg_store.read(state).stage
+        except (OSError, ValueError):  # not there yet, or being replaced
+            return None
+
+    end = time.time() + 120
+    while time.time() < end and stage() != "masked":
+        time.sleep(0.2)
+    assert stage() == "masked", "the secure round never reached its masked stage"
+    cloud.kill()
+    cloud.wait(10)
+    stop.set()
+    fake.join(10)
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    devs.finish()
+    assert "was cut by a restart; the round restarts under a new task" in resumed.stderr
+    rows = metrics(out)
+    assert [r["clients"] for r in rows] == [2] and rows[0]["secagg_survivors"] == 2, rows
+    assert not state.exists() and not (out / "updates").exists()
