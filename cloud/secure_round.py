@@ -94,6 +94,10 @@ class SecureRound:
     def message(self, msg, nbytes: int) -> None:
         self.bytes += nbytes
         c = self.coord
+        if isinstance(msg, SecAggMasked) and msg.device_id in c.masked_sha and msg.task_id == c.task_id:
+            if c.masked_sha[msg.device_id] != msg.blob.sha256:  # a redelivered copy is no news
+                self._refused(msg, "another masked input from this device is already counted (a replay?)")
+            return
         if isinstance(msg, SecAggMasked) and (c.stage, msg.task_id, msg.round_id) == ("masked", c.task_id, c.round_id) \
                 and msg.device_id in c.survivors_u2:
             self.announced[msg.device_id] = msg
@@ -110,7 +114,9 @@ class SecureRound:
             log.warning("round %d: %s", self.task.round_id, reason)
 
     def chunk(self, device: str, chunk: Chunk, nbytes: int) -> None:
-        if self.coord.stage != "masked" or device not in self.coord.survivors_u2 or device in self.coord.masked_sha:
+        if device in self.coord.masked_sha:
+            return  # its input counted: chunks of a copy or of a refused second input (refused by its message)
+        if self.coord.stage != "masked" or device not in self.coord.survivors_u2:
             raise ProtocolError(f"masked chunk from {device} dropped: the round does not wait for its masked input")
         asm = self.uploads.get(device)
         if asm is None or asm.blob_id != chunk.blob_id:  # a newer blob replaces an unfinished older one

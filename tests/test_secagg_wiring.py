@@ -5,7 +5,9 @@ tests/test_secagg_federation.py)."""
 from __future__ import annotations
 
 import json
+import hashlib
 import logging
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -78,3 +80,93 @@ def test_a_secure_round_cut_by_a_restart_is_restarted_and_its_state_deleted(tmp_
         rounds.on_resume()
     assert not state_path(cfg).exists()
     assert "secure aggregation of round 2 (task t2, stage keys) was cut by a restart" in caplog.text
+
+
+# ---- the live round loop's secure stages, in process: real Federation, fake devices over the in-memory hub ----
+
+
+def secure_device(hub, name: str, manifest, delta: dict, n: int, behaviour: str = "honest"):
+    """A device that runs SecAggParticipant's stages on the hub's handler threads. behaviour:
+    honest; `plain` also sends a plain update (refused unread); `replay` sends a second, different
+    masked input; `drop` leaves after its shares were routed (its last will)."""
+    from fedpft.edge.secagg import SecAggParticipant
+    from fedpft.shared import topics
+    from fedpft.shared.chunks import BlobSource
+    from fedpft.shared.codec import encode_tensors
+    from fedpft.shared.messages import Presence, SecAggMasked, SecAggRoster, SecAggRouted, SecAggUnmask
+    from test_security_hostile import RUN, Device
+
+    part = SecAggParticipant(RUN, name)
+
+    def upload(msg, blob):
+        dev.pub(topics.SECAGG, msg)
+        for payload in BlobSource(msg.blob.blob_id, blob, chunk_size=8192).payloads():
+            dev.raw(topics.upload_topic(RUN, name, msg.blob.blob_id), payload)
+
+    def on_task(dev, task):
+        dev.pub(topics.SECAGG, part.keys(task.round_id, task.task_id))
+        if behaviour == "plain":
+            dev.update(task.round_id, encode_tensors({k: v.astype(np.float32) for k, v in delta.items()}))
+
+    def on_cloud(topic, payload):
+        msg = decode(payload)
+        if isinstance(msg, SecAggRoster):
+            dev.pub(topics.SECAGG, part.on_roster(msg))
+        elif isinstance(msg, SecAggRouted):
+            part.on_routed(msg)
+            if behaviour == "drop":
+                return dev.pub(topics.PRESENCE, Presence(run_id=RUN, sender=name, device_id=name, status="offline",
+                                                         reason="connection lost"), retain=True)
+            masked, blob = part.masked_update(delta, n, None)
+            upload(masked, blob)
+            if behaviour == "replay":
+                other = blob[:-8] + bytes(8)
+                sha = hashlib.sha256(other).hexdigest()
+                upload(SecAggMasked(**{**masked.model_dump(), "blob": {"blob_id": f"sa-{sha[:24]}", "sha256": sha, "size": len(other)}}), other)
+        elif isinstance(msg, SecAggUnmask):
+            dev.pub(topics.SECAGG, part.on_unmask(msg))
+
+    dev = Device(hub, name, manifest, on_task)
+    dev.t.subscribe(topics.secagg_topic(RUN), on_cloud)
+    dev.t.subscribe(topics.device_topic(RUN, name, topics.INBOX), on_cloud)
+    return dev
+
+
+def test_secure_round_in_the_live_loop_recovers_a_drop_and_refuses_plain_and_replayed_inputs(tiny_bert_bundle, tmp_path, caplog):
+    from fedpft.cloud.server import Federation
+    from fedpft.shared.codec import decode_tensors
+    from fedpft.shared.manifest import BundleManifest
+    from fedpft.shared.transport import InMemoryHub
+    from test_security_hostile import RUN
+
+    manifest = BundleManifest.load(tiny_bert_bundle)
+    ref = decode_tensors((tiny_bert_bundle / manifest.files["adapters_init"].path).read_bytes())[0]
+    rng = np.random.default_rng(1)
+    deltas = {d: {t.key: rng.standard_normal(t.shape) * 0.01 for t in manifest.trainable} for d in ("s0", "s1", "s2", "s3")}
+    samples = {"s0": 10, "s1": 30, "s2": 20, "s3": 10}
+    hub = InMemoryHub(threaded=True)
+    devs = [secure_device(hub, d, manifest, deltas[d], samples[d], b)
+            for d, b in (("s0", "plain"), ("s1", "replay"), ("s2", "honest"), ("s3", "drop"))]
+    cloud = hub.transport("cloud")
+    cloud.connect()
+    fed = Federation(ServeConfig(bundle=tiny_bert_bundle, out=tmp_path / "run", run_id=RUN, rounds=1, min_clients=3,
+                                 round_timeout=60, wait_for_clients=10, chunk_size=8192, secure_agg=True,
+                                 secagg_stage_timeout=20), cloud, show_progress=False)
+    fed.subscribe()
+    for d in devs:
+        d.hello()
+    with caplog.at_level(logging.INFO, logger="fedpft"):
+        t0 = time.time()
+        state = fed.run()
+    hub.join()
+    rec = state.history[-1]
+    assert time.time() - t0 < 30, rec
+    assert rec["devices"] == ["s0", "s1", "s2"] and rec["secagg_dropped"] == ["s3"], rec
+    assert any("another masked input from this device is already counted" in r for r in rec["secagg_rejected"]), rec
+    assert "this run uses secure aggregation: send a masked input, not a plain update" in caplog.text
+    got = fed.store.read_tensors(state.adapters)
+    w = {d: samples[d] for d in ("s0", "s1", "s2")}
+    for k in ref:
+        want = ref[k].astype(np.float64) + sum(w[d] * deltas[d][k] for d in w) / sum(w.values())
+        assert np.max(np.abs(got[k] - want)) < 1e-6, k
+    assert not (tmp_path / "run" / "updates").exists() and not (tmp_path / "run" / "secagg-state.safetensors").exists()
