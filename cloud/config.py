@@ -271,6 +271,11 @@ class SimulateConfig(PrivacyOptions):
         # not refused: it also comes from the environment, FEDPFT_EDGE_PYTHON)
         if self.engine == "virtual" and self.broker is not None:
             raise ValueError("--broker only applies to --engine processes (virtual clients talk to the cloud in memory)")
+        # refused here, before a bundle is prepared, rather than by serve's config minutes later
+        if self.secure_agg and self.clients < 2:
+            raise ValueError("--secure-agg needs at least 2 --clients (a sum of one is that device's update)")
+        if self.dp_noise is not None and self.resolved_align_every() and not self.secure_agg:
+            raise ValueError("DP with alignment (fedpft aligns by default) needs --secure-agg, or --align-every 0")
         return self
 
     def resolved_align_every(self) -> int:

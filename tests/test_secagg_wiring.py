@@ -38,6 +38,17 @@ def test_privacy_options_refused_with_one_line(kw, says):
         ServeConfig(bundle="b", out="o", **kw)
 
 
+def test_simulate_refuses_privacy_options_before_preparing_anything():
+    from fedpft.cloud.config import SimulateConfig
+
+    with pytest.raises(ValidationError, match="needs at least 2 --clients"):
+        SimulateConfig(out="o", secure_agg=True, clients=1)
+    with pytest.raises(ValidationError, match="needs --secure-agg, or --align-every 0"):
+        SimulateConfig(out="o", dp_clip=1.0, dp_noise=1.0)
+    cfg = SimulateConfig(out="o", secure_agg=True, dp_clip=1.0, dp_noise=1.0, dp_mode="distributed")
+    assert ServeConfig(bundle="b", out="o", **cfg.privacy_fields()).dp_mode == "distributed"
+
+
 def test_plain_task_carries_no_privacy_key_and_a_private_one_is_signed():
     from fedpft.shared.signing import SignatureError, canonical, sign, verify
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
