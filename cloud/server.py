@@ -27,11 +27,12 @@ from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.messages import (
     CLOUD_SENDER, Ack, BlobRef, BlobRequest, EndOfRun, Hello, Presence, ProtocolError, Update, decode, encode,
 )
+from fedpft.shared.routes import check_route
 from fedpft.shared.signing import key_id, load_private_key, sign
 from fedpft.shared.transport import Transport
-from fedpft.shared.update import split_update
 
 from .blobs import BlobServer
+from .checks import EventQueue, check_pool
 from .fold import RoundFold
 from .private_rounds import DEVICE_SECAGG, BudgetSpent, PrivateRounds
 from .registry import DeviceInfo, DeviceRegistry
@@ -44,9 +45,9 @@ __all__ = ["BlobServer", "DeviceInfo", "Federation", "MAX_UPLOADS_PER_DEVICE", "
 
 log = logging.getLogger("fedpft.serve")
 
-# What each device topic the cloud subscribes to may carry.
-_KIND_TYPES = {topics.HELLO: (Hello,), topics.PRESENCE: (Presence,), topics.UPDATE: (Update,), topics.ACK: (Ack,),
-               topics.BLOBREQ: (BlobRequest,), topics.SECAGG: DEVICE_SECAGG}
+# The device topics the cloud listens to (what each may carry: shared/routes.py); under --secure-agg
+# also each device's secagg topic, which carries only a device's own stage messages.
+DEVICE_KINDS = (topics.HELLO, topics.PRESENCE, topics.UPDATE, topics.ACK, topics.BLOBREQ)
 
 
 class Federation:
@@ -56,7 +57,8 @@ class Federation:
         self.t = transport
         self.manifest: BundleManifest = verify_bundle(cfg.bundle)
         self.store = RunStore(cfg.out)
-        self.events: queue.Queue = queue.Queue()
+        self.events = EventQueue()
+        self.pool = check_pool()
         self.devices = DeviceRegistry(cfg.max_devices)
         self.blobs = BlobServer(transport, cfg.run_id, cfg.chunk_size)
         self.strategy = make_strategy(self.manifest, cfg, self.store, evaluator, aligner)
@@ -112,10 +114,9 @@ class Federation:
         (a BlobRequest naming another device would have the cloud re-send chunks to that one)."""
         if parsed.run != self.cfg.run_id:
             raise ProtocolError(f"message for run {parsed.run!r}; this cloud serves {self.cfg.run_id!r}")
-        if type(msg) not in _KIND_TYPES.get(parsed.kind, ()):
+        if parsed.kind not in DEVICE_KINDS and not (parsed.kind == topics.SECAGG and isinstance(msg, DEVICE_SECAGG)):
             raise ProtocolError(f"a {msg.type} message does not belong on a {parsed.kind} topic")
-        if msg.device_id != parsed.device_id:
-            raise ProtocolError(f"message about device {msg.device_id!r} on device {parsed.device_id!r}'s topic")
+        check_route(topics.device_topic(parsed.run, parsed.device_id, parsed.kind), msg)  # the shared kind -> message table
 
     def _on_upload(self, topic: str, payload: bytes) -> None:
         try:
@@ -136,7 +137,7 @@ class Federation:
             return
         self._subscribed = True
         run = self.cfg.run_id
-        for kind in (topics.HELLO, topics.PRESENCE, topics.UPDATE, topics.ACK, topics.BLOBREQ):
+        for kind in DEVICE_KINDS:
             self.t.subscribe(topics.all_devices_pattern(run, kind), self._on_json)
         self.t.subscribe(topics.all_devices_pattern(run, topics.UPLOAD), self._on_upload)
         self.privacy.subscribe()
@@ -168,6 +169,8 @@ class Federation:
             if self.privacy.takes(ev[2]):
                 return self.privacy.chunk(*ev[1:])
             return self._settle(self.collector.chunk(*ev[1:]))
+        if ev[0] == "checked":
+            return self._checked(*ev[1])
         msg, tr = ev[1], self.tracker
         busy = set(tr.selected) if tr is not None else ()
         if isinstance(msg, Hello):
@@ -189,11 +192,13 @@ class Federation:
                     log.debug("round %d: ack from %s names task %s, not this round's; ignored", self.round_id, msg.device_id, msg.task_id)
 
     def _settle(self, v: Verdict | None) -> None:
-        """Act on the collector's verdict: an accepted update is stored (fsynced) before it counts
-        and before its ack, then folded into the round's running sum."""
+        """Act on the collector's verdict; a complete blob goes to the check pool (`_check`)."""
         if v is None:
             return
         msg = v.msg
+        if v.kind == "check":
+            declared, fold = self.devices.declared(msg.device_id), self._fold()
+            return self.events.submit(self.pool, "checked", self._check, v, self.task.task_id, fold, declared, self.tracker)
         if v.kind == "reject":
             log.warning("rejected update from %s for round %d: %s", msg.device_id, msg.round_id, v.reason)
             return self._reply(msg, False, v.reason)
@@ -204,16 +209,40 @@ class Federation:
             self.tracker.fail(msg.device_id, v.reason)
             log.warning("device %s failed round %d: %s", msg.device_id, msg.round_id, v.reason)
             return self._reply(msg, True, None)
-        self.store.save_update(msg.round_id, msg.device_id, v.data)
-        fold = self._fold()
-        c = fold.contribution(msg.device_id, v.adapters, msg.num_samples, msg.mean_loss, self.devices.declared(msg.device_id), msg.update_id)
-        fold.add(c, v.adapters, v.stats)
-        self.tracker.accept(msg.device_id, c)
-        if fold.due():
-            self.store.save_fold(msg.round_id, fold.to_bytes())
-        self._reply(msg, True, None)
-        log.info("round %d: update from %s (%d samples, loss %s)", msg.round_id, msg.device_id, msg.num_samples,
-                 f"{msg.mean_loss:.4f}" if msg.mean_loss is not None else "-")
+        raise AssertionError(f"unexpected verdict {v.kind}")
+
+    def _check(self, v: Verdict, task_id: str, fold: RoundFold, declared: int | None, tracker: RoundTracker):
+        """On a pool thread: validate, measure, and store an accepted update durably (before it
+        counts and before its ack)."""
+        msg = v.msg
+        out = self.collector.validate(msg, v.data, task_id)
+        if out.kind == "accept":
+            out.contribution = fold.contribution(msg.device_id, out.adapters, msg.num_samples, msg.mean_loss, declared, msg.update_id)
+            self.store.save_update(msg.round_id, msg.device_id, out.data)
+        return out, fold, tracker
+
+    def _checked(self, status: str, result) -> None:
+        """Back on the loop: fold and count what the pool accepted, ack it; then the device's
+        Updates that came during the check."""
+        if status == "error":
+            raise result  # as the check would have raised on the loop (a full disk stops the cloud)
+        v, fold, tracker = result
+        msg = v.msg
+        parked = self.collector.checked(msg.device_id)
+        if v.kind != "accept":
+            self._settle(v)
+        elif tracker is not self.tracker:
+            log.info("round %d: update from %s checked after its round closed; stored, not counted", msg.round_id, msg.device_id)
+        else:
+            fold.add(v.contribution, v.adapters, v.stats)
+            tracker.accept(msg.device_id, v.contribution)
+            if fold.due():
+                self.store.save_fold(msg.round_id, fold.to_bytes())
+            self._reply(msg, True, None)
+            log.info("round %d: update from %s (%d samples, loss %s)", msg.round_id, msg.device_id, msg.num_samples,
+                     f"{msg.mean_loss:.4f}" if msg.mean_loss is not None else "-")
+        for m in parked:
+            self._settle(self.privacy.screen(m) or self.collector.update(m))
 
     def _fold(self) -> RoundFold:
         if self.fold is None:  # a round opened without run_round (tests): relative to the bundle's adapters
@@ -242,35 +271,12 @@ class Federation:
         self.collector.close(round_id)
 
     def _restore_accepted(self, round_id: int, state: RunState) -> None:
-        """Count the updates this round accepted before a crash (they are on disk), once: the
-        persisted running sum where it is intact, then the stored updates it does not hold yet."""
-        tr, fold = self.tracker, self.strategy.begin(round_id, state)
-        stored = {p.stem: p for p in self.store.stored_updates(round_id) if p.stem in tr.selected}
-        data = self.store.load_fold(round_id)
-        if data is not None:
-            try:
-                fold.restore(data)
-                if not set(fold.folded) <= set(stored):
-                    raise ValueError("it holds updates that are not stored for this attempt's devices")
-            except (ValueError, KeyError, TypeError, ProtocolError) as exc:
-                log.warning("round %d: running sum not used (%s); refolding the stored updates", round_id, exc)
-                fold = self.strategy.begin(round_id, state)
-        for device, path in sorted(stored.items()):
-            if device not in fold.folded:
-                try:
-                    tensors, meta = decode_tensors(path.read_bytes(), self.cfg.max_update_bytes)
-                    adapters, stats = split_update(tensors, self.strategy.expected, self.strategy.stat_layers)
-                    n = int(meta.get("num_samples", "0"))
-                    mean_loss = float(meta["mean_loss"]) if meta.get("mean_loss") not in (None, "null", "") else None
-                except (ProtocolError, ValueError) as exc:
-                    log.warning("stored update %s unusable (%s); the device will be asked again", path, exc)
-                    continue
-                fold.add(fold.contribution(device, adapters, n, mean_loss), adapters, stats)
-            # update_id unknown after a restart, as before: a redelivery of it is acked as a duplicate
-            fold.folded[device].update_id = None
-            tr.accept(device, fold.folded[device])
+        """Count the updates this round accepted before a crash (they are on disk), once."""
+        self.fold = self.strategy.resume(round_id, state, set(self.tracker.selected))
+        for device, c in sorted(self.fold.folded.items()):
+            c.update_id = None  # unknown after a restart, as before: a redelivery of it is acked as a duplicate
+            self.tracker.accept(device, c)
             log.info("round %d: update from %s restored from disk (accepted before a restart)", round_id, device)
-        self.fold = fold
 
     # ------------------------------------------------------------------ rounds
     def online(self) -> list[str]:
@@ -317,6 +323,7 @@ class Federation:
                 bar.advance(**{k: v for k, v in record.items() if k in ("fm_accuracy", "clients") and v is not None})
         end = EndOfRun(run_id=self.cfg.run_id, round_id=state.next_round, sender=CLOUD_SENDER, reason=reason or "completed")
         self.t.publish(topics.control_topic(self.cfg.run_id), encode(end), retain=True)
+        self.pool.shutdown(wait=False)
         return state
 
     def run_round(self, state: RunState, bundle_ref: BlobRef) -> dict:
@@ -378,6 +385,8 @@ class Federation:
             return self.privacy.attempt(task)
         while self._waiting():
             self.pump(1.0)
+        while self.collector.checking:  # an update received in time counts, even if its check ends later
+            self.pump(0.2)
         tracker, self.open.tracker = self.tracker, None
         self._close_uploads(r)
         if tracker.status(time.time()) is not RoundStatus.FAILED:

@@ -21,9 +21,9 @@ import numpy as np
 from fedpft.shared.codec import decode_tensors
 from fedpft.cloud.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest
-from fedpft.shared.messages import CLOUD_SENDER, MAX_TASK_DEVICES, BlobRef, Task
+from fedpft.shared.messages import CLOUD_SENDER, MAX_TASK_DEVICES, BlobRef, ProtocolError, Task
 from fedpft.shared.methods import Method, method
-from fedpft.shared.update import split_update
+from fedpft.shared.update import UpdateMeta, split_update
 
 from .aggregate import Tensors, aggregate, clip_update
 from .fold import Bounds, RoundFold
@@ -99,6 +99,33 @@ class AdapterStrategy:
         else:
             rel, ref = state.adapters, self.store.read_tensors(state.adapters)
         return RoundFold(ref, 1 if self.cfg.dp_clip is not None else self.cfg.max_client_samples, label=f"round {rnd} on {rel}")
+
+    def resume(self, rnd: int, state: RunState, devices: set[str]) -> RoundFold:
+        """The running sum of the updates round `rnd` stored before a restart, for these devices:
+        the persisted sum where it is intact, then the stored updates it does not hold yet."""
+        fold = self.begin(rnd, state)
+        stored = {p.stem: p for p in self.store.stored_updates(rnd) if p.stem in devices}
+        data = self.store.load_fold(rnd)
+        if data is not None:
+            try:
+                fold.restore(data)
+                if not set(fold.folded) <= set(stored):
+                    raise ValueError("it holds updates that are not stored for this attempt's devices")
+            except (ValueError, KeyError, TypeError, ProtocolError) as exc:
+                log.warning("round %d: running sum not used (%s); refolding the stored updates", rnd, exc)
+                fold = self.begin(rnd, state)
+        for device, path in sorted(stored.items()):
+            if device in fold.folded:
+                continue
+            try:
+                tensors, raw = decode_tensors(path.read_bytes(), self.cfg.max_update_bytes)
+                adapters, stats = split_update(tensors, self.expected, self.stat_layers)
+                meta = UpdateMeta.parse(raw)
+            except (ProtocolError, ValueError) as exc:
+                log.warning("stored update %s unusable (%s); the device will be asked again", path, exc)
+                continue
+            fold.add(fold.contribution(device, adapters, meta.num_samples, meta.mean_loss), adapters, stats)
+        return fold
 
     def load(self, rnd: int) -> Callable[[str], Tensors]:
         """Reads one accepted update of round `rnd` back from the run folder (the second pass)."""

@@ -50,15 +50,17 @@ class Upload:
 
 @dataclass
 class Verdict:
-    """What to do about one Update: accept (with its validated content), count a failure the device
-    reported, ack a duplicate again, or reject with a reason the device is told."""
+    """What to do about one Update: check its complete blob (off the loop: `validate`), accept (with
+    its validated content), count a failure the device reported, ack a duplicate again, or reject
+    with a reason the device is told."""
 
     msg: Update
-    kind: Literal["accept", "failed", "duplicate", "reject"]
+    kind: Literal["check", "accept", "failed", "duplicate", "reject"]
     reason: str | None = None
     data: bytes = b""  # accept: the blob exactly as received (what is stored)
     adapters: dict[str, np.ndarray] = field(default_factory=dict)
     stats: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)
+    contribution: object = None  # accept: the scalars the running sum keeps (cloud/fold.py)
 
 
 class UploadCollector:
@@ -69,6 +71,8 @@ class UploadCollector:
         self.upload_bytes = 0  # reserved by unfinished uploads, at most cfg.max_upload_buffer
         self.waiting: dict[tuple[str, str], Update] = {}  # update messages whose blob is still arriving
         self.bytes_up = 0
+        # devices whose complete update is being checked off the loop -> their Updates that came meanwhile
+        self.checking: dict[str, list[Update]] = {}
 
     # -- chunks in
     def chunk(self, device: str, chunk: Chunk, nbytes: int) -> Verdict | None:
@@ -126,6 +130,9 @@ class UploadCollector:
             return self._refuse(msg, f"stale: round {msg.round_id} is not the current round {self.open.round_id}")
         if msg.device_id not in tr.selected:
             return self._refuse(msg, "device was not selected for this round")
+        if msg.device_id in self.checking:  # a redelivery, or a retry: decided once the check ends
+            self.checking[msg.device_id].append(msg)
+            return None
         if msg.device_id in tr.answered():
             self.forget(msg)
             counted = tr.accepted.get(msg.device_id)
@@ -159,9 +166,16 @@ class UploadCollector:
             return None
         self.uploads.pop(key)
         self.upload_bytes -= up.reserved
-        return self._validate(msg, up.asm.result(), task_id)
+        self.checking[msg.device_id] = []
+        return Verdict(msg, "check", data=up.asm.result())
 
-    def _validate(self, msg: Update, data: bytes, task_id: str) -> Verdict:
+    def checked(self, device: str) -> list[Update]:
+        """The check of `device`'s update ended: the Updates it sent meanwhile, to handle now."""
+        return self.checking.pop(device, [])
+
+    def validate(self, msg: Update, data: bytes, task_id: str) -> Verdict:
+        """Accept or reject a complete blob. Reads only the config and the manifest's expectations,
+        so it runs on any thread."""
         try:
             if data and hashlib.sha256(data).hexdigest() != msg.blob.sha256:
                 raise ProtocolError("update blob sha256 does not match the update message")
