@@ -99,6 +99,7 @@ class EdgeAgent:
         self.t.subscribe(topics.control_topic(self.run), self._on_json)
         self.t.subscribe(topics.device_topic(self.run, self.me, topics.INBOX), self._on_json)
         self.t.subscribe(topics.resend_pattern(self.run, self.me), self._on_chunk)
+        self.t.subscribe(topics.blob_pattern(self.run), self._on_chunk)  # round blobs, broadcast before their Task
         self._pub(topics.PRESENCE, Presence(run_id=self.run, sender=self.me, device_id=self.me, status="online"))
         self.hello()
 
@@ -119,8 +120,10 @@ class EdgeAgent:
             if ev is not None and ev[0] == "cloud":
                 self.hello()
                 last_hello = time.time()
+            if ev is not None and ev[0] == "chunk":
+                self.blobs.keep(ev[1])  # a broadcast blob ahead of its Task (or a stray re-send)
             if ev is None or ev[0] != "msg":
-                continue  # stray chunk of a finished download
+                continue
             msg = ev[1]
             if isinstance(msg, EndOfRun):
                 log.info("run %s ended by the cloud: %s", self.run, msg.reason)
@@ -218,6 +221,8 @@ class EdgeAgent:
                     continue
                 if ev[0] == "msg":
                     held.append(ev)
+                elif ev[0] == "chunk":
+                    self.blobs.keep(ev[1])  # the next round's broadcast, if this receipt is late
             return None
         finally:
             self.deferred.extend(held)
