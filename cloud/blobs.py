@@ -183,6 +183,8 @@ class BlobServer:
     def _resend(self, src: BlobSource, device: str, indexes: list[int]) -> None:
         topic = self.resend_topic(device, src.blob_id)
         for i in indexes:
+            if self.queue.closed:
+                return
             payload = src.chunk(i).to_bytes()
             self.t.publish(topic, payload)
             self.queue.sent(i)
