@@ -22,12 +22,12 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedpft.shared import topics
+from fedpft.shared.fsio import atomic_write
 from fedpft.shared.messages import CLOUD_SENDER, check_id
 
 CLOUD_USER = "fedpft-cloud"
@@ -197,13 +197,7 @@ def conf_is_current(text: str) -> bool:
 
 def _write_secret(path: Path, text: str) -> None:
     """Write `text` readable by the owner only (0600), replacing any earlier file atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    tmp.replace(path)
+    atomic_write(path, text.encode(), mode=0o600)
 
 
 def new_password() -> str:
@@ -262,5 +256,5 @@ def provision(folder: Path, device_id: str, run_id: str = "default", fleet: str 
     if listeners is not None or not conf_path.is_file() or not conf_is_current(conf_path.read_text()):
         written = listeners or Listeners()
         _write_secret(conf_path, broker_conf(folder, written.port, written.bind, written.tls))
-    reg_path.write_text(json.dumps({**registry, **({topics.FLEET: fleets} if fleets else {})}, indent=2, sort_keys=True) + "\n")
+    atomic_write(reg_path, (json.dumps({**registry, **({topics.FLEET: fleets} if fleets else {})}, indent=2, sort_keys=True) + "\n").encode())
     return Provisioned(device_id, run_id, device_pw_path, cloud_pw_path, folder, written)

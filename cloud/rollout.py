@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -32,10 +31,12 @@ from pathlib import Path
 from fedpft.shared import topics
 from fedpft.shared.archive import pack_bundle
 from fedpft.shared.config import BrokerConfig, RolloutConfig
+from fedpft.shared.fsio import atomic_write
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.messages import (
     CLOUD_SENDER, BlobRequest, BundleVersion, DeviceStatus, Presence, ProtocolError, Rollout, decode, encode,
 )
+from fedpft.shared.routes import check_fleet_route
 from fedpft.shared.transport import Transport
 
 from .blobs import BlobServer
@@ -100,9 +101,7 @@ class FleetState:
         raw[key] = {"current": rec.current and rec.current.model_dump(), "previous": rec.previous and rec.previous.model_dump(),
                     "devices": rec.devices}
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.groups_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(raw, indent=2))
-        os.replace(tmp, self.groups_file)
+        atomic_write(self.groups_file, json.dumps(raw, indent=2).encode())
 
     def append(self, entry: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -167,10 +166,7 @@ class Fleet:
         if not payload:
             return  # a cleared retained message
         msg = decode(payload)  # ProtocolError: logged as one line by the dispatcher
-        parsed = topics.check_fleet_sender(topic, msg.run_id, msg.sender)
-        want = {topics.STATUS: DeviceStatus, topics.PRESENCE: Presence, topics.BLOBREQ: BlobRequest}[parsed.kind]
-        if type(msg) is not want or msg.device_id != parsed.device_id:
-            raise ProtocolError(f"a {msg.type} message about {msg.device_id} does not belong on {topic}")
+        check_fleet_route(topic, msg)
         if isinstance(msg, BlobRequest):
             return self.blobs.serve(msg)
         with self._cond:
@@ -207,9 +203,7 @@ class RolloutReport:
 def _connect(cfg: BrokerConfig, client: str):
     from fedpft.shared.mqtt import MqttTransport
 
-    return MqttTransport(cfg.broker, client_id=f"fedpft-{client}-{uuid.uuid4().hex[:8]}", clean_start=True,
-                         ca=str(cfg.ca) if cfg.ca else None, cert=str(cfg.cert) if cfg.cert else None,
-                         key=str(cfg.key) if cfg.key else None, username=cfg.username, password=cfg.password)
+    return MqttTransport.from_config(cfg, f"fedpft-{client}-{uuid.uuid4().hex[:8]}", clean_start=True)
 
 
 def load_bundle(folder: Path) -> tuple[BundleManifest, bytes]:

@@ -100,10 +100,6 @@ class Cloud:
         return res.ffn, res.summary()  # proxy state-dict keys, as manifest.ffn names them
 
 
-def _path(p: Path | None) -> str | None:
-    return str(p) if p is not None else None
-
-
 def serve(cfg: ServeConfig, show_progress: bool = True, transport: Transport | None = None) -> RunState:
     """`transport`: an unconnected transport to run on instead of MQTT to cfg.broker (the virtual
     simulation's in-memory hub); the broker, TLS and credential settings are then unused."""
@@ -124,8 +120,7 @@ def serve(cfg: ServeConfig, show_progress: bool = True, transport: Transport | N
         print(f"embedded MQTT broker: {url}", flush=True)
     try:
         if transport is None:
-            transport = MqttTransport(url, client_id=f"fedpft-cloud-{cfg.run_id}", ca=_path(cfg.ca), cert=_path(cfg.cert),
-                                      key=_path(cfg.key), username=cfg.username, password=cfg.password)
+            transport = MqttTransport.from_config(cfg, f"fedpft-cloud-{cfg.run_id}", url=url)
         with transport:
             fed = Federation(cfg, transport, evaluator=cloud.evaluate if cfg.eval_data else None,
                              aligner=cloud.align if cfg.align_every else None, show_progress=show_progress)

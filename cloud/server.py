@@ -27,6 +27,7 @@ from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.messages import (
     CLOUD_SENDER, Ack, BlobRef, BlobRequest, EndOfRun, Hello, Presence, ProtocolError, Update, decode, encode,
 )
+from fedpft.shared.routes import check_route
 from fedpft.shared.signing import key_id, load_private_key, sign
 from fedpft.shared.transport import Transport
 
@@ -43,8 +44,8 @@ __all__ = ["BlobServer", "DeviceInfo", "Federation", "MAX_UPLOADS_PER_DEVICE", "
 
 log = logging.getLogger("fedpft.serve")
 
-# What each device topic the cloud subscribes to may carry.
-_KIND_TYPES = {topics.HELLO: Hello, topics.PRESENCE: Presence, topics.UPDATE: Update, topics.ACK: Ack, topics.BLOBREQ: BlobRequest}
+# The device topics the cloud listens to (what each may carry: shared/routes.py).
+DEVICE_KINDS = (topics.HELLO, topics.PRESENCE, topics.UPDATE, topics.ACK, topics.BLOBREQ)
 
 
 class Federation:
@@ -110,10 +111,9 @@ class Federation:
         (a BlobRequest naming another device would have the cloud re-send chunks to that one)."""
         if parsed.run != self.cfg.run_id:
             raise ProtocolError(f"message for run {parsed.run!r}; this cloud serves {self.cfg.run_id!r}")
-        if _KIND_TYPES.get(parsed.kind) is not type(msg):
+        if parsed.kind not in DEVICE_KINDS:
             raise ProtocolError(f"a {msg.type} message does not belong on a {parsed.kind} topic")
-        if msg.device_id != parsed.device_id:
-            raise ProtocolError(f"message about device {msg.device_id!r} on device {parsed.device_id!r}'s topic")
+        check_route(topics.device_topic(parsed.run, parsed.device_id, parsed.kind), msg)  # the shared kind -> message table
 
     def _on_upload(self, topic: str, payload: bytes) -> None:
         try:
@@ -134,7 +134,7 @@ class Federation:
             return
         self._subscribed = True
         run = self.cfg.run_id
-        for kind in (topics.HELLO, topics.PRESENCE, topics.UPDATE, topics.ACK, topics.BLOBREQ):
+        for kind in DEVICE_KINDS:
             self.t.subscribe(topics.all_devices_pattern(run, kind), self._on_json)
         self.t.subscribe(topics.all_devices_pattern(run, topics.UPLOAD), self._on_upload)
 

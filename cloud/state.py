@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from fedpft.shared.codec import ProtocolError, check_finite, decode_tensors, encode_tensors
+from fedpft.shared.fsio import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,6 @@ SET_ASIDE = "replaced-"
 
 class RunError(RuntimeError):
     """A run folder that cannot be started or resumed as asked; the message is one line for the user."""
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def sha256(data: bytes) -> str:
@@ -276,7 +266,7 @@ class RunStore:
         dest.mkdir()
         for name in names:
             os.replace(self.folder / name, dest / name)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         return dest
 
     # -- internals
@@ -303,11 +293,3 @@ class RunStore:
 def _safe_rel(rel: str) -> bool:
     p = Path(rel)
     return bool(rel) and not p.is_absolute() and ".." not in p.parts
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -23,7 +23,7 @@ from fedpft.shared.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest
 from fedpft.shared.messages import CLOUD_SENDER, MAX_TASK_DEVICES, BlobRef, ProtocolError, Task
 from fedpft.shared.methods import Method, method
-from fedpft.shared.update import split_update
+from fedpft.shared.update import UpdateMeta, split_update
 
 from .aggregate import Tensors, aggregate, clip_update
 from .fold import Bounds, RoundFold
@@ -117,14 +117,13 @@ class AdapterStrategy:
             if device in fold.folded:
                 continue
             try:
-                tensors, meta = decode_tensors(path.read_bytes(), self.cfg.max_update_bytes)
+                tensors, raw = decode_tensors(path.read_bytes(), self.cfg.max_update_bytes)
                 adapters, stats = split_update(tensors, self.expected, self.stat_layers)
-                n = int(meta.get("num_samples", "0"))
-                mean_loss = float(meta["mean_loss"]) if meta.get("mean_loss") not in (None, "null", "") else None
+                meta = UpdateMeta.parse(raw)
             except (ProtocolError, ValueError) as exc:
                 log.warning("stored update %s unusable (%s); the device will be asked again", path, exc)
                 continue
-            fold.add(fold.contribution(device, adapters, n, mean_loss), adapters, stats)
+            fold.add(fold.contribution(device, adapters, meta.num_samples, meta.mean_loss), adapters, stats)
         return fold
 
     def load(self, rnd: int) -> Callable[[str], Tensors]:

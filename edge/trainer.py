@@ -22,13 +22,14 @@ import numpy as np
 
 from fedpft.shared.codec import check_tensors, decode_tensors, encode_tensors
 from fedpft.shared.edge_config import EdgeTrainConfig
+from fedpft.shared.fsio import atomic_write
 from fedpft.shared.manifest import GRAD_SUFFIX, ROLE_EVAL, ROLE_PARAMETERS, ROLE_TRAINING, BundleManifest, TensorSpec, verify_bundle
 from fedpft.shared.messages import ProtocolError
 from fedpft.shared.update import STATS_PREFIX
 
 from .optim import AdamW
 from .data import Batch, BatchMaker, DataError, Skips, batches, epoch_order, read_local_data
-from .update import RoundResult, atomic_write_bytes
+from .update import RoundResult
 
 CACHE_CHECKPOINT = "checkpoint.safetensors"
 CACHE_META = "checkpoint.json"
@@ -272,9 +273,9 @@ def save_checkpoint(session: EdgeSession, cache_dir: Path) -> Path:
     folder = Path(cache_dir) / session.manifest.bundle_id
     folder.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in [*session.manifest.trainable, *session.manifest.ffn]]
-    atomic_write_bytes(folder / CACHE_CHECKPOINT, encode_tensors({n: session.params[n] for n in names}))
+    atomic_write(folder / CACHE_CHECKPOINT, encode_tensors({n: session.params[n] for n in names}))
     meta = {"bundle_id": session.manifest.bundle_id, "bundle_version": session.manifest.bundle_version, "saved": time.time()}
-    atomic_write_bytes(folder / CACHE_META, json.dumps(meta).encode())
+    atomic_write(folder / CACHE_META, json.dumps(meta).encode())
     return folder / CACHE_CHECKPOINT
 
 

@@ -24,20 +24,16 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fedpft.shared.codec import decode_tensors, encode_tensors
+from fedpft.shared.fsio import atomic_write
 from fedpft.shared.manifest import BundleManifest
 from fedpft.shared.messages import ProtocolError
-from fedpft.shared.update import join_update, split_update
-
-FORMAT = "fedpft-update"
-FORMAT_VERSION = "1"
+from fedpft.shared.update import FORMAT, FORMAT_VERSION, UpdateMeta, join_update, split_update
 
 
 class UpdateError(ValueError):
@@ -65,25 +61,16 @@ class RoundResult:
     losses: list[float] = field(default_factory=list, repr=False)
 
     def metadata(self) -> dict[str, str]:
-        def num(v: float | None) -> str:
-            return "null" if v is None else repr(float(v))
+        def num(v: float | None) -> float | None:
+            return None if v is None else float(v)  # numpy scalars in, plain floats out
 
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "bundle_id": self.bundle_id,
-            "bundle_version": str(self.bundle_version),
-            "num_samples": str(self.num_samples),
-            "steps": str(self.steps),
-            "samples_seen": str(self.samples_seen),
-            "mean_loss": num(self.mean_loss),
-            "acc_before": num(self.acc_before),
-            "acc_after": num(self.acc_after),
-            "holdout_samples": str(self.holdout_samples),
-            "skipped": str(self.skipped),
-            "skipped_summary": self.skipped_summary or "",
-            "seconds": f"{self.seconds:.3f}",
-        }
+        return UpdateMeta(
+            format=FORMAT, format_version=FORMAT_VERSION, bundle_id=self.bundle_id, bundle_version=int(self.bundle_version),
+            num_samples=int(self.num_samples), steps=int(self.steps), samples_seen=int(self.samples_seen),
+            mean_loss=num(self.mean_loss), acc_before=num(self.acc_before), acc_after=num(self.acc_after),
+            holdout_samples=int(self.holdout_samples), skipped=int(self.skipped), skipped_summary=self.skipped_summary,
+            seconds=float(self.seconds),
+        ).to_metadata()
 
 
 def encode_update(result: RoundResult) -> bytes:
@@ -91,53 +78,36 @@ def encode_update(result: RoundResult) -> bytes:
 
 
 def write_update(path: Path, result: RoundResult) -> Path:
-    """Write atomically: a temp file in the same folder, fsynced, then renamed over `path`."""
-    return atomic_write_bytes(Path(path), encode_update(result))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    atomic_write(path, encode_update(result))
+    return Path(path)
 
 
 @dataclass
 class Update:
     adapters: dict[str, np.ndarray]
     stats: dict[int, tuple[np.ndarray, float]]
-    metadata: dict[str, str]
+    metadata: dict[str, str]  # as the blob carries it
+    meta: UpdateMeta  # the same, parsed
 
     def number(self, key: str) -> float | None:
-        v = self.metadata.get(key)
-        return None if v in (None, "null", "") else float(v)
+        v = getattr(self.meta, key)
+        return None if v is None else float(v)
 
     @property
     def num_samples(self) -> int:
-        return int(self.metadata["num_samples"])
+        return self.meta.num_samples
 
 
 def decode_update(data: bytes, manifest: BundleManifest) -> Update:
     """Parse and validate an update against the bundle it was trained from; UpdateError if malformed."""
     try:
-        tensors, meta = decode_tensors(data)
-        if meta.get("format") != FORMAT:
-            raise UpdateError(f"not a {FORMAT} file (metadata format={meta.get('format')!r})")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise UpdateError(f"{FORMAT} version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        tensors, raw = decode_tensors(data)
+        meta = UpdateMeta.parse(raw).check_format()
         expected = {t.key: (t.shape, t.dtype) for t in manifest.trainable}
         adapters, stats = split_update(tensors, expected, {s.layer: s.neurons for s in manifest.stat_outputs})
     except ProtocolError as exc:
         raise UpdateError(str(exc)) from exc
-    return Update(adapters, stats, meta)
+    return Update(adapters, stats, raw, meta)
 
 
 def read_update(path: Path, manifest: BundleManifest) -> Update:

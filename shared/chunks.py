@@ -14,12 +14,12 @@ publisher re-publishes them from its `BlobSource`.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fsio import atomic_write
 from .messages import BlobRef, ProtocolError, check_id
 
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -247,10 +247,8 @@ class Reassembler:
     def _persist(self, chunk: Chunk) -> None:
         assert self._dir is not None
         self._dir.mkdir(parents=True, exist_ok=True)
-        final = self._dir / f"{chunk.index}{_PART_SUFFIX}"
-        tmp = final.with_suffix(".tmp")
-        tmp.write_bytes(chunk.to_bytes())
-        os.replace(tmp, final)  # a crash leaves either the whole part or none
+        # a crash leaves either the whole part or none
+        atomic_write(self._dir / f"{chunk.index}{_PART_SUFFIX}", chunk.to_bytes())
 
     def _load(self) -> None:
         assert self._dir is not None

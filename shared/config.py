@@ -82,14 +82,27 @@ class PrepareConfig(BaseModel):
         return [f"LABEL_{i}" for i in range(self.num_labels or 2)]
 
 
-class ServeConfig(BaseModel):
+class BrokerConfig(BaseModel):
+    """Broker URL, TLS and credentials, as every MQTT command takes them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password: str | None = Field(default=None, exclude=True, description="never written to disk")
+
+
+class ServeConfig(BrokerConfig):
     """`fedpft-cloud serve`: one federated run over MQTT; saved as RUN/serve_config.json."""
 
     model_config = ConfigDict(extra="forbid")
 
     bundle: Path
     out: Path
-    broker: str | None = Field(default=None, description="mqtt://host:port; None starts the embedded broker")
+    broker: str | None = Field(default=None, description="mqtt://host:port; None starts the embedded broker")  # type: ignore[assignment]
     run_id: str = "default"
     rounds: int = Field(default=3, ge=1)
     clients_per_round: int | None = Field(default=None, ge=1)
@@ -129,12 +142,7 @@ class ServeConfig(BaseModel):
     max_devices: int = Field(default=100_000, ge=1, description="devices the cloud keeps track of; offline ones make room")
     seed: int = 0
     resume: bool = False
-    # broker TLS and credentials (fedpft-cloud provision writes the cloud's password file)
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    username: str | None = None
-    password: str | None = Field(default=None, exclude=True, description="never written to serve_config.json")
+    # broker TLS and credentials come from BrokerConfig (fedpft-cloud provision writes the cloud's password file)
     signing_key: Path | None = Field(default=None, description="Ed25519 private key that signs every Task")
     device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
 
@@ -147,10 +155,8 @@ class ServeConfig(BaseModel):
         return self
 
 
-class AgentConfig(BaseModel):
+class AgentConfig(BrokerConfig):
     """`fedpft-edge train --broker ...`: one device taking part in a federated run."""
-
-    model_config = ConfigDict(extra="forbid")
 
     broker: str
     device_id: str
@@ -164,27 +170,9 @@ class AgentConfig(BaseModel):
     fetch_timeout: float = Field(default=600.0, gt=0)
     ack_timeout: float = Field(default=30.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    username: str | None = None
-    password: str | None = None
     # Ed25519 public key of the cloud: unsigned or tampered bundles and tasks are refused.
     # None = development mode: everything is accepted (with one warning).
     trust_key: Path | None = None
-
-
-class BrokerConfig(BaseModel):
-    """Broker URL, TLS and credentials, as every MQTT command takes them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    broker: str = "mqtt://127.0.0.1:1883"
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    username: str | None = None
-    password: str | None = Field(default=None, exclude=True, description="never written to disk")
 
 
 def _safe_id(value: str | None, what: str) -> str | None:

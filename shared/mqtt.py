@@ -21,6 +21,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -29,6 +30,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .transport import Dispatcher, Handler, TransportError, check_topic
+
+if TYPE_CHECKING:
+    from .config import BrokerConfig
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +162,17 @@ class MqttTransport:
         self._connack_code = 0
         self._acks = _Acks()
         self._closing = False
+
+    @classmethod
+    def from_config(cls, cfg: "BrokerConfig", client_id: str, *, url: str | None = None, **options: Any) -> "MqttTransport":
+        """The one place a transport is built from the broker options every MQTT command takes.
+        `url` replaces cfg.broker (an embedded broker's address); `options` are the keyword
+        arguments of the constructor (will, clean_start, session_expiry, ...)."""
+        def path(p: object) -> str | None:
+            return str(p) if p else None
+
+        return cls(url or cfg.broker, client_id, ca=path(cfg.ca), cert=path(cfg.cert), key=path(cfg.key),
+                   username=cfg.username, password=cfg.password, **options)
 
     @property
     def connected(self) -> bool:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel
 
+from .fsio import atomic_write
 from .manifest import MANIFEST_NAME, BundleManifest
 
 PRIVATE_KEY_NAME = "signing.key"
@@ -114,7 +115,5 @@ def verify(record: BaseModel, trusted: Ed25519PublicKey, what: str) -> None:
 def sign_bundle(folder: Path, key: Ed25519PrivateKey) -> BundleManifest:
     """Sign a bundle's manifest in place (the files are covered through their sha256)."""
     manifest = sign(BundleManifest.load(folder), key)
-    tmp = Path(folder) / f"{MANIFEST_NAME}.tmp"
-    tmp.write_text(manifest.model_dump_json(indent=2))
-    tmp.replace(Path(folder) / MANIFEST_NAME)
+    atomic_write(Path(folder) / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode())
     return manifest

@@ -16,9 +16,13 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .codec import decode_tensors, encode_tensors
 from .messages import ProtocolError
+
+FORMAT = "fedpft-update"
+FORMAT_VERSION = "1"
 
 STATS_PREFIX = "__stats__."
 _STAT = re.compile(r"^__stats__\.layer\.(\d+)\.(off_counts|positions)$")
@@ -98,3 +102,70 @@ def check_binding(meta: Mapping[str, str], run_id: str, round_id: int, device_id
     if got != want:
         diff = ", ".join(f"{k} {got[k]!r}" for k in BINDING_KEYS if got[k] != want[k])
         raise ProtocolError(f"update blob is bound to {diff}, not to this round's task (a replay?)")
+
+
+class UpdateMeta(BaseModel):
+    """An update blob's string metadata, parsed and checked once for both sides.
+
+    Every field may be absent (an older or hand-made blob); numbers travel as decimal text and
+    "null" (or "") means the device had nothing to measure. Unknown keys are ignored, so a newer
+    device's extra metadata does not make its update unreadable."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    format: str | None = None
+    format_version: str | None = None
+    bundle_id: str | None = None
+    bundle_version: int | None = None
+    num_samples: int = Field(default=0, ge=0)  # the FedAvg weight the device claims
+    steps: int | None = Field(default=None, ge=0)
+    samples_seen: int | None = Field(default=None, ge=0)
+    mean_loss: float | None = None
+    acc_before: float | None = None
+    acc_after: float | None = None
+    holdout_samples: int | None = Field(default=None, ge=0)
+    skipped: int | None = Field(default=None, ge=0)
+    skipped_summary: str | None = None
+    seconds: float | None = None
+    # the binding (`bind_update`), compared as text by `check_binding`
+    run_id: str | None = None
+    round_id: str | None = None
+    device_id: str | None = None
+    task_id: str | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null(cls, v: object) -> object:
+        return None if v in ("null", "") else v
+
+    @classmethod
+    def parse(cls, meta: Mapping[str, str]) -> "UpdateMeta":
+        """The metadata of a blob from the wire or disk; ProtocolError names the first bad field."""
+        try:
+            return cls.model_validate(dict(meta))
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise ProtocolError(f"update metadata {field}={meta.get(field)!r}: {err['msg']}") from None
+
+    def check_format(self) -> "UpdateMeta":
+        """ProtocolError unless the blob says it is a fedpft update of the version this side reads."""
+        if self.format != FORMAT:
+            raise ProtocolError(f"not a {FORMAT} file (metadata format={self.format!r})")
+        if self.format_version != FORMAT_VERSION:
+            raise ProtocolError(f"{FORMAT} version {self.format_version!r} is not supported (expected {FORMAT_VERSION})")
+        return self
+
+    def to_metadata(self) -> dict[str, str]:
+        """The str -> str map a blob carries, in field order: unmeasured numbers as "null", no
+        summary as "", the binding only once stamped."""
+        out: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                if name not in BINDING_KEYS:
+                    out[name] = "" if name == "skipped_summary" else "null"
+            elif name == "seconds":
+                out[name] = f"{value:.3f}"
+            else:
+                out[name] = repr(value) if isinstance(value, float) else str(value)
+        return out
