@@ -12,9 +12,10 @@ processes (about 250 per process), the cloud in this one, so the cloud's RSS is 
 MiniLM r=8 adapter shapes is written (fast, no torch; what the smoke test uses).
 
 Times (unix clock, one machine, so device and cloud clocks agree):
-- t_task: the cloud publishes the Task; t_end: `run_round` returns (FedAvg done, checkpoint
-  and state committed).
-- round wall = t_end - t_task.
+- t_start: the cloud starts sending the round (the broadcast of its adapters, then the Task;
+  the Task alone when it does not broadcast); t_task: the cloud publishes the Task; t_end:
+  `run_round` returns (FedAvg done, checkpoint and state committed).
+- round wall = t_end - t_start.
 - slowest device's work = max over devices of its simulated training time (what the round
   would take with an infinitely fast cloud, broker and network).
 - overhead = round wall - slowest device's work: everything the federation adds (task fan-out,
@@ -112,6 +113,8 @@ class CountingTransport:
 
     def __init__(self, inner, run_id: str) -> None:
         self.inner, self.round_topic = inner, topics.round_topic(run_id)
+        self.blob_prefix = topics.blob_topic(run_id, "x")[:-1]
+        self.started_at: float | None = None  # the round's first publish: its broadcast, else the Task
         self.lock = threading.Lock()
         self.msgs_out = self.msgs_in = self.bytes_out = self.bytes_in = 0
         self.task_published_at: float | None = None
@@ -132,8 +135,10 @@ class CountingTransport:
             return self.msgs_out, self.msgs_in, self.bytes_out, self.bytes_in
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        if self.started_at is None and (topic == self.round_topic or topic.startswith(self.blob_prefix)):
+            self.started_at, self.at_task = time.time(), self.counters()
         if topic == self.round_topic:
-            self.task_published_at, self.at_task = time.time(), self.counters()
+            self.task_published_at = time.time()
         self.inner.publish(topic, payload, qos=qos, retain=retain)
         with self.lock:
             self.msgs_out += 1
@@ -365,9 +370,9 @@ def run_scale(sc: ScaleConfig) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
     record = state.history[-1]
-    t_task, t_end = cloud.task_published_at, fed.round_ended
-    assert t_task is not None and t_end is not None
-    wall = t_end - t_task
+    t_start, t_task, t_end = cloud.started_at, cloud.task_published_at, fed.round_ended
+    assert t_start is not None and t_task is not None and t_end is not None
+    wall = t_end - t_start
     m_out0, m_in0, b_out0, b_in0 = cloud.at_task or (0, 0, 0, 0)
     m_out, m_in, b_out, b_in = cloud.counters()
     acked = [d for d in timings if d["acked_at"] is not None and d["ack_ok"]]
@@ -388,6 +393,7 @@ def run_scale(sc: ScaleConfig) -> dict:
         "workers": n_workers,
         "accepted": record["clients"],
         "acked_ok": len(acked),
+        "fetched": len(fetched),
         "fleet_up_s": fleet_up_s,
         "round_wall_s": wall,
         "max_train_s": max_train,
@@ -401,6 +407,9 @@ def run_scale(sc: ScaleConfig) -> dict:
         "upload_ack_max_s": _pct([d["acked_at"] - d["trained_at"] for d in uploaded], 100),
         "close_s": t_end - last_ack,
         "blob_requests": sum(d["blob_requests"] for d in timings),
+        "broadcast_s": t_task - t_start,
+        "resent_chunks": fed.blobs.resent_chunks,
+        "resends_merged": fed.blobs.queue.merged,
         "uploads": sum(d["uploads"] for d in timings),
         "cloud_rss_idle_mb": rss_idle / 2**20,
         "cloud_rss_peak_round_mb": fed.rss_peak / 2**20,
@@ -469,7 +478,7 @@ def table(results: list[dict]) -> str:
         ("up/down MB", lambda r: f"{_f(r['bytes_up_mb'], 1)}/{_f(r['bytes_down_mb'], 1)}"),
         ("cloud msgs/s", lambda r: _f(r["cloud_msgs_per_s"], 0)),
         ("fleet msgs/s", lambda r: _f(r["fleet_msgs_per_s"], 0)),
-        ("re-requests/re-uploads", lambda r: f"{r['blob_requests'] - r['devices']}/{r['uploads'] - r['devices']}"),
+        ("blob requests/re-sent chunks/re-uploads", lambda r: f"{r['blob_requests']}/{r.get('resent_chunks', '-')}/{r['uploads'] - r['devices']}"),
         ("msgs lost to cloud", lambda r: str(r["dropped_to_cloud"])),
     ]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
@@ -492,12 +501,14 @@ def section(results: list[dict], command: str, bundle_note: str, notes: list[str
         "",
         table(results),
         "",
-        "- **round wall**: cloud publishes the Task -> `Federation.run_round` returns (FedAvg, checkpoint and state committed).",
+        "- **round wall**: cloud starts sending the round (broadcast of the adapters blob, then the Task) -> "
+        "`Federation.run_round` returns (FedAvg, checkpoint and state committed).",
         "- **slowest device**: the longest simulated training time drawn; **overhead** = round wall - slowest device, i.e. "
         "everything the federation adds to the critical path.",
         "- **outside device windows** = round wall - max over devices of (Task received -> update Ack received): fan-out + close only.",
         "- fan-out: Task published -> received by device; fetch: Task received -> adapters blob verified "
-        "(Ack(task), BlobRequest, chunk on `resend/`); upload->ack: training over -> Ack(update) received; "
+        "(broadcast chunks kept ahead of the Task; a BlobRequest and a re-send on `resend/` only for what they lack); "
+        "upload->ack: training over -> Ack(update) received; "
         "close: last Ack -> `run_round` returned.",
         "- RSS: cloud process (this one; devices run in other processes), idle = connected, before the Federation; "
         "peak = sampled every 50 ms during the round. up/down: the Federation's own counters (update chunks in, blob chunks out). "

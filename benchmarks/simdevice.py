@@ -3,9 +3,10 @@
 `SimDevice` speaks to the cloud exactly as `fedpft.edge.agent.EdgeAgent` does, over any
 `Transport` (one `MqttTransport` per device, with its own client id):
 
-    connect -> subscribe round, control, inbox, resend/+ -> Presence(online, retained) + Hello
+    connect -> subscribe round, control, inbox, resend/+, blob/+ -> Presence(online, retained) + Hello
     cloud clears the retained control topic -> Hello again (only a Hello makes a device eligible)
-    Task naming me -> Ack(task) -> BlobRequest(adapters, missing=[]) -> chunks on resend/<id>
+    adapters chunks broadcast on blob/<id> (kept) -> Task naming me -> Ack(task)
+    -> only if the broadcast did not complete them: BlobRequest(missing) -> chunks on resend/<id>
     -> "train" for a fixed simulated time (no compute) -> Update(blob=..., task_id, update_id)
     -> update chunks (metadata bound to the task) on upload/<id> -> Ack(update naming update_id)
 
@@ -153,6 +154,7 @@ class SimDevice:
         self._asm: Reassembler | None = None
         self._last_chunk = 0.0
         self._upload: tuple[BlobSource, Update] | None = None
+        self._kept: dict[str, list[Chunk]] = {}  # broadcast chunks ahead of their Task, as the agent keeps them
 
     # ------------------------------------------------------------------ wire
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
@@ -176,6 +178,7 @@ class SimDevice:
                         topics.device_topic(self.run, self.me, topics.INBOX)):
             self.t.subscribe(pattern, self._on_json)
         self.t.subscribe(topics.resend_pattern(self.run, self.me), self._on_chunk)
+        self.t.subscribe(topics.blob_pattern(self.run), self._on_chunk)
         self._pub(topics.PRESENCE, Presence(run_id=self.run, sender=self.me, device_id=self.me, status="online"))
         self.hello()
         self.timing.connected_at = time.time()
@@ -218,9 +221,13 @@ class SimDevice:
                 return  # QoS 1 redelivery
             self._task = task
             self.timing.task_at = time.time()
-            self._asm = Reassembler.for_ref(task.adapters)
+            self._asm = asm = Reassembler.for_ref(task.adapters)
+            kept = self._kept.pop(asm.blob_id, [])
         self._pub(topics.ACK, Ack(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, acked="task", task_id=task.task_id))
-        self._request(task)
+        for chunk in kept:
+            self._add(task, asm, chunk)
+        if not asm.done:
+            self._request(task)
 
     def _request(self, task: Task) -> None:
         asm = self._asm
@@ -244,12 +251,25 @@ class SimDevice:
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
         self._count_in(payload)
-        task, asm = self._task, self._asm
-        if task is None or asm is None or asm.done:
-            return  # stray chunk of a finished download
         try:
             chunk = Chunk.from_bytes(payload)
-            if chunk.blob_id != asm.blob_id or not asm.add(chunk):
+        except ProtocolError as exc:
+            log.warning("%s: bad chunk: %s", self.me, exc.reason)
+            return
+        with self._lock:
+            task, asm = self._task, self._asm
+            if asm is None or chunk.blob_id != asm.blob_id:  # ahead of its Task: keep the newest few blobs
+                self._kept.setdefault(chunk.blob_id, []).append(chunk)
+                while len(self._kept) > 4:
+                    self._kept.pop(next(iter(self._kept)))
+                return
+        self._add(task, asm, chunk)
+
+    def _add(self, task: Task, asm: Reassembler, chunk: Chunk) -> None:
+        if asm.done:
+            return  # stray chunk of a finished download
+        try:
+            if not asm.add(chunk):
                 return
             self._last_chunk = time.time()
             if not asm.done:

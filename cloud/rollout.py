@@ -233,8 +233,8 @@ def rollout(cfg: RolloutConfig, transport: Transport | None = None, bundle: tupl
     t = transport or _connect(cfg, f"rollout-{cfg.fleet}")
     if transport is None:
         t.connect()
+    fleet = Fleet(t, cfg.fleet, cfg.chunk_size)
     try:
-        fleet = Fleet(t, cfg.fleet, cfg.chunk_size)
         views = fleet.watch(cfg.settle)
         if cfg.cohort is not None:
             targets = sorted(d for d, v in views.items() if v.status is not None and v.status.cohort == cfg.cohort)
@@ -263,6 +263,7 @@ def rollout(cfg: RolloutConfig, transport: Transport | None = None, bundle: tupl
         t.publish(topics.rollout_topic(cfg.fleet), encode(msg))
         after = fleet.wait_acks(rollout_id, set(targets), cfg.timeout)
     finally:
+        fleet.blobs.close()  # before the link goes: re-sends still waiting are moot once the rollout is over
         if transport is None:
             t.close()
     answered = {d for d, v in after.items() if v.status and v.status.rollout_id == rollout_id}

@@ -6,8 +6,8 @@ method's strategy (cloud/strategy.py: configure and aggregate), the streaming ru
 (cloud/fold.py), blob serving (cloud/blobs.py) and the run folder (cloud/state.py).
 
 Network handlers only decode, check the route and enqueue; all round state lives in the main
-loop, so there are no locks around it. Blob chunks asked for by devices are served straight from
-the handler thread (read-only data behind a lock), so downloads proceed while the loop trains.
+loop, so there are no locks around it. A round's blobs are broadcast once before its Task; the
+chunks a device asks for again are queued to the BlobServer's own sender thread.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fedpft.shared.routes import check_route
 from fedpft.shared.signing import key_id, load_private_key, sign
 from fedpft.shared.transport import Transport
 
-from .blobs import BlobServer
+from .blobs import BlobServer, worth_broadcasting
 from .checks import EventQueue, check_pool
 from .fold import RoundFold
 from .private_rounds import DEVICE_SECAGG, BudgetSpent, PrivateRounds
@@ -324,6 +324,7 @@ class Federation:
         end = EndOfRun(run_id=self.cfg.run_id, round_id=state.next_round, sender=CLOUD_SENDER, reason=reason or "completed")
         self.t.publish(topics.control_topic(self.cfg.run_id), encode(end), retain=True)
         self.pool.shutdown(wait=False)
+        self.blobs.close()
         return state
 
     def run_round(self, state: RunState, bundle_ref: BlobRef) -> dict:
@@ -379,8 +380,10 @@ class Federation:
         self.round_id, self.task = r, task
         self.tracker = RoundTracker(task.devices, task.deadline, cfg.min_clients, ack_deadline=time.time() + cfg.task_ack_timeout)
         self._restore_accepted(r, state)
+        if worth_broadcasting(len(task.devices), len(online)):
+            self.blobs.broadcast_round(blobs.adapters, blobs.ffn)  # before the Task: devices hold them when they read it
         self.t.publish(topics.round_topic(cfg.run_id), encode(task))
-        log.info("round %d: task sent to %s", r, ", ".join(task.devices))
+        log.info("round %d: task sent to %s", r, _some(task.devices, ", "))
         if self.privacy.secure:
             return self.privacy.attempt(task)
         while self._waiting():

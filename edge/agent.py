@@ -41,7 +41,7 @@ def run_address(run: str, me: str) -> Address:
                    listen=(topics.round_topic(run), topics.control_topic(run), topics.device_topic(run, me, topics.INBOX),
                            topics.secagg_topic(run)),
                    resend=topics.resend_pattern(run, me), check=check_route, retained=frozenset({topics.PRESENCE}),
-                   wake=topics.control_topic(run))
+                   wake=topics.control_topic(run), broadcast=topics.blob_pattern(run))
 
 
 class EdgeAgent:
@@ -177,6 +177,8 @@ class EdgeAgent:
                              (msg.update_id or "-")[:12], "ok" if msg.ok else msg.reason)
                 elif msg is not None:
                     held.append(ev)
+                elif ev is not None and ev[0] == "chunk":
+                    self.link.blobs.keep(ev[1])  # the next round's broadcast, if this receipt is late
             return None
         finally:
             self.link.hold(held)

@@ -45,6 +45,8 @@ class Address:
     check(topic, msg): ProtocolError unless `msg` may arrive on `topic` (`shared/routes.py`).
     retained: kinds published retained (the cloud reads them on connecting).
     wake: the topic whose cleared retained message means the cloud (re)started the run.
+    broadcast: the pattern of blob chunks the cloud sends to every device (a round's blobs, just
+    before its Task); they are kept for the fetch that will want them.
     """
 
     space: str
@@ -55,6 +57,7 @@ class Address:
     check: Callable[[str, object], object]
     retained: frozenset[str] = frozenset()
     wake: str | None = None
+    broadcast: str | None = None
 
     def presence(self, status: str, reason: str | None = None) -> Presence:
         return Presence(run_id=self.space, sender=self.device_id, device_id=self.device_id, status=status, reason=reason)
@@ -110,6 +113,8 @@ class DeviceLink:
         for topic in self.address.listen:
             self.t.subscribe(topic, self._on_json)
         self.t.subscribe(self.address.resend, self._on_chunk)
+        if self.address.broadcast is not None:
+            self.t.subscribe(self.address.broadcast, self._on_chunk)
         self.publish(topics.PRESENCE, self.address.presence("online"))
 
     def publish(self, kind: str, msg) -> None:
@@ -140,7 +145,9 @@ class DeviceLink:
                 beat()
                 last = time.time()
             if ev is not None and ev[0] == "msg":
-                handle(ev[1])  # anything else is a stray chunk of a finished download
+                handle(ev[1])
+            elif ev is not None and ev[0] == "chunk":
+                self.blobs.keep(ev[1])  # a broadcast blob ahead of its Task (or a stray re-send)
 
     # ------------------------------------------------------------------ blobs, trust, bundles
     def _request_chunks(self, ref: BlobRef, missing: list[int]) -> None:
