@@ -279,7 +279,7 @@ class SimulateConfig(PrivacyOptions):
         return self
 
     def resolved_align_every(self) -> int:
-        if self.method != "fedpft":
+        if not METHODS[self.method].align:
             return 0
         return max(1, (self.rounds + 1) // 2) if self.align_every is None else self.align_every
 

@@ -13,7 +13,8 @@ from fedpft.cloud.server import Federation
 from fedpft.edge.agent import EdgeAgent
 from fedpft.shared import topics
 from fedpft.shared.codec import encode_tensors
-from fedpft.shared.config import AgentConfig, ServeConfig
+from fedpft.cloud.config import ServeConfig
+from fedpft.shared.config import AgentConfig
 from fedpft.shared.manifest import BundleManifest
 from fedpft.shared.mqtt import MqttTransport
 
@@ -79,7 +80,7 @@ def test_a_device_that_joins_after_the_broadcast_still_completes_the_round(tiny_
     fed = Federation(cfg, cloud, show_progress=False)
     try:
         for agent in agents:
-            agent.ensure_bundle = lambda ref: tmp_path  # cached bundle (not what this test is about)
+            agent.link.install_bundle = lambda ref, folder, expect=None: manifest  # cached bundle (not what this test is about)
             threads.append(threading.Thread(target=agent.serve, daemon=True))
             threads[-1].start()
         state = fed.run()

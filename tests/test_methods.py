@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedpft.shared.config import PrepareConfig, SimulateConfig
+from fedpft.cloud.config import PrepareConfig, SimulateConfig
 from fedpft.shared.methods import METHODS, Method, method, proxies, register_method
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from fedpft.cloud.server import Federation
 from fedpft.shared.codec import encode_tensors
-from fedpft.shared.config import ServeConfig
+from fedpft.cloud.config import ServeConfig
 from fedpft.shared.manifest import BundleManifest
 from fedpft.shared.transport import InMemoryHub
 from fedpft.shared.update import bind_update
