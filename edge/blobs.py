@@ -25,7 +25,7 @@ log = logging.getLogger("fedpft.agent")
 
 STALL_SECONDS = 5.0  # no new chunk for this long: ask again for the missing ones
 KEEP_BLOBS = 4  # broadcast blobs kept ahead of their Task (adapters and FFN of this round and the next)
-KEEP_BYTES = 256 << 20  # and their chunks' bytes at most: whoever floods the broadcast topic costs bounded memory
+KEEP_BYTES = 64 << 20  # and their chunks' bytes at most (a ViT-base FFN blob is ~47 MB): a flood of the topic costs bounded memory
 
 
 class AgentError(Exception):
@@ -57,6 +57,8 @@ class BlobFetcher:
     def keep(self, chunk: Chunk) -> None:
         """Hold a chunk that arrived outside a fetch (a broadcast ahead of its Task); the oldest
         blobs go first when over KEEP_BLOBS or KEEP_BYTES. Checked against the Task's ref on use."""
+        if chunk.total_size > KEEP_BYTES:
+            return  # too large to hold in memory: fetched on request when a Task names it
         held = self.kept.setdefault(chunk.blob_id, {})
         if chunk.index in held:
             return
@@ -64,7 +66,7 @@ class BlobFetcher:
         self.kept_bytes += len(chunk.data)
         while len(self.kept) > KEEP_BLOBS or (self.kept_bytes > KEEP_BYTES and len(self.kept) > 1):
             self._drop(next(iter(self.kept)))
-        if self.kept_bytes > KEEP_BYTES:  # one blob alone over the cap: fetch it on request instead
+        if self.kept_bytes > KEEP_BYTES:  # chunks of one id that lie about their layout
             self._drop(chunk.blob_id)
 
     def _drop(self, blob_id: str) -> dict[int, Chunk]:

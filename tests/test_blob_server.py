@@ -184,3 +184,13 @@ def test_kept_chunks_are_bounded_oldest_blob_first(tmp_path):
         f.keep(BlobSource(f"blob-{b}", DATA, 1024).chunk(0))
     assert list(f.kept) == [f"blob-{b}" for b in range(2, KEEP_BLOBS + 2)]
     assert f.kept_bytes == 1024 * KEEP_BLOBS
+
+
+def test_a_blob_over_the_byte_cap_is_not_kept_but_fetched_on_request(tmp_path, monkeypatch):
+    monkeypatch.setattr("fedpft.edge.blobs.KEEP_BYTES", 3000)
+    src, requests = BlobSource("ffn-a1", DATA, 1024), []
+    f = _fetcher(tmp_path, requests)
+    f.keep(BlobSource("adapters-r0-0", DATA[:2048], 1024).chunk(0))  # 2 KB: fits
+    for i in range(4):
+        f.keep(src.chunk(i))
+    assert list(f.kept) == ["adapters-r0-0"] and f.kept_bytes == 1024
