@@ -164,6 +164,7 @@ def feed(fed: Federation, device: str, blob_id: str, payload: bytes) -> None:
         fed.pump(0.01)
 
 
+@pytest.mark.slow
 def test_never_finished_uploads_stay_bounded_and_are_dropped_with_a_line(tiny_bert_bundle, tmp_path, caplog):
     fed = open_round(tiny_bert_bundle, tmp_path, max_upload_buffer=3 << 20)
     with caplog.at_level(logging.WARNING, logger="fedpft"):

@@ -414,6 +414,7 @@ def _throw(fed: Federation, log: Counter, topic: str, payload: bytes, bad: bool)
     assert not [r for r in log.records[before:] if r.levelno >= logging.ERROR]
 
 
+@pytest.mark.slow  # 1000 examples
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_hostile_json_never_crashes_the_cloud(fuzz_fed, log_counter, data):
