@@ -236,15 +236,7 @@ def rollout(cfg: RolloutConfig, transport: Transport | None = None, bundle: tupl
     fleet = Fleet(t, cfg.fleet, cfg.chunk_size)
     try:
         views = fleet.watch(cfg.settle)
-        if cfg.cohort is not None:
-            targets = sorted(d for d, v in views.items() if v.status is not None and v.status.cohort == cfg.cohort)
-        elif cfg.rollback:
-            targets = record.devices
-        else:
-            targets = select_fraction([d for d, v in views.items() if v.status is not None], cfg.fraction or 1.0, cfg.seed)
-        if not targets:
-            who = f"has declared cohort {cfg.cohort!r}" if cfg.cohort is not None else "has published a status"
-            raise RolloutError(f"no device of fleet {cfg.fleet!r} {who}; nothing to roll out to")
+        targets = _targets(cfg, views, record)
         rollout_id = f"ro-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         if cfg.rollback:
             target, ref = record.previous, None
@@ -269,16 +261,36 @@ def rollout(cfg: RolloutConfig, transport: Transport | None = None, bundle: tupl
     answered = {d for d, v in after.items() if v.status and v.status.rollout_id == rollout_id}
     results = {d: outcome(after.get(d), rollout_id) for d in sorted(set(targets) | answered)}
     report = RolloutReport(msg, key, results)
+    _remember(state, cfg, record, report, before)
+    return report
+
+
+def _targets(cfg: RolloutConfig, views: dict[str, DeviceView], record: GroupRecord) -> list[str]:
+    """The devices a rollout addresses: the cohort's, the group's last ones for a rollback, or a seeded fraction."""
+    if cfg.cohort is not None:
+        targets = sorted(d for d, v in views.items() if v.status is not None and v.status.cohort == cfg.cohort)
+    elif cfg.rollback:
+        targets = record.devices
+    else:
+        targets = select_fraction([d for d, v in views.items() if v.status is not None], cfg.fraction or 1.0, cfg.seed)
+    if not targets:
+        who = f"has declared cohort {cfg.cohort!r}" if cfg.cohort is not None else "has published a status"
+        raise RolloutError(f"no device of fleet {cfg.fleet!r} {who}; nothing to roll out to")
+    return targets
+
+
+def _remember(state: FleetState, cfg: RolloutConfig, record: GroupRecord, report: RolloutReport, before: list) -> None:
+    """Move the group's current/previous versions when anyone installed, and log the rollout in the history."""
+    target, rollout_id = report.rollout.target, report.rollout.rollout_id
     if report.installed:
         if cfg.rollback:
             new = GroupRecord(current=target, previous=record.current, devices=record.devices)
         else:
             was = prevailing(before, target) or (record.current if record.current != target else record.previous)
-            new = GroupRecord(current=target, previous=was, devices=sorted(results))
-        state.save_group(key, new)
-    state.append({"rollout_id": rollout_id, "at": time.time(), "fleet": cfg.fleet, "group": key, "rollback": cfg.rollback,
-                  "target": target.model_dump(), "results": results})
-    return report
+            new = GroupRecord(current=target, previous=was, devices=sorted(report.results))
+        state.save_group(report.group, new)
+    state.append({"rollout_id": rollout_id, "at": time.time(), "fleet": cfg.fleet, "group": report.group, "rollback": cfg.rollback,
+                  "target": target.model_dump(), "results": report.results})
 
 
 def read_fleet(cfg: BrokerConfig, fleet: str, settle: float = 0.5) -> list[DeviceView]:

@@ -5,8 +5,8 @@ The loop only waits, publishes, pumps and commits; its rooms do the rest: the de
 method's strategy (cloud/strategy.py: configure and aggregate), the streaming running sum
 (cloud/fold.py), blob serving (cloud/blobs.py) and the run folder (cloud/state.py).
 
-Network handlers only decode, check the route and enqueue; all round state lives in the main
-loop, so there are no locks around it. A round's blobs are broadcast once before its Task; the
+Network handlers (cloud/handlers.py) only decode, check the route and enqueue; all round state
+lives in the main loop, so there are no locks around it. A round's blobs are broadcast once before its Task; the
 chunks a device asks for again are queued to the BlobServer's own sender thread.
 """
 
@@ -21,19 +21,18 @@ from pathlib import Path
 from fedpft.cloud.config import ServeConfig
 from fedpft.shared import topics
 from fedpft.shared.archive import pack_bundle
-from fedpft.shared.chunks import Chunk
 from fedpft.shared.codec import decode_tensors, encode_tensors
 from fedpft.shared.manifest import BundleManifest, verify_bundle
 from fedpft.shared.messages import (
-    CLOUD_SENDER, Ack, BlobRef, BlobRequest, EndOfRun, Hello, Presence, ProtocolError, Update, decode, encode,
+    CLOUD_SENDER, Ack, BlobRef, EndOfRun, Hello, Presence, ProtocolError, Update, encode,
 )
-from fedpft.shared.routes import check_route
 from fedpft.shared.signing import key_id, load_private_key, sign
 from fedpft.shared.transport import Transport
 
 from .blobs import BlobServer, worth_broadcasting
 from .checks import EventQueue, check_pool
 from .fold import RoundFold
+from .handlers import DeviceHandlers
 from .private_rounds import DEVICE_SECAGG, BudgetSpent, PrivateRounds
 from .registry import DeviceInfo, DeviceRegistry
 from .sampling import RoundStatus, RoundTracker
@@ -45,12 +44,7 @@ __all__ = ["BlobServer", "DeviceInfo", "Federation", "MAX_UPLOADS_PER_DEVICE", "
 
 log = logging.getLogger("fedpft.serve")
 
-# The device topics the cloud listens to (what each may carry: shared/routes.py); under --secure-agg
-# also each device's secagg topic, which carries only a device's own stage messages.
-DEVICE_KINDS = (topics.HELLO, topics.PRESENCE, topics.UPDATE, topics.ACK, topics.BLOBREQ)
-
-
-class Federation:
+class Federation(DeviceHandlers):
     def __init__(self, cfg: ServeConfig, transport: Transport, evaluator: Evaluator | None = None, aligner: Aligner | None = None,
                  show_progress: bool = True):
         self.cfg = cfg
@@ -88,59 +82,6 @@ class Federation:
     @tracker.setter
     def tracker(self, tracker: RoundTracker | None) -> None:
         self.open.tracker, self.fold = tracker, None  # a new round (or attempt) starts a new sum
-
-    # ------------------------------------------------------------------ network side (handler thread)
-    def _on_json(self, topic: str, payload: bytes) -> None:
-        if not payload and topic.endswith(f"/{topics.PRESENCE}"):
-            # clearing a retained presence delivers an empty payload: housekeeping, not an attack
-            log.debug("ignored empty payload on %s", topic)
-            return
-        try:
-            msg = decode(payload)
-            self._check_route(topics.check_sender(topic, msg.run_id, msg.sender), msg)
-        except ProtocolError as exc:
-            log.warning("rejected message on %s: %s", topic, exc.reason)
-            return
-        if isinstance(msg, BlobRequest):
-            try:
-                self.blobs.serve(msg)
-            except ProtocolError as exc:
-                log.warning("rejected blob request from %s: %s", msg.device_id, exc.reason)
-            return
-        self.events.put(("msg", msg))
-
-    def _check_route(self, parsed: topics.Topic, msg) -> None:
-        """The message must be of the kind its topic carries, about the device the topic names
-        (a BlobRequest naming another device would have the cloud re-send chunks to that one)."""
-        if parsed.run != self.cfg.run_id:
-            raise ProtocolError(f"message for run {parsed.run!r}; this cloud serves {self.cfg.run_id!r}")
-        if parsed.kind not in DEVICE_KINDS and not (parsed.kind == topics.SECAGG and isinstance(msg, DEVICE_SECAGG)):
-            raise ProtocolError(f"a {msg.type} message does not belong on a {parsed.kind} topic")
-        check_route(topics.device_topic(parsed.run, parsed.device_id, parsed.kind), msg)  # the shared kind -> message table
-
-    def _on_upload(self, topic: str, payload: bytes) -> None:
-        try:
-            parsed = topics.parse(topic)
-            if parsed.kind != topics.UPLOAD or parsed.run != self.cfg.run_id:
-                raise ProtocolError(f"not an upload topic of run {self.cfg.run_id!r}")
-            chunk = Chunk.from_bytes(payload)
-            if chunk.blob_id != topics.blob_id_of(topic):
-                raise ProtocolError(f"chunk of blob {chunk.blob_id} on topic for {topics.blob_id_of(topic)}")
-        except ProtocolError as exc:
-            log.warning("rejected chunk on %s: %s", topic, exc.reason)
-            return
-        self.events.put(("chunk", parsed.device_id, chunk, len(payload)))
-
-    def subscribe(self) -> None:
-        """Listen to every device of the run (idempotent: callers may subscribe before run())."""
-        if getattr(self, "_subscribed", False):
-            return
-        self._subscribed = True
-        run = self.cfg.run_id
-        for kind in DEVICE_KINDS:
-            self.t.subscribe(topics.all_devices_pattern(run, kind), self._on_json)
-        self.t.subscribe(topics.all_devices_pattern(run, topics.UPLOAD), self._on_upload)
-        self.privacy.subscribe()
 
     # ------------------------------------------------------------------ main loop side
     def _waiting(self) -> bool:

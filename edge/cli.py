@@ -59,23 +59,16 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train LoRA adapters of the proxy on local data: one offline round (--bundle/--out), or online (--broker/--device-id)."""
-    from pydantic import ValidationError
-
     eps = _providers(providers)
     if broker is not None:
         return _online(broker, device_id, run_id, data, cache, holdout, threads, eps, ca, cert, key, username, password, trust_key)
     if bundle is None or out is None:
         fail("offline training needs --bundle and --out (or give --broker and --device-id to join a federation)")
 
-    from fedpft.shared.edge_config import EdgeTrainConfig
     from fedpft.shared.manifest import BundleError
 
-    try:
-        cfg = EdgeTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, holdout_seed=seed, holdout=holdout,
-                              threads=threads, providers=eps, max_record_bytes=max_record_bytes, max_record_tokens=max_record_tokens)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        fail(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg'].removeprefix('Value error, ')}")
+    cfg = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, holdout_seed=seed, holdout=holdout,
+                        threads=threads, providers=eps, max_record_bytes=max_record_bytes, max_record_tokens=max_record_tokens)
     from fedpft.shared.records import DataError
     from .trainer import AdapterError, TrainError, load_adapters, summarize, train_round
     from .update import write_update
@@ -93,6 +86,19 @@ def train(
     except OSError as exc:
         fail(f"--out {out}: cannot write ({exc.strerror or exc})")
     typer.echo(f"{summarize(result)} -> {out}")
+
+
+def _train_config(**fields):
+    """The offline round's config; an invalid flag is one line that names it."""
+    from pydantic import ValidationError
+
+    from fedpft.shared.edge_config import EdgeTrainConfig
+
+    try:
+        return EdgeTrainConfig(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        fail(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'options'}: {err['msg'].removeprefix('Value error, ')}")
 
 
 def _providers(text: str) -> tuple[str, ...]:

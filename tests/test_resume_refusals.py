@@ -16,7 +16,7 @@ import pytest
 
 from conftest import mosquitto_up, write_text_data
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 BROKER = "mqtt://127.0.0.1:1883"
 
 

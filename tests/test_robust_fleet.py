@@ -25,7 +25,7 @@ import pytest
 from conftest import write_text_data
 from test_faults import broker, fleet, free_port, metrics, wait_port  # noqa: F401  (fixtures)
 
-pytestmark = [pytest.mark.faults, pytest.mark.security]
+pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.security]
 
 MOSQUITTO = shutil.which("mosquitto", path="/usr/sbin:/usr/bin")
 CLOUD = [sys.executable, "-m", "fedpft.cloud.cli", "serve"]

@@ -18,7 +18,7 @@ from fedpft.shared.codec import encode_tensors
 from fedpft.shared.manifest import BundleManifest
 from fedpft.shared.messages import Ack, Hello, Presence, Task, Update, encode, make_update_id
 from fedpft.shared.transport import InMemoryHub
-from test_security_hostile import RUN, Device, good_tensors, honest
+from test_security_hostile import RUN, Device, good_tensors, honest, send
 
 pytestmark = [pytest.mark.faults, pytest.mark.security]
 
@@ -144,6 +144,7 @@ def open_round(bundle, tmp_path, **cfg) -> Federation:
     conf = dict(bundle=bundle, out=tmp_path / "run", run_id=RUN, max_update_bytes=2 << 20)
     conf.update(cfg)
     fed = Federation(ServeConfig(**conf), cloud, show_progress=False)
+    fed.subscribe()
 
     class _Task:
         task_id = "t0"
@@ -158,11 +159,12 @@ def first_chunk(blob_id: str, size: int = 1 << 20, seed: int = 0, chunk_size: in
 
 
 def feed(fed: Federation, device: str, blob_id: str, payload: bytes) -> None:
-    fed._on_upload(topics.upload_topic(RUN, device, blob_id), payload)
+    send(fed, device, topics.upload_topic(RUN, device, blob_id), payload)
     while not fed.events.empty():
         fed.pump(0.01)
 
 
+@pytest.mark.slow
 def test_never_finished_uploads_stay_bounded_and_are_dropped_with_a_line(tiny_bert_bundle, tmp_path, caplog):
     fed = open_round(tiny_bert_bundle, tmp_path, max_upload_buffer=3 << 20)
     with caplog.at_level(logging.WARNING, logger="fedpft"):
@@ -190,12 +192,11 @@ def test_stalled_uploads_time_out_and_round_end_drops_the_rest(tiny_bert_bundle,
     fed = open_round(tiny_bert_bundle, tmp_path, upload_timeout=0.5)
     with caplog.at_level(logging.WARNING, logger="fedpft"):
         feed(fed, "d1", "slow", first_chunk("slow")[0])
-        time.sleep(0.6)
-        fed._next_expiry = 0
-        fed._housekeeping()
+        time.sleep(1.1)  # past the upload timeout and the loop's once-a-second housekeeping
+        fed.pump(0.05)
         assert fed.uploads == {} and fed.upload_bytes == 0
         feed(fed, "d2", "late", first_chunk("late")[0])
-        fed._close_uploads(0)
+        fed.collector.close(0)  # what the loop does when round 0 ends
     assert fed.uploads == {} and fed.upload_bytes == 0
     assert any("dropped upload slow from d1 (1/4 chunks): no chunk for 0s" in m for m in caplog.messages), caplog.messages
     assert any("dropped upload late from d2 (1/4 chunks): round 0 ended" in m for m in caplog.messages)
@@ -209,16 +210,16 @@ def test_chunk_metadata_must_agree_with_the_update_from_the_first_chunk_on(tiny_
     msg = Update(run_id=RUN, round_id=0, sender="d1", device_id="d1", blob=real.ref, num_samples=5, task_id="t0", update_id=uid)
     with caplog.at_level(logging.WARNING, logger="fedpft"):
         # announced first, then a chunk of other bytes under the same blob id: refused on sight
-        fed._on_json(topics.device_topic(RUN, "d1", topics.UPDATE), encode(msg))
+        send(fed, "d1", topics.device_topic(RUN, "d1", topics.UPDATE), encode(msg))
         forged = next(BlobSource("upd-d1", bytes(len(real.data)), 8192).payloads([0]))
         feed(fed, "d1", "upd-d1", forged)
         assert ("d1", "upd-d1") not in fed.uploads
         # chunks first, their update later: the disagreement is found when the update arrives
         feed(fed, "d2", "upd-d2", next(BlobSource("upd-d2", bytes(len(real.data)), 8192).payloads([0])))
         uid2 = make_update_id(RUN, 0, "d2", "t0", real.sha256)
-        fed._on_json(topics.device_topic(RUN, "d2", topics.UPDATE),
-                     encode(msg.model_copy(update={"sender": "d2", "device_id": "d2", "update_id": uid2,
-                                                     "blob": real.ref.model_copy(update={"blob_id": "upd-d2"})})))
+        send(fed, "d2", topics.device_topic(RUN, "d2", topics.UPDATE),
+             encode(msg.model_copy(update={"sender": "d2", "device_id": "d2", "update_id": uid2,
+                                             "blob": real.ref.model_copy(update={"blob_id": "upd-d2"})})))
         while not fed.events.empty():
             fed.pump(0.01)
     assert any("rejected update from d1" in m and "rejected chunk: chunk upd-d1#0: blob sha256" in m for m in caplog.messages)
@@ -232,12 +233,12 @@ def test_announced_updates_that_never_upload_stay_bounded(tiny_bert_bundle, tmp_
         for i in range(50):
             ref = BlobSource(f"ghost-{i}", bytes([i]) * 100).ref
             uid = make_update_id(RUN, 0, "d1", "t0", ref.sha256)
-            fed._on_json(topics.device_topic(RUN, "d1", topics.UPDATE), encode(Update(
+            send(fed, "d1", topics.device_topic(RUN, "d1", topics.UPDATE), encode(Update(
                 run_id=RUN, round_id=0, sender="d1", device_id="d1", blob=ref, num_samples=1, task_id="t0", update_id=uid)))
         while not fed.events.empty():
             fed.pump(0.01)
         assert len(fed.waiting) <= 2
-        fed._close_uploads(0)
+        fed.collector.close(0)  # what the loop does when round 0 ends
     assert fed.waiting == {} and fed.uploads == {}
     assert sum("announced another update" in m for m in caplog.messages) == 48
     assert sum("round 0 ended" in m for m in caplog.messages) == 2

@@ -1,0 +1,138 @@
+"""`fedpft-cloud serve` and `simulate`: federated rounds over a broker, or a whole federation on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli_common import (CA_OPT, CERT_OPT, DISTILL_PRECISION, KEY_OPT, PASSWORD_OPT, PRIVACY_OPTIONS, SERVE_PRECISION, check_device,
+                         device_option, fail, from_options, with_options)
+
+
+@with_options(PRIVACY_OPTIONS, before="device")
+def serve(
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="Bundle folder written by `prepare`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: metrics.jsonl, checkpoints, accepted updates, report."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="mqtt://host:port (or mqtts://); omitted: start the embedded broker and print its URL."),
+    run_id: str = typer.Option("default", "--run-id", help="Run id: scopes every topic (fedpft/<run>/...)."),
+    rounds: int = typer.Option(3, "--rounds", "-r", help="Number of federated rounds."),
+    clients_per_round: Optional[int] = typer.Option(None, "--clients-per-round", "-k", help="Devices sampled per round (default: all online)."),
+    fraction: Optional[float] = typer.Option(None, "--fraction", help="Share of online devices sampled per round (instead of -k)."),
+    min_clients: int = typer.Option(1, "--min-clients", help="Quorum: fewer accepted updates and the round is retried or skipped."),
+    round_timeout: float = typer.Option(600.0, "--round-timeout", help="Seconds to wait for updates before closing the round."),
+    wait_for_clients: float = typer.Option(120.0, "--wait-for-clients", help="Seconds to wait for --min-clients devices to come online."),
+    local_epochs: int = typer.Option(1, "--local-epochs", help="Epochs each device trains per round."),
+    lr: float = typer.Option(1e-3, "--lr", help="Devices' AdamW learning rate."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Devices' batch size."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap on each device's steps per round."),
+    norm_bound_factor: float = typer.Option(3.0, "--norm-bound-factor", help="Clip a device's adapter change to this multiple of the round's typical change (lower median of the round's norms and the previous round's); 0 = off. Bounded updates are logged and recorded in metrics.jsonl."),
+    weight_cap_factor: float = typer.Option(3.0, "--weight-cap-factor", help="Cap a device's FedAvg weight (its sample count) at this multiple of the round's typical weight; 0 = off."),
+    max_client_samples: Optional[int] = typer.Option(None, "--max-client-samples", help="Per-run maximum FedAvg weight of one device, in samples (a device is also capped by the count its Hello declared)."),
+    aggregator: str = typer.Option("fedavg", "--aggregator", help="fedavg (weighted mean), median (coordinate-wise) or trimmed-mean (coordinate-wise, --trim-fraction from each end): the latter two for fleets that expect misbehaving devices."),
+    trim_fraction: float = typer.Option(0.2, "--trim-fraction", help="Share of the values dropped from each end per coordinate by --aggregator trimmed-mean."),
+    upload_timeout: float = typer.Option(120.0, "--upload-timeout", help="Drop a device's unfinished upload after this many seconds without a new chunk (uploads are also dropped when their round ends)."),
+    max_upload_buffer: int = typer.Option(1 << 30, "--max-upload-buffer", help="Bytes that all unfinished uploads together may hold; further uploads are refused until room is made."),
+    task_ack_timeout: float = typer.Option(30.0, "--task-ack-timeout", help="Seconds a selected device has to ack the round's task; the round does not wait for devices that did not."),
+    align_every: int = typer.Option(0, "--align-every", help="Neuron-level alignment every T rounds (0 = never)."),
+    align_fraction: float = typer.Option(0.5, "--align-fraction", help="Share of neurons frozen (the most used) during alignment."),
+    align_steps: int = typer.Option(100, "--align-steps", help="Distillation steps per alignment."),
+    public_data: Optional[Path] = typer.Option(None, "--public-data", help="Public data for alignment (default: the one given to prepare)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Labelled data (JSONL/CSV text or image folder) to evaluate the FM on each round."),
+    eval_max_samples: Optional[int] = typer.Option(None, "--eval-max-samples", help="Evaluate on at most this many samples."),
+    max_update_norm: Optional[float] = typer.Option(None, "--max-update-norm", help="Absolute ceiling on the L2 norm of a device's adapter change (on top of --norm-bound-factor)."),
+    max_devices: int = typer.Option(100_000, "--max-devices", help="Devices the cloud keeps track of; when full, the offline device seen longest ago makes room and, with all online, new hellos are refused."),
+    seed: int = typer.Option(0, "--seed", help="Seed for device sampling and local shuffles."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out at its next round. Refused unless --out holds a committed state.json of this --run-id and --bundle whose checkpoints match their recorded sha256."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start a new run in --out although it holds an earlier run's files: they are moved into --out/replaced-<time>/ first, never overwritten. Without --resume or --fresh, a folder holding a run is refused."),
+    ca: Optional[Path] = CA_OPT,
+    cert: Optional[Path] = CERT_OPT,
+    key: Optional[Path] = KEY_OPT,
+    username: Optional[str] = typer.Option(None, "--username", help="Broker user name (`provision` creates fedpft-cloud)."),
+    password: Optional[str] = PASSWORD_OPT,
+    signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key (from `keygen`) that signs every task."),
+    device: str = device_option("the FM (evaluation) and the proxy (alignment)", SERVE_PRECISION),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    **privacy,
+) -> None:
+    """Run federated rounds over MQTT: sample devices, collect and aggregate adapters, align, evaluate the FM."""
+    options = dict(locals())
+    from fedpft.shared.manifest import BundleError
+    from fedpft.shared.signing import SignatureError
+    from fedpft.shared.transport import TransportError
+
+    from .config import ServeConfig
+    from .serve import serve as run_serve
+
+    cfg = from_options(ServeConfig, options)
+    check_device(cfg.device)
+    _set_aside_for_fresh(out, resume, fresh)
+    try:
+        state = run_serve(cfg, show_progress=not quiet)
+    except (BundleError, TransportError, RuntimeError, FileNotFoundError, SignatureError) as exc:
+        fail(str(exc))
+    typer.echo(f"run {cfg.run_id}: {state.next_round} rounds done -> {out}/report.md")
+
+
+def _set_aside_for_fresh(out: Path, resume: bool, fresh: bool) -> None:
+    from .state import RunStore
+
+    if resume and fresh:
+        fail("--resume and --fresh exclude each other: continue the run in --out, or start a new one there")
+    try:
+        moved = RunStore(out).set_aside() if fresh else None
+    except OSError as exc:
+        fail(f"--fresh: cannot move the earlier run's files in {out} aside: {exc}")
+    if moved is not None:
+        typer.echo(f"--fresh: the earlier run's files in {out} were moved to {moved}", err=True)
+
+
+@with_options(PRIVACY_OPTIONS, before="engine")
+def simulate(
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (bundle, client shards, logs, metrics, report)."),
+    model: str = typer.Option("minilm", "--model", "-m", help="FM (folder, hub id or alias); default the offline MiniLM."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder with train.jsonl, test.jsonl, labels.json[, public.txt]; default: the shipped debian-sections."),
+    clients: int = typer.Option(3, "--clients", "-n", help="Number of real edge agent processes."),
+    rounds: int = typer.Option(3, "--rounds", "-r", help="Federated rounds."),
+    partition: str = typer.Option("iid", "--partition", help="iid or dirichlet:<alpha> (non-IID label skew)."),
+    method: str = typer.Option("fedpft", "--method", help="fedpft | full (devices tune the whole FM) | fedot (layer-drop proxy) | noalign (no distillation) | layeronly (no neuron alignment)."),
+    max_samples: Optional[int] = typer.Option(900, "--max-samples", help="Training samples used across all clients."),
+    eval_samples: Optional[int] = typer.Option(300, "--eval-samples", help="Test samples the FM is evaluated on each round."),
+    distill_steps: int = typer.Option(60, "--distill-steps", help="Layer-level distillation steps when preparing the proxy."),
+    ffn_keep: float = typer.Option(0.25, "--ffn-keep", help="Share of FFN neurons the proxy keeps in compressed layers (fedpft-family and fedot budgets follow it)."),
+    align_every: Optional[int] = typer.Option(None, "--align-every", help="Alignment period for fedpft (default: halfway through the run)."),
+    align_steps: int = typer.Option(30, "--align-steps", help="Distillation steps per alignment."),
+    local_epochs: int = typer.Option(2, "--local-epochs", help="Local epochs per round."),
+    lr: float = typer.Option(3e-3, "--lr", help="Devices' learning rate."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Devices' batch size."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap on local steps per round."),
+    max_length: int = typer.Option(64, "--max-length", help="Token limit."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling, partition, initialisation."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="Use this MQTT broker instead of the embedded one."),
+    edge_python: Optional[Path] = typer.Option(None, "--edge-python", envvar="FEDPFT_EDGE_PYTHON", help="Python interpreter of the device processes, e.g. a venv with only the edge extra (plain onnxruntime, as devices install it). Default: this Python (the cloud's onnxruntime-training build, whose inference core runs the same graphs)."),
+    device: str = device_option("the cloud's FM and proxy (distillation, alignment, evaluation; the device processes run ONNX Runtime on CPU)",
+                                f"{DISTILL_PRECISION} {SERVE_PRECISION}"),
+    engine: str = typer.Option("processes", "--engine", help="processes: N real `fedpft-edge` processes over MQTT (the deployment path). virtual: the same edge agents and ORT trainer on threads of this process over an in-memory hub (same protocol, aggregation, alignment and metrics; no broker, no process start-up; for research sweeps)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    **privacy,
+) -> None:
+    """Run a complete federation on this machine: prepare, partition, N edge agents (real processes, or virtual clients with --engine virtual), rounds, report."""
+    options = dict(locals())
+    from fedpft.cloud.config import SimulateConfig
+
+    from .partition import parse_scheme
+    from .simulate import simulate as run_simulate
+
+    try:
+        parse_scheme(partition)
+    except ValueError as exc:
+        fail(str(exc))
+    cfg = from_options(SimulateConfig, options)
+    check_device(cfg.device)
+    try:
+        run = run_simulate(cfg, show_progress=not quiet)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
+        fail(str(exc).splitlines()[0])
+    typer.echo(f"simulation done: {run}/report.md, {run}/accuracy.png, {run}/metrics.jsonl")
+
