@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from fedpft.shared.messages import ProtocolError, Task, Update
 from fedpft.shared.update import check_binding, split_update
 
 from .sampling import RoundTracker
+
+if TYPE_CHECKING:
+    from .fold import Contribution
 
 log = logging.getLogger("fedpft.serve")
 
@@ -60,7 +63,7 @@ class Verdict:
     data: bytes = b""  # accept: the blob exactly as received (what is stored)
     adapters: dict[str, np.ndarray] = field(default_factory=dict)
     stats: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)
-    contribution: object = None  # accept: the scalars the running sum keeps (cloud/fold.py)
+    contribution: Contribution | None = None  # accept: the scalars the running sum keeps
 
 
 class UploadCollector:
