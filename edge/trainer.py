@@ -349,27 +349,8 @@ def train_round(
     acc_before = session.accuracy(held_out()) if held else None
     if on_start:
         on_start(planned_steps(len(train), cfg))
-    losses: list[float] = []
     stats = {s.layer: (np.zeros(s.neurons, dtype=np.float64), 0.0) for s in manifest.stat_outputs} if cfg.report_stats else {}
-    seen = 0
-    for epoch in range(cfg.epochs):
-        for batch in batches(train, maker, cfg.batch_size, skips, epoch_order(len(train), cfg.seed, epoch)):
-            out = session.train_step(batch)
-            if not math.isfinite(out.loss):
-                raise TrainError(f"training diverged at step {len(losses) + 1}: loss is {out.loss} (try a lower --lr)")
-            losses.append(out.loss)
-            seen += len(batch.labels)
-            for layer, (off, pos) in out.stats.items():
-                if layer in stats:
-                    acc_off, acc_pos = stats[layer]
-                    stats[layer] = (acc_off + off, acc_pos + pos)
-            if on_step:
-                on_step(len(losses), out.loss)
-            if cfg.max_steps and len(losses) >= cfg.max_steps:
-                break
-        else:
-            continue
-        break
+    losses, seen = _train_epochs(session, train, maker, cfg, skips, stats, on_step)
     if not losses:
         raise DataError(f"data '{data_path}' holds no usable {manifest.input.kind} sample ({skips.summary() or 'empty training split'})")
     acc_after = session.accuracy(held_out()) if held else None
@@ -392,6 +373,29 @@ def train_round(
         seconds=time.perf_counter() - t0,
         losses=losses,
     )
+
+
+def _train_epochs(session, train: list, maker: BatchMaker, cfg: EdgeTrainConfig, skips: Skips,
+                  stats: dict[int, tuple[np.ndarray, float]], on_step: Callable[[int, float], None] | None) -> tuple[list[float], int]:
+    """(losses, samples seen) of the round's steps; activation counts are summed into `stats`."""
+    losses: list[float] = []
+    seen = 0
+    for epoch in range(cfg.epochs):
+        for batch in batches(train, maker, cfg.batch_size, skips, epoch_order(len(train), cfg.seed, epoch)):
+            out = session.train_step(batch)
+            if not math.isfinite(out.loss):
+                raise TrainError(f"training diverged at step {len(losses) + 1}: loss is {out.loss} (try a lower --lr)")
+            losses.append(out.loss)
+            seen += len(batch.labels)
+            for layer, (off, pos) in out.stats.items():
+                if layer in stats:
+                    acc_off, acc_pos = stats[layer]
+                    stats[layer] = (acc_off + off, acc_pos + pos)
+            if on_step:
+                on_step(len(losses), out.loss)
+            if cfg.max_steps and len(losses) >= cfg.max_steps:
+                return losses, seen
+    return losses, seen
 
 
 def summarize(result: RoundResult) -> str:

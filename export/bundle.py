@@ -150,6 +150,19 @@ def write_bundle(
         raise
 
 
+def _ffn_specs(peft_proxy, base, stat_layers) -> list[TensorSpec]:
+    """Frozen FFN weights of compressed layers: what neuron-level alignment rewrites on devices."""
+    ffn = []
+    layers = encoder_layers(peft_proxy)
+    lin_names = {id(m): n for n, m in peft_proxy.named_modules()}
+    base_prefix = {id(m): n for n, m in base.named_modules()}
+    for p in stat_layers:
+        for lin in ffn_linears(layers[p]):
+            for pname, t in lin.named_parameters():
+                ffn.append(_tensor_spec(f"{GRAPH_PREFIX}{lin_names[id(lin)]}.{pname}", f"{base_prefix[id(lin)]}.{pname}", t))
+    return ffn
+
+
 def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_length, bundle_version) -> BundleManifest:
     base = unwrap(peft_proxy)
     config = base.config
@@ -165,16 +178,7 @@ def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_
     if missing:
         raise RuntimeError(f"trainable tensors missing from the ORT checkpoint: {sorted(missing)[:3]}")
 
-    # Frozen FFN weights of compressed layers: what neuron-level alignment rewrites on devices.
-    ffn = []
-    layers = encoder_layers(peft_proxy)
-    lin_names = {id(m): n for n, m in peft_proxy.named_modules()}
-    base_prefix = {id(m): n for n, m in base.named_modules()}
-    for p in stat_layers:
-        for lin in ffn_linears(layers[p]):
-            for pname, t in lin.named_parameters():
-                ffn.append(_tensor_spec(f"{GRAPH_PREFIX}{lin_names[id(lin)]}.{pname}", f"{base_prefix[id(lin)]}.{pname}", t))
-
+    ffn = _ffn_specs(peft_proxy, base, stat_layers)
     spec_in = input_spec_for(fm_source, config, max_length, tmp)
 
     # What the cloud keeps beside the device files.
