@@ -49,6 +49,13 @@ def clip_from(plain: Path) -> float:
     return float(np.median(norms))
 
 
+def coordinates(run: Path) -> int:
+    from safetensors.numpy import load_file
+
+    state = json.loads((run / "federation" / "state.json").read_text())
+    return sum(v.size for v in load_file(str(run / "federation" / state["adapters"])).values())
+
+
 def finished(out: Path, rounds: int) -> bool:
     return (out / "wall.json").is_file() and (out / "report.md").is_file() and len(rows_of(out)) == rounds
 
@@ -76,38 +83,51 @@ def run_all(args) -> tuple[list[dict], float]:
     return results, clip
 
 
-def epsilons(r: dict, delta: float, large_q: float) -> tuple[float, float, float] | None:
-    """(epsilon the run reports, its q, epsilon of the same rounds at q = large_q), or None without DP."""
+def epsilons(r: dict, delta: float, large_q: float, scale: float) -> tuple[float, float, float, float] | None:
+    """(epsilon the run reports, its q, epsilon of the same rounds at q = large_q, and at q = large_q
+    with every multiplier x scale: the same noise std on the mean update), or None without DP."""
     from fedpft.cloud import dp
 
     dp_rows = [x for x in r["rows"] if x.get("dp_epsilon") is not None]
     if not dp_rows:
         return None
-    return dp_rows[-1]["dp_epsilon"], dp_rows[-1]["dp_q"], dp.epsilon([(large_q, x["dp_multiplier"]) for x in dp_rows], delta)
+    mults = [x["dp_multiplier"] for x in dp_rows]
+    return (dp_rows[-1]["dp_epsilon"], dp_rows[-1]["dp_q"], dp.epsilon([(large_q, z) for z in mults], delta),
+            dp.epsilon([(large_q, z * scale) for z in mults], delta))
 
 
 def table(results: list[dict], clip: float | None, args) -> list[str]:
-    large_q = args.large_per_round / args.large_fleet
+    large_q, scale = args.large_per_round / args.large_fleet, args.large_per_round / args.clients
     lines = [
         f"| run | FM accuracy, last round | best round | epsilon at delta {args.delta:g} after the run | q | Z | C | "
-        f"epsilon, same Z and rounds at {args.large_per_round:,}/round of {args.large_fleet:,} (q = {large_q:g}) | "
-        "noise std on the mean update, per coordinate | wall time | load average (1/5/15 min) at the end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"noise std on the mean update, per coordinate | epsilon, same Z and rounds at {args.large_per_round:,}/round of "
+        f"{args.large_fleet:,} (q = {large_q:g}) | Z at {args.large_per_round:,}/round with this run's noise std on the mean "
+        f"(Z x {scale:g}) -> its epsilon | wall time | load average (1/5/15 min) at the end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         z = r["opts"].get("dp_noise")
-        eps = epsilons(r, args.delta, large_q)
-        e_run, q, e_large = (f"{eps[0]:.1f}", f"{eps[1]:g}", f"{eps[2]:.2f}") if eps else ("- (no DP)", "-", "-")
         c = r["opts"].get("dp_clip")
+        eps = epsilons(r, args.delta, large_q, scale)
+        if eps:
+            e_run, q, e_large, e_same_std = (_eps(eps[0]), f"{eps[1]:g}", _eps(eps[2]), f"{z * scale:g} -> {_eps(eps[3])}")
+        else:
+            e_run, q, e_large, e_same_std = "- (no DP)", "-", "-", "-"
         std = f"{z * c / args.clients:.3g}" if z else "0"
         load = "/".join(f"{v:.1f}" for v in r["load"]) if r.get("load") else "-"
         mode = f" ({args.dp_mode} DP)" if z else ""
         lines.append(f"| {r['name']}{mode} | {100 * r['final']:.1f}% | {100 * r['best']:.1f}% | {e_run} | {q} | "
-                     f"{z if z else '-'} | {f'{c:.3g}' if c else '-'} | {e_large} | {std} | {r['wall'] / 60:.1f} min | {load} |")
+                     f"{z if z else '-'} | {f'{c:.3g}' if c else '-'} | {std} | {e_large} | {e_same_std} | "
+                     f"{r['wall'] / 60:.1f} min | {load} |")
     lines += ["", "FM accuracy per round (%):", "", "| run | " + " | ".join(str(i + 1) for i in range(args.rounds)) + " |",
               "|---|" + "---|" * args.rounds]
     lines += [f"| {r['name']} | " + " | ".join(f"{100 * a:.1f}" for a in r["curve"]) + " |" for r in results]
     return lines
+
+
+def _eps(e: float) -> str:
+    # under ~0.01 the RDP bound is set by its largest order, not by the noise (as in dp_budget.py)
+    return "< 0.01" if e < 0.01 else f"{e:.3g}"
 
 
 def main() -> None:
@@ -145,7 +165,10 @@ def main() -> None:
         f"proxy distilled {args.distill_steps} steps, one bundle for all runs, seed {args.seed}. DP runs: --secure-agg "
         f"--dp-mode {args.dp_mode} (each device adds its share of the noise under the masks), clip C = "
         f"{f'{clip:.3g}' if clip else '-'} ({'given' if args.clip else 'median over rounds of the plain run’s typical change norm'}); "
-        f"devices then weigh 1. Epsilon: RDP accountant of cloud/dp.py; alignment rounds are charged at Z/sqrt(2).", "",
+        f"devices then weigh 1. Epsilon: RDP accountant of cloud/dp.py; alignment rounds are charged at Z/sqrt(2). "
+        f"The plain run's wall time includes preparing the bundle; the others copy it. The adapters have {coordinates(args.work / 'plain'):,} "
+        "coordinates: the noise's L2 norm on the mean update is the per-coordinate std x their square root, against a "
+        "clipped mean of norm at most C.", "",
         *table(results, clip, args),
     ])
     write_section(SECTION, text)
