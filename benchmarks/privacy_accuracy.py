@@ -31,11 +31,12 @@ from common import command_line, machine, write_section  # noqa: E402
 SECTION = "privacy_accuracy"
 
 
-def variants(noises: list[float]) -> list[tuple[str, dict]]:
-    """(name, privacy options without the clip) in run order: plain first (it sets the clip)."""
+def variants(noises: list[float], repeat_plain: bool) -> list[tuple[str, dict]]:
+    """(name, privacy options without the clip) in run order: plain first (it sets the clip); a
+    second plain run, same seed, shows the run-to-run spread (the devices' dropout is not seeded)."""
     out = [("plain", {}), ("secagg", {"secure_agg": True})]
     out += [(f"dp-z{z:g}", {"secure_agg": True, "dp_noise": z}) for z in noises]
-    return out
+    return out + ([("plain-again", {})] if repeat_plain else [])
 
 
 def rows_of(out: Path) -> list[dict]:
@@ -63,7 +64,7 @@ def finished(out: Path, rounds: int) -> bool:
 def run_all(args) -> tuple[list[dict], float]:
     shared_bundle = args.work / "plain" / "bundle"
     results, clip = [], args.clip
-    for name, opts in variants(args.noise):
+    for name, opts in variants(args.noise, args.repeat_plain):
         out = args.work / name
         if "dp_noise" in opts:
             clip = clip if clip is not None else clip_from(args.work / "plain")
@@ -145,6 +146,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--noise", type=float, nargs="+", default=[0.5, 1.0], help="DP noise multipliers Z")
+    ap.add_argument("--repeat-plain", action="store_true", help="a second plain run last: the run-to-run spread")
     ap.add_argument("--clip", type=float, default=None, help="DP clip C (default: the plain run's median typical norm)")
     ap.add_argument("--dp-mode", default="distributed", choices=["central", "distributed"])
     ap.add_argument("--delta", type=float, default=1e-5)
