@@ -170,7 +170,8 @@ def main() -> None:
         f"devices then weigh 1. Epsilon: RDP accountant of cloud/dp.py; alignment rounds are charged at Z/sqrt(2). "
         f"The plain run's wall time includes preparing the bundle; the others copy it. The adapters have {coordinates(args.work / 'plain'):,} "
         "coordinates: the noise's L2 norm on the mean update is the per-coordinate std x their square root, against a "
-        "clipped mean of norm at most C.", "",
+        "clipped mean of norm at most C. Plain and secagg runs can differ by more than the fixed-point error: the training "
+        "graph's Dropout nodes carry no seed, so two runs with the same seed train differently (--repeat-plain measures that spread).", "",
         *table(results, clip, args),
     ])
     write_section(SECTION, text)
