@@ -78,17 +78,21 @@ def alignments(rows: list[dict]) -> list[dict]:
     return [dict(r["alignment"], round=r["round"]) for r in rows if r.get("alignment")]
 
 
-def run_method(method: str, args, out: Path) -> dict:
+def run_method(method: str, args, out: Path, **options) -> dict:
+    """One `simulate` run of `method` with the benchmark's schedule; `options` are further
+    SimulateConfig fields (privacy flags, engine, data); wall time and load average into wall.json."""
+    import os
+
     from fedpft.cloud.simulate import simulate
     from fedpft.cloud.config import SimulateConfig
 
     cfg = SimulateConfig(out=out, clients=args.clients, rounds=args.rounds, partition=args.partition, method=method,
                          max_samples=args.max_samples, eval_samples=args.eval_samples, distill_steps=args.distill_steps,
                          align_every=args.align_every, align_steps=args.align_steps, lr=args.lr, seed=args.seed,
-                         local_epochs=args.local_epochs, batch_size=args.batch_size, broker=args.broker)
+                         local_epochs=args.local_epochs, batch_size=args.batch_size, broker=args.broker, **options)
     t0 = time.time()
     simulate(cfg, show_progress=False)
-    (out / "wall.json").write_text(json.dumps({"wall": time.time() - t0}))
+    (out / "wall.json").write_text(json.dumps({"wall": time.time() - t0, "load": os.getloadavg()}))
     return reuse(method, out)
 
 

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Accountant: `cloud/dp.py` (dp-accounting {_version()}, RDP, Poisson-subsampled Gaussian), delta = "
         f"{args.delta:g}, {args.rounds} rounds. Small fleet: {small[0]} devices per round of {small[1]} (q = "
         f"{small[0] / small[1]:g}); large: {large[0]} of {large[1]:,} (q = {large[0] / large[1]:g}). Accuracy under "
-        "these multipliers is not measured yet: it needs the DP flags in the live round loop.", "",
+        "DP in a live run: the privacy_accuracy section (benchmarks/privacy_accuracy.py).", "",
         f"| Z ({small[0]}/round) | noise std on the mean update | epsilon | epsilon, alignment every round (Z/sqrt 2) | "
         f"Z at {large[0]}/round, same std on the mean | epsilon at {large[0]}/round |",
         "|---|---|---|---|---|---|",
