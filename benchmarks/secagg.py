@@ -1,5 +1,5 @@
 """Secure aggregation cost per round: extra bytes and seconds at 10 and 100 participants with
-MiniLM-shaped updates, in-process (cloud/secagg_sim.py: the real state machines and encoded
+MiniLM-shaped updates, in-process (sim/secagg_round.py: the real state machines and encoded
 messages, no broker).
 
     python benchmarks/secagg.py --write BENCHMARKS.md
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine, write_section  # noqa: E402
 
 from fedpft.cloud.secagg import SecAggConfig, default_threshold  # noqa: E402
-from fedpft.cloud.secagg_sim import run_round  # noqa: E402
+from fedpft.sim.secagg_round import run_round  # noqa: E402
 from fedpft.cloud.secagg_unmask import average  # noqa: E402
 from fedpft.edge.privacy import contribution  # noqa: E402
 from fedpft.shared import secagg_ring as ring  # noqa: E402
@@ -77,7 +77,7 @@ def table(rows: list[dict], load_before: float) -> str:
         "process, so the round wall is the sum of their work, not what a real fleet (in parallel) waits.  ",
         "Updates: MiniLM-shaped (the 50 LoRA r=8 tensors + head, 152,461 values) plus the neuron counts of 4 "
         "compressed layers (6,144), as on an alignment round; every device and the cloud in one process "
-        "(`cloud/secagg_sim.py`: the real state machines, messages encoded and decoded as on MQTT, no broker).", "",
+        "(`sim/secagg_round.py`: the real state machines, messages encoded and decoded as on MQTT, no broker).", "",
         "| devices | graph | T | dropped after sharing | plain updates up MB | secagg up MB | secagg down MB (broadcast once) | extra up per device MB | "
         "device s per round (mean) | cloud s per round | round wall s (all in one process) | max error vs FedAvg |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -3,7 +3,8 @@
 Prepares the bundle for the method, partitions the training data, starts the broker (embedded
 unless given), N real `fedpft-edge` processes each with its own shard, and the cloud; then writes
 metrics.jsonl, report.md and accuracy.png. `engine="virtual"` runs the same edge agents on threads
-of this process over an in-memory hub instead (cloud/virtual.py).
+of this process over an in-memory hub instead (`fedpft.sim.virtual`, found through the
+`fedpft.engines` entry points: it hosts edge code, so it sits above the cloud, which never imports it).
 """
 
 from __future__ import annotations
@@ -91,6 +92,16 @@ def watch(procs: list[subprocess.Popen], stop: threading.Event) -> None:
         stop.wait(1.0)
 
 
+def installed_engine(name: str):
+    """The simulation engine registered as `name` in the `fedpft.engines` entry points."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="fedpft.engines"):
+        if ep.name == name:
+            return ep.load()
+    raise RuntimeError(f"--engine {name}: no such engine is installed (reinstall fedpft: pip install -e .)")
+
+
 def run_processes(cfg: SimulateConfig, serve_cfg: ServeConfig, shards: list[Path], run: Path, show_progress: bool) -> None:
     """The federation with real `fedpft-edge` processes over MQTT (the embedded broker unless given)."""
     from .broker import EmbeddedBroker
@@ -163,11 +174,9 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
         **cfg.privacy_fields(),
     )
     if cfg.engine == "virtual":
-        from .virtual import serve_virtual
-
         if cfg.edge_python is not None:
             log.info("--edge-python %s unused: virtual clients run in this process", cfg.edge_python)
-        serve_virtual(serve_cfg, shards, run, show_progress)
+        installed_engine("virtual")(serve_cfg, shards, run, show_progress)
     else:
         run_processes(cfg, serve_cfg, shards, run, show_progress)
     fed = run / "federation"

@@ -6,7 +6,7 @@ import pytest
 
 from fedpft.cloud import dp
 from fedpft.cloud.secagg import SecAggConfig
-from fedpft.cloud.secagg_sim import run_round
+from fedpft.sim.secagg_round import run_round
 from fedpft.cloud.secagg_unmask import average
 from fedpft.edge.privacy import add_noise, clip_l2, contribution, device_noise_std, l2_norm, stats_sensitivity
 from fedpft.shared import secagg_ring as ring

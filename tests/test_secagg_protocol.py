@@ -1,5 +1,5 @@
 """Secure aggregation end to end, in-process: n participants and the coordinator exchange the real
-encoded messages (cloud/secagg_sim.py); the result must be plain FedAvg of the survivors."""
+encoded messages (sim/secagg_round.py); the result must be plain FedAvg of the survivors."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import pytest
 from fedpft.cloud import secagg_store
 from fedpft.cloud.aggregate import fedavg, sum_stats
 from fedpft.cloud.secagg import SecAggConfig, SecAggCoordinator, default_threshold
-from fedpft.cloud.secagg_sim import run_round
+from fedpft.sim.secagg_round import run_round
 from fedpft.cloud.secagg_unmask import average
 from fedpft.edge.privacy import contribution
 from fedpft.edge.secagg import SecAggParticipant

@@ -117,7 +117,7 @@ class VirtualDevice:
 
 def serve_virtual(serve_cfg: ServeConfig, shards: list[Path], run: Path, show_progress: bool = True):
     """Run the federation with one in-process edge agent per shard; returns the final RunState."""
-    from .serve import serve
+    from fedpft.cloud.serve import serve
 
     hub = InMemoryHub(threaded=True)
     devices = []

@@ -15,8 +15,8 @@ import numpy as np
 from fedpft.edge.secagg import SecAggParticipant
 from fedpft.shared.messages import ProtocolError, decode, encode
 
-from .secagg import SecAggConfig, SecAggCoordinator, SecAggResult
-from .secagg_unmask import SecAggAbort
+from fedpft.cloud.secagg import SecAggConfig, SecAggCoordinator, SecAggResult
+from fedpft.cloud.secagg_unmask import SecAggAbort
 
 # tamper(stage, device, message, blob) -> (message, blob): a test's man in the middle.
 Tamper = Callable[[str, str, object, bytes | None], tuple[object, bytes | None]]
