@@ -134,12 +134,12 @@ class CountingTransport:
         with self.lock:
             return self.msgs_out, self.msgs_in, self.bytes_out, self.bytes_in
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
         if self.started_at is None and (topic == self.round_topic or topic.startswith(self.blob_prefix)):
             self.started_at, self.at_task = time.time(), self.counters()
         if topic == self.round_topic:
             self.task_published_at = time.time()
-        self.inner.publish(topic, payload, qos=qos, retain=retain)
+        self.inner.publish(topic, payload, qos=qos, retain=retain, wait=wait)
         with self.lock:
             self.msgs_out += 1
             self.bytes_out += len(payload)
@@ -265,6 +265,15 @@ class OwnBroker:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _proc_cpu_s(pid: int | None) -> float:
+    """user + system CPU seconds of another process (0 when unknown)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return 0.0
+
+
 def _broker_pid() -> int | None:
     for p in ("/run/mosquitto/mosquitto.pid", "/var/run/mosquitto/mosquitto.pid"):
         try:
@@ -336,12 +345,16 @@ def run_scale(sc: ScaleConfig) -> dict:
         cloud.connect()
         rss_idle = _status_kb("self", "VmRSS") * 1024
         fed = TimedFederation(cfg, cloud, show_progress=False)
+        for proc, conn in workers:
+            conn.send(("mark", None))
+        broker_cpu0 = _proc_cpu_s(broker_pid)
         state = fed.run()
+        broker_cpu = _proc_cpu_s(broker_pid) - broker_cpu0
         broker_rss1 = _status_kb(broker_pid, "VmRSS") * 1024 if broker_pid else 0
         # a retained EndOfRun is right for a real run; on a shared benchmark broker, clear it
         cloud.publish(topics.control_topic(run_id), b"", retain=True)
 
-        timings, worker_rss = [], []
+        timings, worker_rss, fleet_cpu = [], [], 0.0
         for proc, conn in workers:
             conn.send(("collect", 30.0))
         for proc, conn in workers:
@@ -350,6 +363,7 @@ def run_scale(sc: ScaleConfig) -> dict:
             _, tms, info = conn.recv()
             timings += tms
             worker_rss.append(info["rss"])
+            fleet_cpu += info["cpu_s"]
     finally:
         if cloud is not None:
             cloud.close()  # first: devices clearing their retained presence are no news to the cloud
@@ -414,6 +428,9 @@ def run_scale(sc: ScaleConfig) -> dict:
         "cloud_rss_idle_mb": rss_idle / 2**20,
         "cloud_rss_peak_round_mb": fed.rss_peak / 2**20,
         "cloud_cpu_round_s": fed.cpu_s,
+        # the whole run (hellos, round, EndOfRun), not only the round as for the cloud
+        "broker_cpu_s": broker_cpu,
+        "fleet_cpu_s": fleet_cpu,
         "broker_rss_delta_mb": (broker_rss1 - broker_rss0) / 2**20,
         "worker_rss_mb": [r / 2**20 for r in worker_rss],
         "bytes_up_mb": record["bytes_up"] / 1e6,
@@ -474,7 +491,7 @@ def table(results: list[dict]) -> str:
         ("upload->ack p50/max s", lambda r: f"{_f(r['upload_ack_p50_s'])}/{_f(r['upload_ack_max_s'])}"),
         ("close s", lambda r: _f(r["close_s"], 3)),
         ("cloud RSS idle/peak MB", lambda r: f"{_f(r['cloud_rss_idle_mb'], 0)}/{_f(r['cloud_rss_peak_round_mb'], 0)}"),
-        ("cloud CPU s", lambda r: _f(r["cloud_cpu_round_s"], 1)),
+        ("CPU s cloud/broker/fleet", lambda r: f"{_f(r['cloud_cpu_round_s'], 1)}/{_f(r.get('broker_cpu_s'), 1)}/{_f(r.get('fleet_cpu_s'), 1)}"),
         ("up/down MB", lambda r: f"{_f(r['bytes_up_mb'], 1)}/{_f(r['bytes_down_mb'], 1)}"),
         ("cloud msgs/s", lambda r: _f(r["cloud_msgs_per_s"], 0)),
         ("fleet msgs/s", lambda r: _f(r["fleet_msgs_per_s"], 0)),

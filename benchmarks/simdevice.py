@@ -29,6 +29,7 @@ import hashlib
 import heapq
 import itertools
 import logging
+import resource
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -281,11 +282,18 @@ class SimDevice:
         self.timing.fetched_at = time.time()
         train = max(0.0, self.train_s + (self.rng.uniform(-self.jitter_s, self.jitter_s) if self.jitter_s else 0.0))
         self.timing.train_s = train
-        self.sched.at(self.timing.fetched_at + train, lambda: self._trained(task, adapters))
+        # the update is made at the start of the training window, as a real device's takes shape while
+        # it trains: the fleet's encoding work (this machine's CPU, not the federation's) must not be
+        # billed to the upload burst at the window's end
+        self._make_update(task, adapters)
+        self.sched.at(self.timing.fetched_at + train, lambda: self._trained(task))
 
     # ------------------------------------------------------------------ "training" and upload (scheduler)
-    def _trained(self, task: Task, adapters: dict[str, np.ndarray]) -> None:
+    def _trained(self, task: Task) -> None:
         self.timing.trained_at = time.time()
+        self._send_update(task)
+
+    def _make_update(self, task: Task, adapters: dict[str, np.ndarray]) -> None:
         out = {}
         for key, (shape, dtype) in self.expected.items():
             base = adapters.get(key)
@@ -305,7 +313,6 @@ class SimDevice:
                      num_samples=self.num_samples, steps=steps, mean_loss=1.0, task_id=task.task_id,
                      update_id=make_update_id(self.run, task.round_id, self.me, task.task_id, src.sha256))
         self._upload = (src, msg)
-        self._send_update(task)
 
     def _send_update(self, task: Task) -> None:
         if self._upload is None or self.timing.acked_at is not None:
@@ -377,6 +384,11 @@ def _rss_bytes() -> int:
     return 0
 
 
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_worker(spec: WorkerSpec, conn) -> None:
     """Connect and start every device of `spec`, say ("ready", info), then wait for ("collect",
     timeout): answer ("results", [DeviceTiming dicts], info) and disconnect cleanly."""
@@ -402,6 +414,7 @@ def run_worker(spec: WorkerSpec, conn) -> None:
         devices.append(SimDevice(t, spec.run_id, did, spec.expected, spec.stat_layers, sched, train_s=spec.train_s,
                                  jitter_s=spec.jitter_s, num_samples=100 + i % 50, seed=spec.seed * 1_000_003 + i, on_finish=on_finish))
     t0 = time.time()
+    cpu0 = _cpu_s()
     errors: list[str] = []
 
     def up(dev: SimDevice) -> None:
@@ -418,9 +431,11 @@ def run_worker(spec: WorkerSpec, conn) -> None:
     try:
         while True:
             cmd, timeout = conn.recv()
-            if cmd == "collect":
+            if cmd == "mark":  # the cloud is about to start: count this process's CPU from here
+                cpu0 = _cpu_s()
+            elif cmd == "collect":
                 finished.wait(timeout)
-                conn.send(("results", [asdict(d.timing) for d in devices], {"rss": _rss_bytes()}))
+                conn.send(("results", [asdict(d.timing) for d in devices], {"rss": _rss_bytes(), "cpu_s": _cpu_s() - cpu0}))
             elif cmd == "stop":
                 break
     finally:

@@ -16,6 +16,7 @@ import json
 import logging
 import queue
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from fedpft.cloud.config import ServeConfig
@@ -53,6 +54,8 @@ class Federation(DeviceHandlers):
         self.store = RunStore(cfg.out)
         self.events = EventQueue()
         self.pool = check_pool()
+        self.fold_saver = ThreadPoolExecutor(1, thread_name_prefix="fedpft-fold-saver")
+        self._fold_saving: Future | None = None
         self.devices = DeviceRegistry(cfg.max_devices)
         self.blobs = BlobServer(transport, cfg.run_id, cfg.chunk_size)
         self.strategy = make_strategy(self.manifest, cfg, self.store, evaluator, aligner)
@@ -113,7 +116,7 @@ class Federation(DeviceHandlers):
         if ev[0] == "checked":
             return self._checked(*ev[1])
         msg, tr = ev[1], self.tracker
-        busy = set(tr.selected) if tr is not None else ()
+        busy = tr.selected_set if tr is not None else frozenset()
         if isinstance(msg, Hello):
             self.devices.hello(msg, busy)
         elif isinstance(msg, Presence):
@@ -156,10 +159,12 @@ class Federation(DeviceHandlers):
         """On a pool thread: validate, measure, and store an accepted update durably (before it
         counts and before its ack)."""
         msg = v.msg
-        out = self.collector.validate(msg, v.data, task_id)
+        out = self.collector.validate(msg, v.data, task_id, v.digest)
         if out.kind == "accept":
-            out.contribution = fold.contribution(msg.device_id, out.adapters, msg.num_samples, msg.mean_loss, declared, msg.update_id)
-            self.store.save_update(msg.round_id, msg.device_id, out.data)
+            out.change = fold.change_flat(out.adapters)
+            out.contribution = fold.contribution(msg.device_id, out.adapters, msg.num_samples, msg.mean_loss, declared,
+                                                 msg.update_id, out.change)
+            self.store.save_update(msg.round_id, msg.device_id, out.data, out.digest)
         return out, fold, tracker
 
     def _checked(self, status: str, result) -> None:
@@ -175,15 +180,30 @@ class Federation(DeviceHandlers):
         elif tracker is not self.tracker:
             log.info("round %d: update from %s checked after its round closed; stored, not counted", msg.round_id, msg.device_id)
         else:
-            fold.add(v.contribution, v.adapters, v.stats)
+            fold.add(v.contribution, v.adapters, v.stats, v.change)
             tracker.accept(msg.device_id, v.contribution)
             if fold.due():
-                self.store.save_fold(msg.round_id, fold.to_bytes())
+                self._persist_fold(msg.round_id, fold)
             self._reply(msg, True, None)
             log.info("round %d: update from %s (%d samples, loss %s)", msg.round_id, msg.device_id, msg.num_samples,
                      f"{msg.mean_loss:.4f}" if msg.mean_loss is not None else "-")
         for m in parked:
             self._settle(self.privacy.screen(m) or self.collector.update(m))
+
+    def _persist_fold(self, round_id: int, fold: RoundFold) -> None:
+        """Persist a copy of the running sum on the saver thread (encoding and two fsyncs of 1 MB+
+        would stall the loop); one save at a time, so an older sum never overwrites a newer one."""
+        if self._fold_saving is not None and not self._fold_saving.done():
+            return  # still writing the last one; the sum stays due and goes out with a later update
+        snap = fold.snapshot()
+        self._fold_saving = self.fold_saver.submit(lambda: self.store.save_fold(round_id, snap.to_bytes()))
+
+    def _fold_saved(self) -> None:
+        """Wait for the running-sum save in flight (before a commit replaces or drops it); its error,
+        e.g. a full disk, is raised here as the save would have raised on the loop."""
+        saving, self._fold_saving = self._fold_saving, None
+        if saving is not None:
+            saving.result()
 
     def _fold(self) -> RoundFold:
         if self.fold is None:  # a round opened without run_round (tests): relative to the bundle's adapters
@@ -193,7 +213,9 @@ class Federation(DeviceHandlers):
     def _reply(self, msg: Update, ok: bool, reason: str | None) -> None:
         ack = Ack(run_id=self.cfg.run_id, round_id=msg.round_id, sender=CLOUD_SENDER, device_id=msg.device_id, acked="update", ok=ok,
                   reason=reason, update_id=msg.update_id)
-        self.t.publish(topics.device_topic(self.cfg.run_id, msg.device_id, topics.INBOX), encode(ack))
+        # not waiting for the broker: a lost receipt is asked for again (the device uploads again and
+        # gets the stored verdict), and 1,000 receipts must not wait for 1,000 round trips on the loop
+        self.t.publish(topics.device_topic(self.cfg.run_id, msg.device_id, topics.INBOX), encode(ack), wait=False)
 
     def _housekeeping(self) -> None:
         """Once a second: drop uploads that stalled, stop waiting for devices that never acked the task."""
@@ -213,7 +235,7 @@ class Federation(DeviceHandlers):
 
     def _restore_accepted(self, round_id: int, state: RunState) -> None:
         """Count the updates this round accepted before a crash (they are on disk), once."""
-        self.fold = self.strategy.resume(round_id, state, set(self.tracker.selected))
+        self.fold = self.strategy.resume(round_id, state, set(self.tracker.selected_set))
         for device, c in sorted(self.fold.folded.items()):
             c.update_id = None  # unknown after a restart, as before: a redelivery of it is acked as a duplicate
             self.tracker.accept(device, c)
@@ -265,6 +287,7 @@ class Federation(DeviceHandlers):
         end = EndOfRun(run_id=self.cfg.run_id, round_id=state.next_round, sender=CLOUD_SENDER, reason=reason or "completed")
         self.t.publish(topics.control_topic(self.cfg.run_id), encode(end), retain=True)
         self.pool.shutdown(wait=False)
+        self.fold_saver.shutdown(wait=True)
         self.blobs.close()
         return state
 
@@ -286,6 +309,7 @@ class Federation(DeviceHandlers):
                 record["failed"] = {**tracker.given_up, **tracker.failed}
             record.update(self.privacy.aggregate(r, self.fold, state))
         self.fold = None
+        self._fold_saved()
         record.update(bytes_up=self.bytes_up - up0, bytes_down=self.blobs.bytes_sent - sent0, seconds=round(time.time() - t0, 2))
         state.history.append(record)
         state.next_round = r + 1

@@ -89,10 +89,11 @@ class RunStore:
         return tensors
 
     # -- updates
-    def save_update(self, round_id: int, device: str, payload: bytes) -> Path:
-        """Keep every accepted update on disk before it counts (nothing accepted is ever lost)."""
+    def save_update(self, round_id: int, device: str, payload: bytes, digest: str | None = None) -> Path:
+        """Keep every accepted update on disk before it counts (nothing accepted is ever lost).
+        `digest`: the payload's sha256 when the caller has checked it already."""
         rel = f"{UPDATES}/round_{round_id:04d}/{device}.safetensors"
-        digest = sha256(payload)
+        digest = digest or sha256(payload)
         # the hash first: a cloud killed between the two writes leaves a hash without its update
         # (ignored), never an update that cannot be checked
         self._guard(rel)

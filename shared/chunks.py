@@ -145,6 +145,7 @@ class Reassembler:
         self.max_bytes = max_bytes
         self.count: int | None = None
         self._layout: tuple[int, int, int, str] | None = None  # count, chunk_size, total, blob sha
+        self._whole_sha: str | None = None  # a one-chunk blob: the hash its only chunk was checked against
         self._have: dict[int, bytes | None] = {}  # index -> data (None when it lives on disk)
         self._dir = Path(folder) / self.blob_id if folder is not None else None
         if self._dir is not None:
@@ -179,6 +180,8 @@ class Reassembler:
         self._check_belongs(chunk)
         if chunk.index in self._have:
             return False
+        if chunk.count == 1:
+            self._whole_sha = chunk.chunk_sha256  # its data was checked against it: the blob, if the hashes agree
         if self._dir is not None:
             self._persist(chunk)
             self._have[chunk.index] = None
@@ -201,6 +204,11 @@ class Reassembler:
         elif layout != self._layout:
             raise ProtocolError(f"chunk {c.blob_id}#{c.index}: layout {layout[:3]} differs from earlier chunks' {self._layout[:3]}")
 
+    @property
+    def verified_sha256(self) -> str | None:
+        """The blob hash `result()` checks the data against (what the chunks declared)."""
+        return self._layout[3] if self._layout is not None else None
+
     def bind(self, sha256: str, size: int) -> None:
         """Fix the expected blob hash and size after chunks arrived (their announcement came late);
         ProtocolError now if what the chunks declared disagrees, not once the blob is complete."""
@@ -215,8 +223,10 @@ class Reassembler:
         """The whole blob, once done and its sha256 verified; a mismatch forgets every chunk."""
         if not self.done:
             raise ProtocolError(f"blob {self.blob_id} incomplete: {self.received}/{self.count or '?'} chunks")
-        data = b"".join(self._data(i) for i in range(self.count or 0))
         assert self._layout is not None
+        if self.count == 1 and self._whole_sha == self._layout[3]:
+            return self._data(0)  # one chunk, its hash already checked on arrival, and it is the blob's
+        data = b"".join(self._data(i) for i in range(self.count or 0))
         if sha256_hex(data) != self._layout[3]:
             # Every chunk matched its own hash, so the sender lied about the layout: start over.
             self.reset()
@@ -225,7 +235,7 @@ class Reassembler:
 
     def reset(self) -> None:
         self._have.clear()
-        self._layout, self.count = None, None
+        self._layout, self.count, self._whole_sha = None, None, None
         self.discard()
 
     def discard(self) -> None:

@@ -290,8 +290,9 @@ class MqttTransport:
 
     # ---- operations ------------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        """Returns once the broker acknowledged (QoS 1) — across a reconnect if need be."""
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
+        """Returns once the broker acknowledged (QoS 1) — across a reconnect if need be; with
+        `wait=False` once paho holds the message (it sends and retries it on its own)."""
         c = self._client
         if c is None:
             raise TransportError(f"{self.client_id}: not connected to {self.url}, cannot publish to {topic}")
@@ -299,6 +300,10 @@ class MqttTransport:
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0:
             # Offline: paho keeps a QoS>0 message and sends it after reconnecting; wait for that.
             info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        if not wait:
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise TransportError(f"publish to {topic} on {self.url} failed: {paho.error_string(info.rc)}")
+            return
         try:
             info.wait_for_publish(self.publish_timeout)
             ok = info.is_published()

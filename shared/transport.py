@@ -35,7 +35,12 @@ class Transport(Protocol):
 
     def close(self) -> None: ...
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
+        """Deliver `payload` on `topic`. `wait=False` returns once the transport holds the message
+        (QoS 1 delivery is still retried, across reconnects) instead of after the broker's
+        acknowledgement: for replies whose loss the peer recovers from, e.g. receipts a device asks
+        for again, where waiting would serialise a fleet's replies on one round trip each."""
+        ...
 
     def subscribe(self, pattern: str, handler: Handler) -> None: ...
 
@@ -335,7 +340,7 @@ class InMemoryTransport:
             self.hub._disconnect(self, abrupt=True)
         self._dispatcher.stop()
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
         if not self._connected:
             raise TransportError(f"{self.client_id}: not connected, cannot publish to {topic}")
         self.hub._publish(check_topic(topic), bytes(payload), retain)

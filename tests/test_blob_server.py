@@ -29,7 +29,7 @@ class SlowTransport:
         self.fail_for = fail_for
         self.lock = threading.Lock()
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
         assert self.gate.wait(10), "publish never released"
         if self.fail_for and f"/{self.fail_for}/" in topic:
             raise TimeoutError("no PUBACK")

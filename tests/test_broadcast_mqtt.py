@@ -37,8 +37,8 @@ class Spy:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        self.inner.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
+        self.inner.publish(topic, payload, qos=qos, retain=retain, wait=wait)
         self.published.append(topic)
         self.on_publish(topic)
 
