@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from fedpft.shared.codec import ProtocolError, check_finite, decode_tensors, encode_tensors
-from fedpft.shared.fsio import atomic_write, fsync_dir
+from fedpft.shared.fsio import FolderSync, atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class RunStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.committed: dict[str, str] = {}  # files of the last commit (never written again)
         self.pending: dict[str, str] = {}  # files written or verified since, that the next commit names
+        self._folder_sync = FolderSync()  # the check workers' update writes share folder fsyncs
 
     # -- tensors
     def write_tensors(self, rel: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> str:
@@ -97,9 +98,14 @@ class RunStore:
         # the hash first: a cloud killed between the two writes leaves a hash without its update
         # (ignored), never an update that cannot be checked
         self._guard(rel)
-        atomic_write(self.folder / (rel + SHA_SUFFIX), (digest + "\n").encode())
-        self._write(rel, payload, digest)
-        return self.folder / rel
+        path = self.folder / rel
+        # both files are fsynced before their renames; one folder fsync, shared with the other
+        # check workers' writes (FolderSync), makes both renames durable before the update is acked
+        atomic_write(path.with_name(path.name + SHA_SUFFIX), (digest + "\n").encode(), sync_folder=False)
+        atomic_write(path, payload, sync_folder=False)
+        self._folder_sync.sync(path.parent)
+        self.pending[rel] = digest
+        return path
 
     def read_update(self, round_id: int, device: str) -> bytes:
         """An update this round accepted, checked against the sha256 taken when it was stored."""

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from pathlib import Path
 
 
-def atomic_write(path: Path | str, data: bytes, mode: int = 0o666) -> None:
+def atomic_write(path: Path | str, data: bytes, mode: int = 0o666, sync_folder: bool = True) -> None:
     """Write `data` to `path` through a temp file in the same folder: fsync the file, rename it
     over `path`, fsync the folder (without the last step the rename itself may not survive a
     power cut). `mode` is subject to the umask, as for open(); 0o600 keeps a secret private
-    from the first byte."""
+    from the first byte. `sync_folder=False` leaves the folder's fsync to the caller (a
+    `FolderSync` shared by many writers)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # unique, so two writers of the same file never share (and truncate) one temp file
@@ -26,7 +28,39 @@ def atomic_write(path: Path | str, data: bytes, mode: int = 0o666) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_folder:
+        fsync_dir(path.parent)
+
+
+class FolderSync:
+    """Group commit of renames: a writer calls `sync(folder)` after its rename and returns once a
+    folder fsync that began after that rename has ended. Concurrent writers share one fsync
+    instead of queueing one each (the round's updates land in one folder, from a pool of writers)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._asked: dict[str, int] = {}  # folder -> number of the latest request
+        self._done: dict[str, int] = {}  # folder -> every request up to this one is durable
+        self._running: set[str] = set()
+
+    def sync(self, folder: Path | str) -> None:
+        key = os.fspath(folder)
+        with self._cond:
+            mine = self._asked[key] = self._asked.get(key, 0) + 1
+            while self._done.get(key, 0) < mine:
+                if key in self._running:
+                    self._cond.wait()
+                    continue
+                self._running.add(key)
+                covers = self._asked[key]  # every rename asked for so far happened before this fsync
+                self._cond.release()
+                try:
+                    fsync_dir(key)
+                finally:
+                    self._cond.acquire()
+                    self._running.discard(key)
+                    self._cond.notify_all()
+                self._done[key] = max(self._done.get(key, 0), covers)
 
 
 def fsync_dir(folder: Path | str) -> None:
