@@ -299,6 +299,7 @@ class ScaleConfig:
     seed: int = 0
     broker_pid: int | None = None  # whose RSS to report; default: the system Mosquitto's pid file
     broker_label: str = "system"
+    shared_broadcast: bool = False  # see WorkerSpec.shared_broadcast
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -318,7 +319,8 @@ def run_scale(sc: ScaleConfig) -> dict:
     t_start = time.time()
     for w in range(n_workers):
         spec = WorkerSpec(broker=sc.broker, run_id=run_id, device_ids=ids[w::n_workers], expected=expected,
-                          stat_layers=stat_layers, train_s=sc.train_s, jitter_s=sc.jitter_s, seed=sc.seed * 1000 + w)
+                          stat_layers=stat_layers, train_s=sc.train_s, jitter_s=sc.jitter_s, seed=sc.seed * 1000 + w,
+                          shared_broadcast=sc.shared_broadcast)
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=run_worker, args=(spec, child), name=f"simdev-{w}", daemon=True)
         proc.start()
@@ -403,7 +405,7 @@ def run_scale(sc: ScaleConfig) -> dict:
     device_to_cloud = sum(d["msgs_out"] for d in timings) - len(timings)
     res = {
         "devices": sc.devices,
-        "broker": sc.broker_label,
+        "broker": sc.broker_label + (", shared broadcast" if sc.shared_broadcast else ""),
         "workers": n_workers,
         "accepted": record["clients"],
         "acked_ok": len(acked),
@@ -554,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="run every device count on each: 'system' = --broker; a number = a private Mosquitto with that "
                          "max_queued_messages (1000 is Mosquitto's default; 0 = unlimited)")
     ap.add_argument("--per-worker", type=int, default=DEVICES_PER_WORKER)
+    ap.add_argument("--shared-broadcast", action="store_true",
+                    help="one broadcast subscription per device worker process, handed to its devices: takes the "
+                         "fleet's own parsing of the broadcast (and 1 - 1/per-worker of the broker's fan-out) off this "
+                         "machine's CPUs, which real devices would not share")
     ap.add_argument("--round-timeout", type=float, default=300.0)
     ap.add_argument("--write", type=Path, default=None, help="replace the scale section of this markdown file")
     ap.add_argument("--json", type=Path, default=None, help="also dump the raw results here")
@@ -577,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.time()
                 print(f"--- {n} devices, broker: {'--broker' if queued is None else f'own, max_queued_messages {queued}'}", flush=True)
                 sc = ScaleConfig(devices=n, bundle=bundle, broker=args.broker, train_s=args.train_s, jitter_s=args.jitter_s,
-                                 per_worker=args.per_worker, round_timeout=args.round_timeout)
+                                 per_worker=args.per_worker, round_timeout=args.round_timeout, shared_broadcast=args.shared_broadcast)
                 if queued is None:
                     res = run_isolated(sc)
                 else:

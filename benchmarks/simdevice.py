@@ -181,14 +181,16 @@ class SimDevice:
             self.timing.msgs_in += 1
             self.timing.bytes_in += len(payload)
 
-    def start(self) -> None:
+    def start(self, broadcast: bool = True) -> None:
         """Subscribe as the agent does, then announce: retained presence (a late cloud still sees
-        it) and a Hello."""
+        it) and a Hello. `broadcast=False`: the round's broadcast blobs reach this device through
+        its process's shared tap (`run_worker`), not its own subscription."""
         for pattern in (topics.round_topic(self.run), topics.control_topic(self.run),
                         topics.device_topic(self.run, self.me, topics.INBOX)):
             self.t.subscribe(pattern, self._on_json)
         self.t.subscribe(topics.resend_pattern(self.run, self.me), self._on_chunk)
-        self.t.subscribe(topics.blob_pattern(self.run), self._on_chunk)
+        if broadcast:
+            self.t.subscribe(topics.blob_pattern(self.run), self._on_chunk)
         self._pub(topics.PRESENCE, Presence(run_id=self.run, sender=self.me, device_id=self.me, status="online"))
         self.hello()
         self.timing.connected_at = time.time()
@@ -266,6 +268,9 @@ class SimDevice:
         except ProtocolError as exc:
             log.warning("%s: bad chunk: %s", self.me, exc.reason)
             return
+        self.on_chunk(chunk)
+
+    def on_chunk(self, chunk: Chunk) -> None:
         with self._lock:
             task, asm = self._task, self._asm
             if asm is None or chunk.blob_id != asm.blob_id:  # ahead of its Task: keep the newest few blobs
@@ -381,6 +386,9 @@ class WorkerSpec:
     jitter_s: float = 0.0
     seed: int = 0
     session_expiry: int = 120  # keep persistent sessions, but do not leave them on the broker for an hour
+    # one subscription per process to the round's broadcast, handed to all its devices: the broker
+    # and this machine's CPU then do 1/per_worker of the broadcast's fan-out and parsing
+    shared_broadcast: bool = False
     connect_threads: int = 16
     log_level: str = "WARNING"
 
@@ -429,10 +437,26 @@ def run_worker(spec: WorkerSpec, conn) -> None:
     cpu0 = _cpu_s()
     errors: list[str] = []
 
+    tap = None
+    if spec.shared_broadcast:
+        tap = MqttTransport(spec.broker, client_id=f"tap-{spec.device_ids[0]}", session_expiry=spec.session_expiry)
+        tap.connect()
+
+        def fan_out(topic: str, payload: bytes) -> None:
+            try:
+                chunk = Chunk.from_bytes(payload)
+            except ProtocolError as exc:
+                log.warning("broadcast tap: bad chunk: %s", exc.reason)
+                return
+            for dev in devices:
+                dev.on_chunk(chunk)
+
+        tap.subscribe(topics.blob_pattern(spec.run_id), fan_out)
+
     def up(dev: SimDevice) -> None:
         try:
             dev.t.connect()
-            dev.start()
+            dev.start(broadcast=tap is None)
         except Exception as exc:
             errors.append(f"{dev.me}: {type(exc).__name__}: {exc}")
 
@@ -460,5 +484,7 @@ def run_worker(spec: WorkerSpec, conn) -> None:
 
         with ThreadPoolExecutor(spec.connect_threads) as pool:
             list(pool.map(down, devices))
+        if tap is not None:
+            tap.close()
         sched.stop()
         conn.send(("stopped", None))
