@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-import dp_accounting
 import numpy as np
 
 from fedpft.shared.secagg_ring import WEIGHT_KEY
@@ -55,7 +54,9 @@ def effective_multiplier(noise_multiplier: float, with_stats: bool) -> float:
     return noise_multiplier / np.sqrt(2.0) if with_stats else noise_multiplier
 
 
-def _event(q: float, multiplier: float) -> dp_accounting.DpEvent:
+def _event(q: float, multiplier: float) -> "dp_accounting.DpEvent":  # noqa: F821
+    import dp_accounting  # scipy and friends: 70 MB of every cloud process's memory, for DP runs only
+
     if not 0 < q <= 1:
         raise ValueError(f"sampling rate must be in (0, 1], got {q}")
     if not multiplier > 0:
@@ -64,6 +65,8 @@ def _event(q: float, multiplier: float) -> dp_accounting.DpEvent:
 
 
 def _accountant(kind: str):
+    import dp_accounting
+
     if kind == "rdp":
         return dp_accounting.rdp.RdpAccountant()
     if kind == "pld":
