@@ -264,6 +264,7 @@ class SimulateConfig(PrivacyOptions):
     edge_python: Path | None = Field(default=None, description="Python of the device processes (a venv with fedpft[edge]); None = this one")
     device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
     engine: SimEngine = Field(default="processes", description="processes: real edge processes over MQTT; virtual: the same edge agents on threads of the cloud process, over an in-memory hub")
+    virtual_parallel: int | None = Field(default=None, ge=1, description="virtual engine: clients training at once, the cores split among them (None = one per core)")
 
     @model_validator(mode="after")
     def _engine_options(self) -> "SimulateConfig":
