@@ -272,6 +272,8 @@ class SimulateConfig(PrivacyOptions):
         # not refused: it also comes from the environment, FEDPFT_EDGE_PYTHON)
         if self.engine == "virtual" and self.broker is not None:
             raise ValueError("--broker only applies to --engine processes (virtual clients talk to the cloud in memory)")
+        if self.engine != "virtual" and self.virtual_parallel is not None:
+            raise ValueError("--virtual-parallel only applies to --engine virtual")
         # refused here, before a bundle is prepared, rather than by serve's config minutes later
         if self.secure_agg and self.clients < 2:
             raise ValueError("--secure-agg needs at least 2 --clients (a sum of one is that device's update)")
