@@ -142,7 +142,7 @@ def ort_providers(device: str) -> tuple[str, ...]:
 
 def plan_parallel(parallel: int | None, clients: int) -> tuple[int, int]:
     """(clients training at once, ORT intra-op threads each): by default one client per core, one
-    thread each (a MiniLM proxy step scales worse over threads than over clients), never more
+    thread each (independent clients fill the cores with no intra-op synchronisation), never more
     than there are clients; the cores are split evenly among the slots."""
     n = cores()
     slots = max(1, min(clients, parallel or n))
