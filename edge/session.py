@@ -180,10 +180,10 @@ class EdgeSession:
         self._changed(changed)
 
     def reset(self) -> None:
-        """Back to the state it was opened in (the bundle's adapters and FFN weights, then the
-        checkpoint's, if it was opened from one) with a fresh optimizer: a session kept across
-        rounds then trains a round exactly as a newly opened one. Read again from the files rather
-        than kept as a copy, which would cost a device its FFN weights' memory twice."""
+        """The state a newly opened session would have: the bundle's adapters and FFN weights (then
+        those of the checkpoint file it was opened from, as that file is now) and a fresh optimizer,
+        so a session kept across rounds trains a round exactly as a new one. Read again from the
+        files rather than kept as a copy, which would cost a device its FFN weights' memory twice."""
         from safetensors import safe_open
 
         specs = [*self.manifest.trainable, *self.manifest.ffn]
