@@ -1,13 +1,14 @@
 """Virtual clients' device work: a session per client and round (the engine before `fedpft.sim.pool`)
 vs the pool (at most one client per core, sessions kept across rounds), and the ORT step floor.
 
-    python benchmarks/virtual_speed.py --bundle runs/x/bundle --shards runs/x/clients --write
+    python benchmarks/virtual_speed.py --bundle runs/x/bundle --shards runs/x/clients
 
 Device side only (no cloud, no FM evaluation, no alignment: those are the same code on both
 engines): every client of `--shards` (client*/train.jsonl) trains one round per `--rounds` on its
 own thread, from the bundle's initial adapters, as the virtual engine's agents do. CPU seconds are
 the process's (all threads; `time.process_time`), which a shared or paused machine inflates less
-than wall time. The floor: one session's training steps alone, CPU seconds per step.
+than wall time. The floor: one session's training steps alone, CPU seconds per step. Prints a
+markdown table; BENCHMARKS.md's <!-- virtual_speed --> section quotes it with the profile around it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, machine, write_section  # noqa: E402
+from common import command_line, machine  # noqa: E402
 
 from fedpft.edge.session import open_session  # noqa: E402
 from fedpft.edge.task_training import rough_sample_count  # noqa: E402
@@ -78,7 +79,6 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--max-steps", type=int, default=None, help="cap on each client's steps per round (shorter runs; the per-round overheads then weigh more)")
     ap.add_argument("--floor-steps", type=int, default=10)
-    ap.add_argument("--write", action="store_true", help="write the <!-- virtual_speed --> section of BENCHMARKS.md")
     args = ap.parse_args()
     shards = sorted(args.shards.glob("client*/train.jsonl"))
     cfg = EdgeTrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps, threads=1, holdout=0.1)
@@ -116,8 +116,6 @@ def main() -> None:
     lines += ["", f"At the benchmark's settings these shards make {full_steps} steps a round: device work = {full_steps} x "
               f"{per_step:.3f} + {len(shards)} x {min(after):.2f} = {per_round:.0f} CPU s a round, {per_round / n:.0f} s on "
               f"{n} idle cores."]
-    if args.write:
-        write_section("virtual_speed", "\n".join(lines))
     print("\n".join(lines))
 
 
