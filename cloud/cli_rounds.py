@@ -114,6 +114,7 @@ def simulate(
     device: str = device_option("the cloud's FM and proxy (distillation, alignment, evaluation; the device processes run ONNX Runtime on CPU)",
                                 f"{DISTILL_PRECISION} {SERVE_PRECISION}"),
     engine: str = typer.Option("processes", "--engine", help="processes: N real `fedpft-edge` processes over MQTT (the deployment path). virtual: the same edge agents and ORT trainer on threads of this process over an in-memory hub (same protocol, aggregation, alignment and metrics; no broker, no process start-up; for research sweeps)."),
+    virtual_parallel: Optional[int] = typer.Option(None, "--virtual-parallel", min=1, help="--engine virtual: clients training at once, the cores split evenly among them (default: one per core, one ORT thread each); the largest shards start first. On a machine other jobs share, more slots get more of its cores. On a CUDA --device the virtual clients train on onnxruntime's CUDA provider when the installed onnxruntime has it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     **privacy,
 ) -> None:

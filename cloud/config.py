@@ -264,6 +264,7 @@ class SimulateConfig(PrivacyOptions):
     edge_python: Path | None = Field(default=None, description="Python of the device processes (a venv with fedpft[edge]); None = this one")
     device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
     engine: SimEngine = Field(default="processes", description="processes: real edge processes over MQTT; virtual: the same edge agents on threads of the cloud process, over an in-memory hub")
+    virtual_parallel: int | None = Field(default=None, ge=1, description="virtual engine: clients training at once, the cores split among them (None = one per core)")
 
     @model_validator(mode="after")
     def _engine_options(self) -> "SimulateConfig":
@@ -271,6 +272,8 @@ class SimulateConfig(PrivacyOptions):
         # not refused: it also comes from the environment, FEDPFT_EDGE_PYTHON)
         if self.engine == "virtual" and self.broker is not None:
             raise ValueError("--broker only applies to --engine processes (virtual clients talk to the cloud in memory)")
+        if self.engine != "virtual" and self.virtual_parallel is not None:
+            raise ValueError("--virtual-parallel only applies to --engine virtual")
         # refused here, before a bundle is prepared, rather than by serve's config minutes later
         if self.secure_agg and self.clients < 2:
             raise ValueError("--secure-agg needs at least 2 --clients (a sum of one is that device's update)")

@@ -176,7 +176,7 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
     if cfg.engine == "virtual":
         if cfg.edge_python is not None:
             log.info("--edge-python %s unused: virtual clients run in this process", cfg.edge_python)
-        installed_engine("virtual")(serve_cfg, shards, run, show_progress)
+        installed_engine("virtual")(serve_cfg, shards, run, show_progress, parallel=cfg.virtual_parallel)
     else:
         run_processes(cfg, serve_cfg, shards, run, show_progress)
     fed = run / "federation"

@@ -106,6 +106,7 @@ class EdgeSession:
         named = _by_name([*manifest.trainable, *manifest.ffn])
         _check({s.name: self.params[s.name] for s in named if s.name in self.params}, named, "bundle parameters", partial=False)
         self.params = {n: np.ascontiguousarray(a) for n, a in self.params.items()}
+        self.checkpoint = checkpoint
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
         self.device = runtime.device_of(self.providers)
@@ -177,6 +178,22 @@ class EdgeSession:
                 self.params[s.name][...] = tensors[s.key]
                 changed.append(s.name)
         self._changed(changed)
+
+    def reset(self) -> None:
+        """The state a newly opened session would have: the bundle's adapters and FFN weights (then
+        those of the checkpoint file it was opened from, as that file is now) and a fresh optimizer,
+        so a session kept across rounds trains a round exactly as a new one. Read again from the
+        files rather than kept as a copy, which would cost a device its FFN weights' memory twice."""
+        from safetensors import safe_open
+
+        specs = [*self.manifest.trainable, *self.manifest.ffn]
+        with safe_open(str(self.bundle_dir / self.manifest.files[ROLE_PARAMETERS].path), framework="np") as f:
+            for s in specs:
+                self.params[s.name][...] = f.get_tensor(s.name)
+        if self.checkpoint is not None:
+            self._load_checkpoint(self.checkpoint)
+        self._changed([s.name for s in specs])
+        self.optimizer = AdamW(self.manifest.optimizer, {n: self.params[n] for n in self._trainable})
 
     def _load_checkpoint(self, path: Path) -> None:
         """Overlay a cached checkpoint (adapters + FFN weights under ONNX names) on the bundle's."""

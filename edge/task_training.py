@@ -7,6 +7,7 @@ same one in-process); `rough_sample_count` is what the device announces before i
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 from fedpft.shared.codec import decode_tensors
@@ -28,8 +29,11 @@ def rough_sample_count(path: Path) -> int:
     return max(0, n - 1) if path.suffix.lower() == ".csv" else n
 
 
-def make_trainer(cfg: AgentConfig):
-    """trainer(bundle_dir, task, adapters_bytes, ffn_bytes) -> (update bytes, Update fields)."""
+def make_trainer(cfg: AgentConfig, lease=None):
+    """trainer(bundle_dir, task, adapters_bytes, ffn_bytes) -> (update bytes, Update fields).
+
+    lease(bundle_dir): a context manager lending an open session of the bundle for the round
+    (the virtual engine's pool, `fedpft.sim.pool`); None opens one per round, as a device does."""
     from .trainer import train_round
     from .update import encode_update
 
@@ -37,8 +41,9 @@ def make_trainer(cfg: AgentConfig):
         tc = EdgeTrainConfig(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, max_steps=task.max_steps,
                              seed=task.seed, holdout=cfg.holdout, report_stats=task.report_stats, threads=cfg.threads,
                              providers=cfg.providers)
-        res = train_round(bundle_dir, cfg.data, tc, adapters=decode_tensors(adapters)[0],
-                          ffn=decode_tensors(ffn)[0] if ffn is not None else None)
+        with lease(bundle_dir) if lease is not None else nullcontext() as session:
+            res = train_round(bundle_dir, cfg.data, tc, adapters=decode_tensors(adapters)[0],
+                              ffn=decode_tensors(ffn)[0] if ffn is not None else None, session=session)
         log.info("round %d: %d steps on %d samples, loss %.4f, held-out accuracy %s -> %s", task.round_id, res.steps,
                  res.num_samples, res.mean_loss, res.acc_before, res.acc_after)
         fields = {"num_samples": res.num_samples, "steps": res.steps, "mean_loss": res.mean_loss,

@@ -42,21 +42,27 @@ def train_round(
     cache_dir: Path | None = None,
     on_start: Callable[[int], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    session: EdgeSession | None = None,
 ) -> RoundResult:
     """Train the bundle's adapters on the local data for one round.
 
     adapters: global adapters (PEFT keys) to start from; None keeps the checkpoint's.
     ffn: re-aligned frozen FFN weights (manifest.ffn keys) to install first.
     cache_dir: start from the checkpoint cached there for this bundle, and save the result back.
+    session: this bundle already open, in its opened state (a session kept across rounds, see
+    `EdgeSession.reset`), instead of opening it; the caller has verified the bundle, and the
+    session's threads and providers stand. Not with cache_dir.
     Raises BundleError, DataError, AdapterError or TrainError with a one-line message.
     """
     t0 = time.perf_counter()
     bundle_dir = Path(bundle_dir)
-    manifest = verify_bundle(bundle_dir, device_only=True)
+    if session is not None and cache_dir is not None:
+        raise ValueError("train_round: a given session does not load or save a cache_dir checkpoint")
+    manifest = session.manifest if session is not None else verify_bundle(bundle_dir, device_only=True)
     data = read_local_data(data_path, manifest, cfg.max_record_bytes)
     train, held = data.split(cfg.holdout, cfg.holdout_seed)
     maker = BatchMaker(bundle_dir, manifest, cfg.max_record_tokens)
-    session = open_session(bundle_dir, cache_dir, cfg.threads, manifest, cfg.providers)
+    session = session or open_session(bundle_dir, cache_dir, cfg.threads, manifest, cfg.providers)
     if adapters is not None:
         session.set_adapters(adapters)
     if ffn is not None:

@@ -6,6 +6,12 @@ graph), on a thread of this process, talking to the cloud's real `Federation` ov
 `InMemoryHub`. So the wire protocol, validation, bounds, aggregation, alignment and metrics are
 the production code paths; only sockets, the broker and process start-up (an interpreter, imports
 and an ORT session per device) are saved, and the MQTT round trips of every blob chunk.
+
+The clients share the machine through `fedpft.sim.pool`: at most `parallel` of them train at once
+(largest shard first), each on an ORT session kept across rounds and reset to its opened state,
+with the cores split among them; on a CUDA `--device` the sessions run on onnxruntime's CUDA
+provider when the installed onnxruntime has one. Which client trains when, and on which session
+object, changes nothing in an update: a round is a function of the task and the shard.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from fedpft.shared import topics
 from fedpft.shared.config import AgentConfig
 from fedpft.shared.messages import Presence, encode
 from fedpft.shared.transport import InMemoryHub, InMemoryTransport, TransportError
+
+from .pool import SessionPool, cores
 
 log = logging.getLogger("fedpft.simulate")
 
@@ -77,14 +85,16 @@ def _offline(run_id: str, dev: str, reason: str) -> tuple[str, bytes]:
 class VirtualDevice:
     """One edge agent on a thread, on a hub transport with the last will a real device leaves."""
 
-    def __init__(self, hub: InMemoryHub, cfg: AgentConfig):
+    def __init__(self, hub: InMemoryHub, cfg: AgentConfig, pool: SessionPool | None = None):
         from fedpft.edge.agent import EdgeAgent
         from fedpft.edge.task_training import make_trainer, rough_sample_count
 
         self.cfg = cfg
         # the client id doubles as the dispatcher thread's name, which device_logs routes by
         self.transport = InMemoryTransport(hub, cfg.device_id, will=_offline(cfg.run_id, cfg.device_id, "connection lost"))
-        self.make_agent = lambda: EdgeAgent(cfg, self.transport, make_trainer(cfg), rough_sample_count(cfg.data))
+        samples = rough_sample_count(cfg.data)
+        lease = None if pool is None else (lambda bundle_dir: pool.lease(bundle_dir, weight=samples))
+        self.make_agent = lambda: EdgeAgent(cfg, self.transport, make_trainer(cfg, lease), samples)
         self.agent = None
         self.stopping = False
         self.thread = threading.Thread(target=self._serve, name=cfg.device_id, daemon=True)
@@ -115,18 +125,47 @@ class VirtualDevice:
             self.agent.finished = True  # the agent's loop looks at this at least once a second
 
 
-def serve_virtual(serve_cfg: ServeConfig, shards: list[Path], run: Path, show_progress: bool = True):
-    """Run the federation with one in-process edge agent per shard; returns the final RunState."""
+def ort_providers(device: str) -> tuple[str, ...]:
+    """The virtual clients' onnxruntime providers for the cloud's torch `--device`: CUDA when that
+    is a CUDA GPU and the installed onnxruntime has the CUDA provider, else CPU."""
+    from fedpft.cloud.device import resolve_device
+
+    if resolve_device(device).type != "cuda":
+        return ("cpu",)
+    from fedpft.edge.runtime import ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        log.warning("--device %s: this onnxruntime %s has no CUDA provider; the virtual clients train on CPU", device, ort.__version__)
+        return ("cpu",)
+    return ("cuda",)
+
+
+def plan_parallel(parallel: int | None, clients: int) -> tuple[int, int]:
+    """(clients training at once, ORT intra-op threads each): by default one client per core, one
+    thread each (independent clients fill the cores with no intra-op synchronisation), never more
+    than there are clients; the cores are split evenly among the slots."""
+    n = cores()
+    slots = max(1, min(clients, parallel or n))
+    return slots, max(1, n // slots)
+
+
+def serve_virtual(serve_cfg: ServeConfig, shards: list[Path], run: Path, show_progress: bool = True,
+                  parallel: int | None = None):
+    """Run the federation with one in-process edge agent per shard; returns the final RunState.
+    parallel: clients training at once (default: the cores)."""
     from fedpft.cloud.serve import serve
 
+    providers = ort_providers(serve_cfg.device)
+    slots, threads = plan_parallel(parallel, len(shards))
+    pool = SessionPool(slots, threads, providers)
+    log.info("virtual clients: %d training at once, %d ORT thread(s) each, on %s", slots, threads, ", ".join(providers))
     hub = InMemoryHub(threaded=True)
     devices = []
     for i, shard in enumerate(shards):
         dev = f"client{i:03d}"
-        # one ORT thread each, as the process engine gives its devices: the agents share the cores
         cfg = AgentConfig(broker="memory://", device_id=dev, data=shard, cache=run / "clients" / dev / "cache",
-                          run_id=serve_cfg.run_id, threads=1)
-        devices.append(VirtualDevice(hub, cfg))
+                          run_id=serve_cfg.run_id, threads=threads, providers=providers)
+        devices.append(VirtualDevice(hub, cfg, pool))
     with device_logs({d.cfg.device_id: run / "clients" / d.cfg.device_id / "agent.log" for d in devices}):
         for d in devices:
             d.thread.start()

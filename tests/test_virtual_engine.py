@@ -89,3 +89,6 @@ def test_virtual_engine_refuses_a_broker(tmp_path):
     with pytest.raises(ValueError, match="--broker only applies to --engine processes"):
         SimulateConfig(out=tmp_path, engine="virtual", broker=MOSQUITTO)
     assert SimulateConfig(out=tmp_path).engine == "processes"
+    with pytest.raises(ValueError, match="--virtual-parallel only applies to --engine virtual"):
+        SimulateConfig(out=tmp_path, virtual_parallel=2)
+    assert SimulateConfig(out=tmp_path, engine="virtual", virtual_parallel=2).virtual_parallel == 2

@@ -1,0 +1,123 @@
+"""Virtual clients' device work: a session per client and round (the engine before `fedpft.sim.pool`)
+vs the pool (at most one client per core, sessions kept across rounds), and the ORT step floor.
+
+    python benchmarks/virtual_speed.py --bundle runs/x/bundle --shards runs/x/clients
+
+Device side only (no cloud, no FM evaluation, no alignment: those are the same code on both
+engines): every client of `--shards` (client*/train.jsonl) trains one round per `--rounds` on its
+own thread, from the bundle's initial adapters, as the virtual engine's agents do. CPU seconds are
+the process's (all threads; `time.process_time`), which a shared or paused machine inflates less
+than wall time. The floor: one session's training steps alone, CPU seconds per step. Prints a
+markdown table; BENCHMARKS.md's <!-- virtual_speed --> section quotes it with the profile around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, machine  # noqa: E402
+
+from fedpft.edge.session import open_session  # noqa: E402
+from fedpft.edge.task_training import rough_sample_count  # noqa: E402
+from fedpft.edge.trainer import planned_steps, train_round  # noqa: E402
+from fedpft.shared.edge_config import EdgeTrainConfig  # noqa: E402
+from fedpft.shared.manifest import BundleManifest  # noqa: E402
+from fedpft.shared.records import BatchMaker, batches, epoch_order, read_local_data  # noqa: E402
+from fedpft.sim.pool import SessionPool, cores  # noqa: E402
+
+
+def one_round(bundle: Path, shards: list[Path], cfg: EdgeTrainConfig, pool: SessionPool | None) -> tuple[int, float, float]:
+    """(steps, wall s, CPU s) of every client training one round at once, each on its thread."""
+    steps, errors = [], []
+
+    def client(shard: Path):
+        try:
+            lease = pool.lease(bundle, weight=rough_sample_count(shard)) if pool else nullcontext()
+            with lease as session:
+                steps.append(train_round(bundle, shard, cfg, session=session).steps)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in shards]
+    w0, c0 = time.perf_counter(), time.process_time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return sum(steps), time.perf_counter() - w0, time.process_time() - c0
+
+
+def floor(bundle: Path, shard: Path, cfg: EdgeTrainConfig, n: int) -> float:
+    """CPU seconds per training step of one session alone, one ORT thread (after one warm-up step)."""
+    s = open_session(bundle, threads=1)
+    s.set_learning_rate(cfg.lr)
+    data = read_local_data(shard, s.manifest)
+    maker = BatchMaker(bundle, s.manifest)
+    bs = list(batches(data.records, maker, cfg.batch_size, data.skips, epoch_order(len(data.records), 0, 0)))[: n + 1]
+    s.train_step(bs[0])
+    c0 = time.process_time()
+    for b in bs[1:]:
+        s.train_step(b)
+    return (time.process_time() - c0) / (len(bs) - 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--shards", type=Path, required=True, help="folder of client*/train.jsonl (a simulate run's clients/)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--max-steps", type=int, default=None, help="cap on each client's steps per round (shorter runs; the per-round overheads then weigh more)")
+    ap.add_argument("--floor-steps", type=int, default=10)
+    args = ap.parse_args()
+    shards = sorted(args.shards.glob("client*/train.jsonl"))
+    cfg = EdgeTrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps, threads=1, holdout=0.1)
+    manifest = BundleManifest.load(args.bundle)
+    full_steps = sum(planned_steps(len(read_local_data(s, manifest).split(0.1, 0)[0]), cfg.model_copy(update={"max_steps": None})) for s in shards)
+    load0 = os.getloadavg()
+    per_step = floor(args.bundle, shards[0], cfg, args.floor_steps)
+    print(f"floor: {per_step:.3f} CPU s / step", flush=True)
+    n = cores()
+    rows = []
+    for label, pool in (("a session per client and round, all clients at once, 1 ORT thread each (before)", None),
+                        (f"pool: {n} client(s) at once, 1 ORT thread each, sessions kept (after)", SessionPool(n, threads=1))):
+        for r in range(args.rounds):
+            steps, wall, cpu = one_round(args.bundle, shards, cfg.model_copy(update={"seed": r}), pool)
+            over = (cpu - steps * per_step) / len(shards)
+            rows.append((label, r + 1, steps, cpu, wall, over, os.getloadavg()[0]))
+            print(f"{label} round {r + 1}: {steps} steps, {cpu:.1f} CPU s, {wall:.1f} s wall, overhead {over:.2f} CPU s / client-round", flush=True)
+    lines = [
+        "## Virtual engine: device work per round, before and after the session pool",
+        "",
+        f"Command: `{command_line()}` — {machine()}; 1-min load average {load0[0]:.1f} at the start. {len(shards)} clients "
+        f"(the shards of a `simulate` run), batch {args.batch_size}, 1 local epoch, holdout 10%"
+        + (f", at most {args.max_steps} steps per client and round" if args.max_steps else "")
+        + f". Device side only: the cloud's FM evaluation and alignment are the same code on every engine. "
+        f"Floor: one session alone, one ORT thread: **{per_step:.3f} CPU s per training step**. Overhead per client-round = "
+        f"(round CPU - steps x floor) / clients: session build, bundle verification, tokenizer, held-out evaluation before and "
+        f"after training, contention.",
+        "",
+        "| virtual clients | round | steps | CPU s | wall s | overhead CPU s / client-round | 1-min load at the end |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {l} | {r} | {s} | {c:.1f} | {w:.1f} | {o:.2f} | {ld:.1f} |" for l, r, s, c, w, o, ld in rows]
+    after = [o for l, r, s, c, w, o, ld in rows if "after" in l and r > 1] or [rows[-1][5]]
+    per_round = full_steps * per_step + len(shards) * min(after)
+    lines += ["", f"At the benchmark's settings these shards make {full_steps} steps a round: device work = {full_steps} x "
+              f"{per_step:.3f} + {len(shards)} x {min(after):.2f} = {per_round:.0f} CPU s a round, {per_round / n:.0f} s on "
+              f"{n} idle cores."]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
