@@ -169,6 +169,38 @@ def main() -> None:
         gap = evaluate_layer_loss(fm.model, proxy, spec, held) if spec.compressed else 0.0
         return proxy, spec, gap, evaluate_logit_kl(fm.model, proxy, held)
 
+    def write(done: list[str]) -> None:
+        """The section for the variants finished so far (written after each, so a cut-short run still reports)."""
+        lines = [
+            f"## Alignment, isolated ({pc['ffn_keep']:.0%}-FFN proxy): does an aligned proxy train adapters that transfer better to the FM?",
+            "",
+            f"Command: `{command_line()}` — {machine()}. Proxy: {pc['ffn_keep']:.0%} of the FFN neurons kept in compressed "
+            f"layers. Start: the run's aggregated adapters after round {r + 1} "
+            f"and the activation statistics its {len(list((run / 'federation' / 'updates' / f'round_{r:04d}').glob('*.safetensors')))} "
+            f"devices reported that round; FM with these adapters: {100 * start_acc:.1f}%. Each variant then trains the same "
+            f"adapters {args.steps} steps (batch {args.batch_size}, AdamW lr {lr}) on the pooled client data in the same order "
+            f"with the same dropout seed; FM accuracy on all {sum(len(b[1]) for b in test)} test samples. Layer gap = relative "
+            "MSE of the compressed layers' outputs, logit KL = KL(FM || proxy) of the classifier outputs; both proxy vs FM "
+            f"with the starting adapters, on {len(held)} held-out public batches. The run aligned with "
+            f"{sc.get('align_objective', 'hidden-mse')}. Δ = FM accuracy minus that of the layer-only proxy trained in the "
+            "same order (paired): its spread over orders is the noise a difference must beat.",
+            "",
+            f"| proxy the adapters were trained on | layer gap | logit KL | FM accuracy after training, per order | mean "
+            f"| Δ vs layer-only, per order (mean) | that model's own accuracy ({sum(len(b[1]) for b in small)} of the test samples) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        base = {x["order"]: x["fm"] for x in results if x["variant"] == "prepared"}
+        for v in done:
+            rs = [x for x in results if x["variant"] == v]
+            fm_accs = ", ".join(f"{100 * x['fm']:.1f}" for x in rs)
+            own = ", ".join(f"{100 * x['own']:.1f}" for x in rs)
+            deltas = [100 * (x["fm"] - base[x["order"]]) for x in rs if x["order"] in base]
+            delta = f"{', '.join(f'{d:+.1f}' for d in deltas)} ({np.mean(deltas):+.1f})" if deltas and v != "prepared" else "-"
+            lines.append(f"| {LABEL[v]} | {rs[0]['gap']:.4f} | {rs[0]['kl']:.4f} | {fm_accs}% | {100 * np.mean([x['fm'] for x in rs]):.1f}% "
+                         f"| {delta} | {own}% |")
+        write_section(args.section, "\n".join(lines))
+        print("\n".join(lines))
+
     results = []
     for v in args.variants:
         for order in range(args.orders):
@@ -190,36 +222,7 @@ def main() -> None:
                             "seconds": time.time() - t0})
             print(f"{v} order {order}: layer gap {gap:.4f}, logit KL {kl:.4f}, FM {100 * acc:.1f}%, own {100 * own:.1f}%, "
                   f"final loss {results[-1]['loss']:.3f} ({results[-1]['seconds']:.0f}s)", flush=True)
-
-    lines = [
-        f"## Alignment, isolated ({pc['ffn_keep']:.0%}-FFN proxy): does an aligned proxy train adapters that transfer better to the FM?",
-        "",
-        f"Command: `{command_line()}` — {machine()}. Proxy: {pc['ffn_keep']:.0%} of the FFN neurons kept in compressed "
-        f"layers. Start: the run's aggregated adapters after round {r + 1} "
-        f"and the activation statistics its {len(list((run / 'federation' / 'updates' / f'round_{r:04d}').glob('*.safetensors')))} "
-        f"devices reported that round; FM with these adapters: {100 * start_acc:.1f}%. Each variant then trains the same "
-        f"adapters {args.steps} steps (batch {args.batch_size}, AdamW lr {lr}) on the pooled client data in the same order "
-        f"with the same dropout seed; FM accuracy on all {sum(len(b[1]) for b in test)} test samples. Layer gap = relative "
-        "MSE of the compressed layers' outputs, logit KL = KL(FM || proxy) of the classifier outputs; both proxy vs FM "
-        f"with the starting adapters, on {len(held)} held-out public batches. The run aligned with "
-        f"{sc.get('align_objective', 'hidden-mse')}. Δ = FM accuracy minus that of the layer-only proxy trained in the "
-        "same order (paired): its spread over orders is the noise a difference must beat.",
-        "",
-        f"| proxy the adapters were trained on | layer gap | logit KL | FM accuracy after training, per order | mean "
-        f"| Δ vs layer-only, per order (mean) | that model's own accuracy ({sum(len(b[1]) for b in small)} of the test samples) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    base = {x["order"]: x["fm"] for x in results if x["variant"] == "prepared"}
-    for v in args.variants:
-        rs = [x for x in results if x["variant"] == v]
-        fm_accs = ", ".join(f"{100 * x['fm']:.1f}" for x in rs)
-        own = ", ".join(f"{100 * x['own']:.1f}" for x in rs)
-        deltas = [100 * (x["fm"] - base[x["order"]]) for x in rs if x["order"] in base]
-        delta = f"{', '.join(f'{d:+.1f}' for d in deltas)} ({np.mean(deltas):+.1f})" if deltas and v != "prepared" else "-"
-        lines.append(f"| {LABEL[v]} | {rs[0]['gap']:.4f} | {rs[0]['kl']:.4f} | {fm_accs}% | {100 * np.mean([x['fm'] for x in rs]):.1f}% "
-                     f"| {delta} | {own}% |")
-    write_section(args.section, "\n".join(lines))
-    print("\n".join(lines))
+        write(args.variants[: args.variants.index(v) + 1])
 
 
 if __name__ == "__main__":

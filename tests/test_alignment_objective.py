@@ -116,3 +116,14 @@ def test_simulate_and_serve_offer_the_option():
         assert "--align-objective" in out and "logit-kl" in out
     bad = runner.invoke(app, ["simulate", "--out", "x", "--align-objective", "nope"])
     assert bad.exit_code != 0 and "--align-objective" in bad.output and "logit-kl" in bad.output
+
+
+def test_report_shows_each_alignments_objective_and_both_gaps():
+    from fedpft.cloud.report import alignment_lines
+
+    old = {"frozen": {"1": 10}, "mean_apoz": {"1": 0.5}, "gap_before": 0.2, "gap_after": 0.1}  # before the option existed
+    new = {**old, "objective": "logit-kl", "kl_before": 0.0312, "kl_after": 0.0101}
+    rows = [{"round": 0, "fm_accuracy": 0.5, "alignment": old}, {"round": 1, "fm_accuracy": 0.6, "alignment": new}]
+    table = [l for l in alignment_lines(rows) if l.startswith("| 1") or l.startswith("| 2")]
+    assert "| hidden-mse |" in table[0] and "nan -> nan" in table[0]
+    assert "| logit-kl |" in table[1] and "0.0312 -> 0.0101" in table[1] and "0.2000 -> 0.1000" in table[1]
