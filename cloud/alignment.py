@@ -3,6 +3,11 @@
 Sum the devices' activation counts, freeze the neurons they use most (lowest APoZ), and
 re-distil the rest with teacher = FM + aggregated adapters, student = proxy + the same adapters.
 The result is the compressed layers' FFN tensors, shipped to devices under their ORT names.
+
+Objectives (`--align-objective`): hidden-mse, the relative MSE of the compressed layers' outputs
+(the paper's; cloud/distill.py), and logit-kl, KL(FM || proxy) of the classifier outputs
+(cloud/logit_distill.py). Both are measured on held-out public batches before and after, whichever
+one is optimised.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from fedpft.modeling.families import encoder_layers, ffn_linears
 from fedpft.modeling.proxy import ProxySpec
 
 from .aggregate import apoz, most_used
+from .config import ALIGN_OBJECTIVES
 from .distill import DistillResult, distill, evaluate_layer_loss
+from .logit_distill import evaluate_logit_kl, logit_distill
 
 log = logging.getLogger("fedpft.alignment")
 
@@ -36,6 +43,10 @@ class AlignmentResult:
     gap_after: float = float("nan")
     score_before: float | None = None  # `score(proxy)` before and after, when given (e.g. test accuracy)
     score_after: float | None = None
+    objective: str = "hidden-mse"
+    # KL(FM || proxy) of the classifier outputs on the same held-out batches (NaN without them)
+    kl_before: float = float("nan")
+    kl_after: float = float("nan")
 
     def summary(self) -> dict:
         """JSON-ready facts for the round's metrics record."""
@@ -43,7 +54,8 @@ class AlignmentResult:
             "frozen": {str(k): v for k, v in self.frozen.items()},
             "mean_apoz": {str(k): round(v, 4) for k, v in self.mean_apoz.items()},
             "steps": len(self.distill.losses), "loss_first": self.distill.first, "loss_last": self.distill.last,
-            "gap_before": self.gap_before, "gap_after": self.gap_after,
+            "objective": self.objective, "gap_before": self.gap_before, "gap_after": self.gap_after,
+            "kl_before": self.kl_before, "kl_after": self.kl_after,
             "proxy_accuracy_before": self.score_before, "proxy_accuracy_after": self.score_after,
         }
 
@@ -86,24 +98,32 @@ def align(
     lr: float,
     held_out: list[dict[str, torch.Tensor]] | None = None,
     score: Callable[[torch.nn.Module], float | None] | None = None,
+    objective: str = "hidden-mse",
 ) -> AlignmentResult:
     """fm and proxy are PEFT-wrapped with the same LoRA config, on one torch device; both get `adapters`
     first. The returned FFN tensors are CPU fp32 arrays, whatever the device.
     held_out: fixed public batches on which the proxy-vs-FM layer loss is measured before and after.
-    score: a measure of the proxy itself (with the adapters), taken before and after."""
+    score: a measure of the proxy itself (with the adapters), taken before and after.
+    objective: what the unfrozen neurons are trained to minimise (ALIGN_OBJECTIVES)."""
+    if objective not in ALIGN_OBJECTIVES:
+        raise ValueError(f"alignment objective {objective!r}: expected one of {', '.join(ALIGN_OBJECTIVES)}")
     as_torch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapters.items()}
     load_adapter_state(fm, as_torch)
     load_adapter_state(proxy, as_torch, spec.layer_map)
     masks = frozen_masks(stats, spec, fraction)
     gap = (lambda: evaluate_layer_loss(fm, proxy, spec, held_out)) if held_out else (lambda: float("nan"))
-    before, score_before = gap(), score(proxy) if score else None
-    result = distill(fm, proxy, spec, public, steps, lr=lr, frozen=masks)
-    after, score_after = gap(), score(proxy) if score else None
+    kl = (lambda: evaluate_logit_kl(fm, proxy, held_out)) if held_out else (lambda: float("nan"))
+    before, kl_before, score_before = gap(), kl(), score(proxy) if score else None
+    train = logit_distill if objective == "logit-kl" else distill
+    result = train(fm, proxy, spec, public, steps, lr=lr, frozen=masks)
+    after, kl_after, score_after = gap(), kl(), score(proxy) if score else None
     mean = {spec.layer_map[p]: float(apoz(*stats[spec.layer_map[p]]).mean()) for p in masks}
     log.info(
-        "alignment: froze %s neurons, distilled %d steps (loss %.4f -> %.4f; held-out %.4f -> %.4f), mean APoZ %s",
+        "alignment (%s): froze %s neurons, %d steps (loss %.4f -> %.4f; held-out layer loss %.4f -> %.4f, "
+        "logit KL %.4f -> %.4f), mean APoZ %s", objective,
         {spec.layer_map[p]: int(m.sum()) for p, m in masks.items()}, len(result.losses), result.first, result.last,
-        before, after, {k: round(v, 3) for k, v in mean.items()},
+        before, after, kl_before, kl_after, {k: round(v, 3) for k, v in mean.items()},
     )
     frozen = {spec.layer_map[p]: int(m.sum()) for p, m in masks.items()}
-    return AlignmentResult(ffn_state(proxy, spec), frozen, result, mean, before, after, score_before, score_after)
+    return AlignmentResult(ffn_state(proxy, spec), frozen, result, mean, before, after, score_before, score_after,
+                           objective, kl_before, kl_after)

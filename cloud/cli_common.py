@@ -71,6 +71,17 @@ SERVE_PRECISION = ("Evaluation runs under bf16 autocast on CUDA (fp16 on GPUs wi
                    "(fp32 on GPUs without bf16), with fp32 parameters; MPS and CPU run fp32; adapters and checkpoints are fp32.")
 
 
+# --align-objective of serve and simulate (one Option serves both; ServeConfig validates the name).
+ALIGN_OBJECTIVE_OPT = typer.Option(
+    "hidden-mse", "--align-objective",
+    help="What neuron-level alignment trains the proxy's unfrozen FFN neurons to minimise, with the FM + the round's "
+         "adapters as teacher, on public data: hidden-mse (relative MSE of the compressed layers' outputs, the paper's; "
+         "the default) or logit-kl (KL(FM || proxy) of the classifier outputs, aimed at adapter transfer). "
+         "Not the default: it is not shown to make proxy-trained adapters serve the FM better than hidden-mse or layer-only "
+         "distillation (BENCHMARKS.md, alignment_objective).",
+)
+
+
 def check_device(name: str) -> None:
     """Refuse a --device this machine lacks before any work starts (one line, non-zero exit)."""
     from .device import DeviceError, resolve_device

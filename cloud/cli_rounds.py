@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from .cli_common import (CA_OPT, CERT_OPT, DISTILL_PRECISION, KEY_OPT, PASSWORD_OPT, PRIVACY_OPTIONS, SERVE_PRECISION, check_device,
-                         device_option, fail, from_options, with_options)
+from .cli_common import (ALIGN_OBJECTIVE_OPT, CA_OPT, CERT_OPT, DISTILL_PRECISION, KEY_OPT, PASSWORD_OPT, PRIVACY_OPTIONS,
+                         SERVE_PRECISION, check_device, device_option, fail, from_options, with_options)
 
 
 @with_options(PRIVACY_OPTIONS, before="device")
@@ -38,6 +38,7 @@ def serve(
     align_every: int = typer.Option(0, "--align-every", help="Neuron-level alignment every T rounds (0 = never)."),
     align_fraction: float = typer.Option(0.5, "--align-fraction", help="Share of neurons frozen (the most used) during alignment."),
     align_steps: int = typer.Option(100, "--align-steps", help="Distillation steps per alignment."),
+    align_objective: str = ALIGN_OBJECTIVE_OPT,
     public_data: Optional[Path] = typer.Option(None, "--public-data", help="Public data for alignment (default: the one given to prepare)."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Labelled data (JSONL/CSV text or image folder) to evaluate the FM on each round."),
     eval_max_samples: Optional[int] = typer.Option(None, "--eval-max-samples", help="Evaluate on at most this many samples."),
@@ -103,6 +104,7 @@ def simulate(
     ffn_keep: float = typer.Option(0.25, "--ffn-keep", help="Share of FFN neurons the proxy keeps in compressed layers (fedpft-family and fedot budgets follow it)."),
     align_every: Optional[int] = typer.Option(None, "--align-every", help="Alignment period for fedpft (default: halfway through the run)."),
     align_steps: int = typer.Option(30, "--align-steps", help="Distillation steps per alignment."),
+    align_objective: str = ALIGN_OBJECTIVE_OPT,
     local_epochs: int = typer.Option(2, "--local-epochs", help="Local epochs per round."),
     lr: float = typer.Option(3e-3, "--lr", help="Devices' learning rate."),
     batch_size: int = typer.Option(16, "--batch-size", help="Devices' batch size."),

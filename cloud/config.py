@@ -141,6 +141,13 @@ class PrivacyOptions(BaseModel):
         return {k for k, f in PrivacyOptions.model_fields.items() if getattr(self, k) == f.default}
 
 
+# What neuron-level alignment trains the proxy's unfrozen FFN neurons to minimise (cloud/alignment.py).
+# hidden-mse: relative MSE of the compressed layers' outputs, proxy vs FM (the paper's; the default).
+# logit-kl: KL(FM || proxy) of the classifier outputs, both with the round's adapters.
+ALIGN_OBJECTIVES = ("hidden-mse", "logit-kl")
+AlignObjective = Literal[ALIGN_OBJECTIVES]  # type: ignore[valid-type]
+
+
 class ServeConfig(BrokerConfig, PrivacyOptions):
     """`fedpft-cloud serve`: one federated run over MQTT; saved as RUN/serve_config.json."""
 
@@ -191,6 +198,7 @@ class ServeConfig(BrokerConfig, PrivacyOptions):
     # broker TLS and credentials come from BrokerConfig (fedpft-cloud provision writes the cloud's password file)
     signing_key: Path | None = Field(default=None, description="Ed25519 private key that signs every Task")
     device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
+    align_objective: AlignObjective = Field(default="hidden-mse", description="what alignment minimises: " + ", ".join(ALIGN_OBJECTIVES))
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -265,6 +273,7 @@ class SimulateConfig(PrivacyOptions):
     device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
     engine: SimEngine = Field(default="processes", description="processes: real edge processes over MQTT; virtual: the same edge agents on threads of the cloud process, over an in-memory hub")
     virtual_parallel: int | None = Field(default=None, ge=1, description="virtual engine: clients training at once, the cores split among them (None = one per core)")
+    align_objective: AlignObjective = Field(default="hidden-mse", description="what alignment minimises: " + ", ".join(ALIGN_OBJECTIVES))
 
     @model_validator(mode="after")
     def _engine_options(self) -> "SimulateConfig":

@@ -88,22 +88,24 @@ def _restore_frozen(student: nn.Module, frozen: dict[int, torch.Tensor], snapsho
             w_out.weight[:, mask] = wo[:, mask]
 
 
-def distill(
+def fit_ffns(
     teacher: nn.Module,
     student: nn.Module,
     spec: ProxySpec,
     batches: Iterator[Batch],
     steps: int,
-    lr: float = 5e-4,
-    alpha: float = 0.0,
+    lr: float,
+    loss_fn: Callable[[Batch], torch.Tensor],
     frozen: dict[int, torch.Tensor] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> DistillResult:
-    """Train the student's distilled FFNs to match the teacher's layer outputs for `steps` batches.
+    """Train the student's compressed FFNs to minimise `loss_fn(batch)` (run under the device's
+    "training" autocast, batch already on the device) for `steps` batches; the objectives of
+    `distill` and of cloud/logit_distill.py.
 
     frozen: proxy layer -> bool mask (neurons,) of neurons that keep their current weights.
     Teacher and student must be on one device; batches may be anywhere (they are moved there).
-    The forward passes run under the device's "training" autocast; parameters stay fp32.
+    Parameters stay fp32; both models run in eval mode (deterministic outputs to match).
     """
     result = DistillResult()
     if steps <= 0 or not spec.compressed:
@@ -112,11 +114,8 @@ def distill(
     if model_device(teacher) != device:
         raise ValueError(f"teacher on {model_device(teacher)} and student on {device}: put both on one device")
     frozen = {p: m.to(device) for p, m in frozen.items()} if frozen else frozen
-    pairs = layer_pairs(spec)
     params = distill_params(student, spec)
-    t_layers, s_layers = encoder_layers(teacher), encoder_layers(student)
-    with torch.no_grad():
-        t_products = {p: ffn_product(t_layers[spec.layer_map[p]]) for p in spec.compressed} if alpha > 0 else {}
+    s_layers = encoder_layers(student)
     snapshot = {}
     if frozen:
         for p in frozen:
@@ -124,19 +123,13 @@ def distill(
             b = w_in.bias.detach().clone() if w_in.bias is not None else None
             snapshot[p] = (w_in.weight.detach().clone(), b, w_out.weight.detach().clone())
     teacher.eval()
-    student.eval()  # no dropout: distillation matches deterministic layer outputs
+    student.eval()  # no dropout: distillation matches deterministic outputs
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     with _only_trainable(student, params):
         for step in range(steps):
             batch = to_device(next(batches), device)
             with autocast(device, "training"):
-                with torch.no_grad():
-                    t_hs = hidden_states(teacher, batch)
-                s_hs = hidden_states(student, batch)
-                loss = hidden_loss(t_hs, s_hs, pairs)
-                if alpha > 0:
-                    prod = torch.stack([relative_mse(t_products[p], ffn_product(s_layers[p]).float()) for p in spec.compressed])
-                    loss = loss + alpha * prod.mean()
+                loss = loss_fn(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -148,12 +141,41 @@ def distill(
     return result
 
 
-@torch.no_grad()
-def evaluate_layer_loss(teacher: nn.Module, student: nn.Module, spec: ProxySpec, batches: list[Batch]) -> float:
-    """Mean hidden-state relative MSE over fixed batches (for before/after comparisons)."""
-    if not spec.compressed:
-        return 0.0
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    spec: ProxySpec,
+    batches: Iterator[Batch],
+    steps: int,
+    lr: float = 5e-4,
+    alpha: float = 0.0,
+    frozen: dict[int, torch.Tensor] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> DistillResult:
+    """Train the student's distilled FFNs to match the teacher's layer outputs for `steps` batches
+    (`fit_ffns` with the layer loss, plus alpha x the W_out·W_in product term)."""
     pairs = layer_pairs(spec)
+    t_layers, s_layers = encoder_layers(teacher), encoder_layers(student)
+    with torch.no_grad():
+        t_products = {p: ffn_product(t_layers[spec.layer_map[p]]) for p in spec.compressed} if alpha > 0 and steps > 0 else {}
+
+    def loss_fn(batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            t_hs = hidden_states(teacher, batch)
+        loss = hidden_loss(t_hs, hidden_states(student, batch), pairs)
+        if alpha > 0:
+            prod = torch.stack([relative_mse(t_products[p], ffn_product(s_layers[p]).float()) for p in spec.compressed])
+            loss = loss + alpha * prod.mean()
+        return loss
+
+    return fit_ffns(teacher, student, spec, batches, steps, lr, loss_fn, frozen, on_step)
+
+
+@torch.no_grad()
+def mean_over_batches(teacher: nn.Module, student: nn.Module, batches: list[Batch],
+                      measure: Callable[[Batch], torch.Tensor]) -> float:
+    """Mean of `measure(batch)` over fixed batches, both models in eval mode on the student's device
+    under its "inference" autocast: the before/after comparisons of an objective."""
     teacher.eval()
     student.eval()
     device = model_device(student)
@@ -161,5 +183,14 @@ def evaluate_layer_loss(teacher: nn.Module, student: nn.Module, spec: ProxySpec,
     for b in batches:
         b = to_device(b, device)
         with autocast(device, "inference"):
-            vals.append(float(hidden_loss(hidden_states(teacher, b), hidden_states(student, b), pairs)))
+            vals.append(float(measure(b)))
     return sum(vals) / len(vals)
+
+
+def evaluate_layer_loss(teacher: nn.Module, student: nn.Module, spec: ProxySpec, batches: list[Batch]) -> float:
+    """Mean hidden-state relative MSE over fixed batches (for before/after comparisons)."""
+    if not spec.compressed:
+        return 0.0
+    pairs = layer_pairs(spec)
+    return mean_over_batches(teacher, student, batches,
+                             lambda b: hidden_loss(hidden_states(teacher, b), hidden_states(student, b), pairs))

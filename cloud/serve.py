@@ -85,7 +85,7 @@ class Cloud:
         # make the model the devices train on behave more like the FM they are training for?
         score = (lambda model: evaluate_model(model, self.eval_batches())[0]) if self.cfg.eval_data else None
         res = align(self.fm.model, proxy, spec, adapters, stats, stream, self.cfg.align_fraction, self.cfg.align_steps,
-                    self.cfg.align_lr, held_out=self._held, score=score)
+                    self.cfg.align_lr, held_out=self._held, score=score, objective=self.cfg.align_objective)
         return res.ffn, res.summary()  # proxy state-dict keys, as manifest.ffn names them
 
 

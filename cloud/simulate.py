@@ -170,7 +170,7 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
         min_clients=cfg.clients, clients_per_round=cfg.clients, round_timeout=cfg.round_timeout,
         local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
         align_every=cfg.resolved_align_every(), align_steps=cfg.align_steps, align_fraction=cfg.align_fraction,
-        public_data=public if public.is_file() else None, eval_data=eval_path, seed=cfg.seed, device=cfg.device,
+        align_objective=cfg.align_objective, public_data=public if public.is_file() else None, eval_data=eval_path, seed=cfg.seed, device=cfg.device,
         **cfg.privacy_fields(),
     )
     if cfg.engine == "virtual":
