@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import command_line, machine, write_section
+from common import ROOT, command_line, machine, write_section
 
 METHODS = ["fedpft", "layeronly", "fedot", "noalign", "full"]
 SAME_BUNDLE = {"layeronly": "fedpft"}  # same proxy and distillation; only the schedule differs
@@ -177,9 +177,10 @@ def main() -> None:
             lines.append(f"| {m} | {a['round'] + 1} | {a['gap_before']:.4f} -> {a['gap_after']:.4f} | "
                          f"{100 * a['proxy_accuracy_before']:.1f}% -> {100 * a['proxy_accuracy_after']:.1f}% | "
                          f"{', '.join(f'{v:.2f}' for v in a['mean_apoz'].values())} |")
-    lines += ["", "Bytes down include the one-time bundle download in round 1 (the proxy checkpoint: the full FM's for `full`)."]
+    lines += ["", "Bytes down include the one-time bundle download in round 1 (the proxy checkpoint: the full FM's for `full`).",
+              "", "![FM accuracy per round, every method on one axis](benchmarks/results/accuracy.png)"]
     write_section("accuracy", "\n".join(lines))
-    plot(results, args.work / "accuracy.png")
+    plot(results, ROOT / "benchmarks" / "results" / "accuracy.png")  # committed beside BENCHMARKS.md
     print("\n".join(lines))
 
 

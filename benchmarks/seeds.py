@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -88,23 +89,36 @@ def write_json(path: Path, obj: dict) -> None:
 # ---- bundles ------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=None)
+def fedot_layers(ffn_keep: float, model: str = "minilm") -> int:
+    """FedOT's layer budget at this --ffn-keep, as prepare computes it (default kept layers)."""
+    from fedpft.modeling.families import load_config, resolve_model_id
+    from fedpft.modeling.proxy import default_keep_layers, matching_layer_budget
+
+    c = load_config(resolve_model_id(model), ["a", "b"])
+    return matching_layer_budget(c.num_hidden_layers, c.hidden_size, c.intermediate_size, default_keep_layers(c.num_hidden_layers), ffn_keep)
+
+
 def bundle_key(method: str, ffn_keep: float) -> str:
-    """Runs with equal keys run on the same proxy (layeronly is fedpft's bundle, only the schedule differs)."""
+    """Runs with equal keys run on the same proxy (layeronly is fedpft's bundle, only the schedule
+    differs; FedOT at two --ffn-keep with one layer budget is one proxy)."""
     from fedpft.shared.methods import method as row
 
     m = row(method)
     if m.proxy == "full":
         return "full"
-    return f"{m.proxy}-{'distilled' if m.distill else 'raw'}-keep{ffn_keep:g}"
+    size = f"L{fedot_layers(ffn_keep)}" if m.proxy == "fedot" else f"keep{ffn_keep:g}"
+    return f"{m.proxy}-{'distilled' if m.distill else 'raw'}-{size}"
 
 
-def bundle(method: str, ffn_keep: float, args, work: Path) -> Path:
-    """The method's bundle, prepared once (seed 0) under work/bundles and shared by every seed and partition."""
+def bundle(method: str, ffn_keep: float, args, work: Path, folder: Path | None = None) -> Path:
+    """The method's bundle, prepared once (seed 0) under work/bundles (or `folder`) and shared by every
+    seed and partition."""
     from fedpft.cloud.prepare import prepare
     from fedpft.cloud.simulate import bundle_config
     from fedpft.shared.datasets import materialize
 
-    folder = work / "bundles" / bundle_key(method, ffn_keep)
+    folder = folder or work / "bundles" / bundle_key(method, ffn_keep)
     if (folder / "manifest.json").is_file():
         return folder
     if folder.exists():
@@ -112,7 +126,7 @@ def bundle(method: str, ffn_keep: float, args, work: Path) -> Path:
     cfg = simulate_config(method, args, work / "unused", ffn_keep=ffn_keep, seed=0, engine="virtual")
     t0 = time.time()
     prepare(bundle_config(cfg, materialize(work / "data"), folder), show_progress=False)
-    print(f"bundle {folder.name}: prepared in {time.time() - t0:.0f}s (load {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"bundle {folder}: prepared in {time.time() - t0:.0f}s (load {os.getloadavg()[0]:.1f})", flush=True)
     return folder
 
 

@@ -122,3 +122,6 @@ def test_bundle_keys_share_a_proxy_only_where_it_is_the_same(bench):
     assert seeds.bundle_key("noalign", 0.25) != seeds.bundle_key("fedpft", 0.25)  # not distilled
     assert seeds.bundle_key("fedpft", 0.1) != seeds.bundle_key("fedpft", 0.25)
     assert seeds.bundle_key("full", 0.1) == seeds.bundle_key("full", 0.5)
+    # FedOT's budget is whole layers: MiniLM's 6 layers give 4 at --ffn-keep 0.1 and 0.25, 5 at 0.5
+    assert seeds.bundle_key("fedot", 0.1) == seeds.bundle_key("fedot", 0.25) == "fedot-distilled-L4"
+    assert seeds.bundle_key("fedot", 0.5) == "fedot-distilled-L5"
