@@ -133,9 +133,21 @@ def bundle(method: str, ffn_keep: float, args, work: Path, folder: Path | None =
 # ---- runs ---------------------------------------------------------------------------------
 
 
-def curve(out: Path) -> list[float]:
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+SCHEDULE = ("clients", "max_samples", "eval_samples", "distill_steps", "align_every", "align_steps", "lr", "local_epochs", "batch_size")
+
+
+def curve(metrics: Path) -> list[float]:
+    rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] if metrics.is_file() else []
     return [r["fm_accuracy"] for r in rows if r.get("fm_accuracy") is not None]
+
+
+def result(run: Run, acc: list[float], schedule: dict, wall_s: float, load_start: float | None, command: str) -> dict:
+    """A run's result JSON; `complete` is false for a run read while it was still going (see --harvest)."""
+    return {"method": run.method, "partition": run.partition, "seed": run.seed, "rounds": run.rounds,
+            "ffn_keep": None if run.method == "full" else run.ffn_keep, "bundle": bundle_key(run.method, run.ffn_keep),
+            "fm_accuracy": acc, "complete": len(acc) >= run.rounds, "wall_s": round(wall_s, 1),
+            "load_start": None if load_start is None else round(load_start, 2),
+            "load_end": [round(x, 2) for x in os.getloadavg()], "engine": "virtual", "schedule": schedule, "command": command}
 
 
 def run_one(run: Run, args, work: Path, results: Path) -> dict:
@@ -147,18 +159,32 @@ def run_one(run: Run, args, work: Path, results: Path) -> dict:
     (out / "bundle").symlink_to(bundle(run.method, run.ffn_keep, args, work).resolve(), target_is_directory=True)
     wall = simulate_run(run.method, args, out, engine="virtual", partition=run.partition, seed=run.seed,
                         ffn_keep=run.ffn_keep, rounds=run.rounds)
-    acc = curve(out)
-    result = {"method": run.method, "partition": run.partition, "seed": run.seed, "rounds": run.rounds,
-              "ffn_keep": None if run.method == "full" else run.ffn_keep, "bundle": bundle_key(run.method, run.ffn_keep),
-              "fm_accuracy": acc, "wall_s": round(wall["wall"], 1), "load_start": round(wall["load_start"], 2),
-              "load_end": [round(x, 2) for x in wall["load"]], "engine": "virtual",
-              "schedule": {k: getattr(args, k) for k in ("clients", "max_samples", "eval_samples", "distill_steps",
-                                                          "align_every", "align_steps", "lr", "local_epochs", "batch_size")},
-              "command": command_line()}
+    acc = curve(out / "metrics.jsonl")
     if len(acc) != run.rounds:
         raise RuntimeError(f"{run.name}: {len(acc)} evaluated rounds of {run.rounds}; no result written")
-    write_json(results / f"{run.name}.json", result)
-    return result
+    r = result(run, acc, {k: getattr(args, k) for k in SCHEDULE}, wall["wall"], wall["load_start"], command_line())
+    write_json(results / f"{run.name}.json", r)
+    return r
+
+
+def harvest(work: Path, results: Path, command: str) -> list[str]:
+    """Rounds so far of the runs still going under work/runs, as JSON with complete=false (a JSON that
+    pending() does not count as done, so the run is still made in full; its own result replaces this)."""
+    written = []
+    for out in sorted((work / "runs").glob("*/")):
+        cfg_path = out / "simulate_config.json"
+        if not cfg_path.is_file():
+            continue
+        cfg = json.loads(cfg_path.read_text())
+        run = Run(cfg["method"], cfg["partition"], cfg["seed"], cfg["rounds"], cfg["ffn_keep"])
+        target = results / f"{run.name}.json"
+        acc = curve(out / "federation" / "metrics.jsonl")
+        if not acc or (target.is_file() and len(json.loads(target.read_text())["fm_accuracy"]) >= len(acc)):
+            continue
+        write_json(target, result(run, acc, {k: cfg[k] for k in SCHEDULE}, time.time() - cfg_path.stat().st_mtime, None,
+                                  f"{command} (rounds so far of a run still going)"))
+        written.append(f"{run.name}: {len(acc)} of {run.rounds} rounds")
+    return written
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -191,7 +217,9 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
         f"on `simulate --engine virtual`, {rounds} rounds. One bundle per proxy (prepared with seed 0); the run's seed "
         "changes the partition, the training subsample, the 800 test samples, the initial adapters, device sampling and "
         "local shuffling. Runs in: "
-        f"**{len(used)} of {planned} planned**.",
+        f"**{sum(r.get('complete', True) for r in used)} complete of {planned} planned**"
+        + (f", and {sum(not r.get('complete', True) for r in used)} still going whose first {rounds} rounds are used "
+           "(a run's first rounds do not depend on its length)" if not all(r.get("complete", True) for r in used) else "") + ".",
         "",
         "FM test accuracy after the last round (%), mean ± sd over seeds (n seeds):",
         "",
@@ -230,12 +258,17 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
             ok = "" if math.isnan(move) else (" (converged)" if move < CONVERGED_POINTS else " (still moving)")
             lines.append(f"| {p} | {m} | {len(curves)} | {'-' if math.isnan(move) else f'{move:.2f}'}{ok} | "
                          + " ".join(pct(v) for v in mean_curve(curves)) + " |")
-    walls = [r["wall_s"] for r in used]
+    commands = sorted({r["command"] for r in used})
+    if commands:
+        lines += ["", "The runs were made by (each skips the runs whose JSON exists; under `nice -n 19`, "
+                  "`FEDPFT_EDGE_PYTHON=.venv-edge/bin/python`):", ""] + [f"    {c}" for c in commands]
+    done = [r for r in rows if r.get("complete", True)]
+    walls = [r["wall_s"] / len(r["fm_accuracy"]) for r in done]
     if walls:
-        loads = [r["load_start"] for r in used]
-        lines += ["", f"Wall time per run: median {sorted(walls)[len(walls) // 2] / 60:.1f} min (min {min(walls) / 60:.1f}, "
-                  f"max {max(walls) / 60:.1f}), under `nice -n 19` on a shared machine: 1-min load average at the runs' "
-                  f"starts {min(loads):.1f}–{max(loads):.1f} (2 cores), so these times are inflated."]
+        loads = [r["load_start"] for r in done if r.get("load_start") is not None]
+        lines += ["", f"Wall time per round of the {len(done)} complete runs: median {sorted(walls)[len(walls) // 2] / 60:.1f} min "
+                  f"(min {min(walls) / 60:.1f}, max {max(walls) / 60:.1f}), under `nice -n 19` on a shared machine: 1-min load "
+                  f"average at the runs' starts {min(loads):.1f}–{max(loads):.1f} on 2 cores, so these times are inflated."]
     lines += ["", "![accuracy per round, mean over seeds with a ±1 sd band](benchmarks/results/seeds.png)"]
     return "\n".join(lines)
 
@@ -293,13 +326,19 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "seeds", help="bundles and run folders (not committed)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="one JSON per finished run (committed)")
     ap.add_argument("--report", action="store_true", help="only write the section and plot from the existing JSON")
+    ap.add_argument("--harvest", action="store_true", help="first save the rounds so far of runs still going under --work "
+                    "(complete=false; they are run in full later), then as --report")
     args = ap.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    if args.harvest:
+        print("\n".join(harvest(args.work, args.results, command_line())) or "no run in progress has new rounds", flush=True)
+        args.report = True
     runs = plan(args.methods, args.partitions, args.seeds, args.rounds, args.ffn_keep)
     todo = [] if args.report else pending(runs, args.results)
-    print(f"{len(runs) - len(todo)} of {len(runs)} runs already have results; {len(todo)} to run", flush=True)
+    if not args.report:
+        print(f"{len(runs) - len(todo)} of {len(runs)} runs already have results; {len(todo)} to run", flush=True)
     planned = len(plan(METHODS, PARTITIONS, args.seeds, args.rounds))
     for run in todo:
         t0 = time.time()

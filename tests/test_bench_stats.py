@@ -125,3 +125,21 @@ def test_bundle_keys_share_a_proxy_only_where_it_is_the_same(bench):
     # FedOT's budget is whole layers: MiniLM's 6 layers give 4 at --ffn-keep 0.1 and 0.25, 5 at 0.5
     assert seeds.bundle_key("fedot", 0.1) == seeds.bundle_key("fedot", 0.25) == "fedot-distilled-L4"
     assert seeds.bundle_key("fedot", 0.5) == "fedot-distilled-L5"
+
+
+def test_harvest_saves_rounds_so_far_without_marking_the_run_done(bench, tmp_path):
+    _, seeds = bench
+    run = seeds.Run("fedpft", "dirichlet:0.5", 1, 20)
+    out = tmp_path / "work" / "runs" / run.name
+    (out / "federation").mkdir(parents=True)
+    cfg = {"method": "fedpft", "partition": "dirichlet:0.5", "seed": 1, "rounds": 20, "ffn_keep": 0.25}
+    cfg.update({k: 1 for k in seeds.SCHEDULE})
+    (out / "simulate_config.json").write_text(json.dumps(cfg))
+    rows = [{"round": i, "fm_accuracy": 0.5 + i / 100} for i in range(3)]
+    (out / "federation" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = tmp_path / "results"
+    assert seeds.harvest(tmp_path / "work", results, "cmd") == [f"{run.name}: 3 of 20 rounds"]
+    saved = json.loads((results / f"{run.name}.json").read_text())
+    assert saved["fm_accuracy"] == [0.5, 0.51, 0.52] and saved["complete"] is False
+    assert seeds.pending([run], results) == [run]  # still to be run in full
+    assert seeds.harvest(tmp_path / "work", results, "cmd") == []  # nothing new
