@@ -143,3 +143,24 @@ def test_harvest_saves_rounds_so_far_without_marking_the_run_done(bench, tmp_pat
     assert saved["fm_accuracy"] == [0.5, 0.51, 0.52] and saved["complete"] is False
     assert seeds.pending([run], results) == [run]  # still to be run in full
     assert seeds.harvest(tmp_path / "work", results, "cmd") == []  # nothing new
+
+
+def test_frontier_joins_a_proxy_with_the_runs_of_every_ffn_keep_that_builds_it(bench):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import frontier
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = [
+        {"method": "fedot", "partition": "iid", "seed": 0, "ffn_keep": 0.1, "fm_accuracy": [0.5, 0.70]},
+        {"method": "fedot", "partition": "iid", "seed": 0, "ffn_keep": 0.25, "fm_accuracy": [0.5, 0.70]},  # the same run
+        {"method": "fedot", "partition": "iid", "seed": 1, "ffn_keep": 0.25, "fm_accuracy": [0.5, 0.80]},
+        {"method": "fedot", "partition": "iid", "seed": 2, "ffn_keep": 0.5, "fm_accuracy": [0.5, 0.99]},  # another proxy
+        {"method": "full", "partition": "iid", "seed": 0, "ffn_keep": None, "fm_accuracy": [0.6, 0.9]},
+    ]
+    s = frontier.accuracy(rows, {"method": "fedot", "ffn_keeps": [0.1, 0.25]}, "iid", rounds=2)
+    assert s.n == 2 and s.mean == pytest.approx(0.75)
+    assert frontier.accuracy(rows, {"method": "full", "ffn_keeps": None}, "iid", rounds=2).mean == pytest.approx(0.9)
+    assert frontier.accuracy(rows, {"method": "fedot", "ffn_keeps": [0.1, 0.25]}, "dirichlet:0.5", rounds=2).n == 0
+    assert list(frontier.proxies()) == ["fedpft-distilled-keep0.1", "fedpft-distilled-keep0.25", "fedpft-distilled-keep0.5",
+                                        "fedot-distilled-L4", "fedot-distilled-L5", "full"]
