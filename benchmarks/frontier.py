@@ -65,7 +65,7 @@ def measure(method: str, keep: float, args) -> dict:
             for _ in range(args.repeats)]  # a shared machine's noise only adds time: keep the fastest
     return {"method": method, "bundle": key, "distilled": folder.parent.name == "bundles",
             "bundle_bytes": len(pack_bundle(folder)), "proxy_params_m": proxy_params_m(folder), **proxy_shape(folder),
-            "step_s": min(r["step_s"] for r in runs), "rss_mb": max(r["rss_mb"] for r in runs), "ort": runs[0].get("ort"),
+            "step_s": min(r["step_s"] for r in runs), "step_cpu_s": min(r["step_cpu_s"] for r in runs), "rss_mb": max(r["rss_mb"] for r in runs), "ort": runs[0].get("ort"),
             "shape": SHAPE, "threads": 1, "load": round(os.getloadavg()[0], 2), "command": command_line()}
 
 
@@ -84,14 +84,15 @@ def section(costs: list[dict], seed_rows: list[dict], rounds: int, command: str)
         "",
         f"Command: `{command}` — {machine()}. Cost from `benchmarks/results/frontier/*.json`: **bundle MB** = the packed "
         "bundle a device downloads once; **step** = median time of one local training step of the device trainer "
-        f"(plain onnxruntime, one thread, batch {SHAPE['batch']} x {SHAPE['tokens']} tokens) and **peak RSS** = that "
+        f"(plain onnxruntime, one thread, batch {SHAPE['batch']} x {SHAPE['tokens']} tokens), wall and **CPU** seconds (the "
+        "process's CPU time: what contention on a shared machine does not inflate), and **peak RSS** = that "
         "process's VmHWM (session load included), each the best of a few subprocess repeats, under `nice -n 19` on a "
         "shared 2-core machine (load average in the last column: times are inflated when it exceeds 2). Accuracy: "
         f"last-round FM accuracy after {rounds} rounds, mean ± sd over the seeds run by benchmarks/seeds.py "
         "(`-` where none has finished yet). FedOT's layer count comes from --ffn-keep (the FedPFT proxy's weight budget "
         "in whole layers, rounded), so one FedOT row may stand for several --ffn-keep values.",
         "",
-        "| proxy | --ffn-keep | layers (of FM) / FFN neurons per layer | params (M) | bundle MB | step s | peak RSS MB | "
+        "| proxy | --ffn-keep | layers (of FM) / FFN neurons per layer | params (M) | bundle MB | step s, wall / CPU | peak RSS MB | "
         + " | ".join(f"FM accuracy {p} (%)" for p in PARTITIONS) + " | load |",
         "|---|---|---|---|---|---|---|" + "---|" * len(PARTITIONS) + "---|",
     ]
@@ -103,7 +104,7 @@ def section(costs: list[dict], seed_rows: list[dict], rounds: int, command: str)
             accs.append("-" if s.n == 0 else f"{100 * s.mean:.1f}" + (f" ± {100 * s.sd:.1f}" if s.n > 1 else "") + f" (n={s.n})")
         ffn = "/".join(str(n) for n in c["ffn_sizes"])
         lines.append(f"| {c['method']} | {keeps} | {c['layers']} of {c['fm_layers']} / {ffn} | "
-                     f"{c['proxy_params_m']:.1f} | {c['bundle_bytes'] / 1e6:.1f} | {c['step_s']:.3f} | {c['rss_mb']:.0f} | "
+                     f"{c['proxy_params_m']:.1f} | {c['bundle_bytes'] / 1e6:.1f} | {c['step_s']:.3f} / {c['step_cpu_s']:.3f} | {c['rss_mb']:.0f} | "
                      + " | ".join(accs) + f" | {c['load']:.1f} |")
     lines += ["", "![FM accuracy and edge step time against bundle size](benchmarks/results/frontier.png)"]
     return "\n".join(lines)
@@ -123,7 +124,7 @@ def plot(costs: list[dict], seed_rows: list[dict], rounds: int, path: Path) -> P
         if not cs:
             continue
         mb = [c["bundle_bytes"] / 1e6 for c in cs]
-        right.plot(mb, [c["step_s"] for c in cs], marker="o", color=colors[method], label=method)
+        right.plot(mb, [c["step_cpu_s"] for c in cs], marker="o", color=colors[method], label=method)
         pts = [(m, accuracy(seed_rows, c, PARTITIONS[0], rounds), c) for m, c in zip(mb, cs)]
         pts = [(m, s, c) for m, s, c in pts if s.n > 0]
         if pts:
@@ -132,13 +133,13 @@ def plot(costs: list[dict], seed_rows: list[dict], rounds: int, path: Path) -> P
                           color=colors[method], label=method)
         for m, c in zip(mb, cs):
             tag = "" if c["ffn_keeps"] is None else "/".join(f"{k:g}" for k in c["ffn_keeps"])
-            right.annotate(f"{tag} {c['rss_mb']:.0f} MB", (m, c["step_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            right.annotate(f"{tag} {c['rss_mb']:.0f} MB", (m, c["step_cpu_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     left.set_title(f"FM accuracy, {PARTITIONS[0]}, round {rounds} (mean ± sd)")
     left.set_xlabel("bundle MB (download to device)")
     left.set_ylabel("accuracy (%)")
-    right.set_title("edge step time (label: --ffn-keep, peak RSS)")
+    right.set_title("edge step, CPU seconds (label: --ffn-keep, peak RSS)")
     right.set_xlabel("bundle MB (download to device)")
-    right.set_ylabel("seconds per step")
+    right.set_ylabel("CPU seconds per step")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
