@@ -22,7 +22,7 @@ from fedpft.cloud.config import ServeConfig, load_prepare_config
 from fedpft.shared import topics
 from fedpft.shared.archive import pack_bundle
 from fedpft.shared.codec import decode_tensors, encode_tensors
-from fedpft.shared.manifest import ROLE_FM_CONFIG, BundleManifest, verify_bundle
+from fedpft.shared.manifest import ROLE_FM_CONFIG, ROLE_PREPARE_CONFIG, BundleManifest, verify_bundle
 from fedpft.shared.messages import (
     CLOUD_SENDER, Ack, BlobRef, EndOfRun, Hello, Presence, ProtocolError, Update, encode,
 )
@@ -248,6 +248,8 @@ class Federation(DeviceHandlers):
         with, adapters drawn afresh from --seed: runs sharing one bundle still start from their seed's."""
         bundle = Path(self.cfg.bundle)
         init = decode_tensors((bundle / self.manifest.files["adapters_init"].path).read_bytes())[0]
+        if ROLE_PREPARE_CONFIG not in self.manifest.files:  # a bundle not made by prepare (benchmarks' synthetic ones)
+            return init
         made_with = load_prepare_config(bundle, self.manifest).seed
         if self.cfg.seed == made_with:
             return init
