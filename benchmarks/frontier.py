@@ -141,6 +141,8 @@ def plot(costs: list[dict], seed_rows: list[dict], rounds: int, path: Path) -> P
         for m, c in zip(mb, cs):
             tag = "" if c["ffn_keeps"] is None else "/".join(f"{k:g}" for k in c["ffn_keeps"])
             right.annotate(f"{tag} {c['rss_mb']:.0f} MB", (m, c["step_cpu_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if not left.get_legend_handles_labels()[0]:
+        left.text(0.5, 0.5, f"no seed run has reached round {rounds} yet", ha="center", va="center", transform=left.transAxes)
     left.set_title(f"FM accuracy, {PARTITIONS[0]}, round {rounds} (mean ± sd)")
     left.set_xlabel("bundle MB (download to device)")
     left.set_ylabel("accuracy (%)")

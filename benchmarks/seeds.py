@@ -246,6 +246,11 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
             text = f"{pct(d.mean)}{ci} (n={d.n})"
             cells.append(f"**{text}**" if d.excludes_zero() else text)
         lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    short = [r for r in rows if len(r["fm_accuracy"]) < rounds]
+    if short:
+        lines += ["", f"Runs that have not reached round {rounds} yet (left out above; FM accuracy per round so far, %):", ""]
+        lines += [f"- {r['method']} {r['partition']} seed {r['seed']}" + (f" --ffn-keep {r['ffn_keep']:g}" if r.get("ffn_keep") else "")
+                  + f": {' '.join(pct(v) for v in r['fm_accuracy'])}" + ("" if r.get("complete", True) else " (still going)") for r in short]
     lines += ["", f"Convergence: how far the seed-mean accuracy moved over the last {LAST_ROUNDS} rounds (max − min, points; "
               f"the criterion is < {CONVERGED_POINTS}), and the mean accuracy per round:", "",
               "| partition | method | seeds | moved | mean accuracy per round (%) |", "|---|---|---|---|---|"]
