@@ -113,7 +113,10 @@ def section(costs: list[dict], seed_rows: list[dict], rounds: int, command: str)
         lines.append(f"| {c['method']} | {keeps} | {c['layers']} of {c['fm_layers']} / {ffn} | "
                      f"{c['proxy_params_m']:.1f} | {c['bundle_bytes'] / 1e6:.1f} | {c['step_s']:.3f} / {c['step_cpu_s']:.3f} | {c['rss_mb']:.0f} | "
                      + " | ".join(accs) + f" | {c['load']:.1f} |")
-    lines += ["", "![FM accuracy and edge step time against bundle size](benchmarks/results/frontier.png)"]
+    lines += ["", "Costs measured by: " + ", ".join(f"`{c}`" for c in sorted({c["command"] for c in costs})) + " (nice -n 19, "
+              "`FEDPFT_EDGE_PYTHON=.venv-edge/bin/python`; proxies not yet prepared by the seeds benchmark measured undistilled: "
+              + ", ".join(c["bundle"] for c in costs if not c.get("distilled", True)) + ").",
+              "", "![FM accuracy and edge step time against bundle size](benchmarks/results/frontier.png)"]
     return "\n".join(lines)
 
 
