@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import command_line, machine, write_section
+from common import ROOT, command_line, machine, write_section
 
 METHODS = ["fedpft", "layeronly", "fedot", "noalign", "full"]
 SAME_BUNDLE = {"layeronly": "fedpft"}  # same proxy and distillation; only the schedule differs
@@ -78,28 +78,42 @@ def alignments(rows: list[dict]) -> list[dict]:
     return [dict(r["alignment"], round=r["round"]) for r in rows if r.get("alignment")]
 
 
-def run_method(method: str, args, out: Path, **options) -> dict:
-    """One `simulate` run of `method` with the benchmark's schedule; `options` are further
-    SimulateConfig fields (privacy flags, engine, data); wall time and load average into wall.json."""
+def simulate_config(method: str, args, out: Path, **options):
+    """The SimulateConfig of one run of `method` with the benchmark's schedule (`args`, see
+    schedule_args); `options` are further SimulateConfig fields (privacy flags, engine, data, seed)."""
+    from fedpft.cloud.config import SimulateConfig
+
+    fields = dict(out=out, clients=args.clients, rounds=args.rounds, partition=args.partition, method=method,
+                  max_samples=args.max_samples, eval_samples=args.eval_samples, distill_steps=args.distill_steps,
+                  align_every=args.align_every, align_steps=args.align_steps, lr=args.lr, seed=args.seed,
+                  local_epochs=args.local_epochs, batch_size=args.batch_size, broker=args.broker)
+    return SimulateConfig(**{**fields, **options})
+
+
+def simulate_run(method: str, args, out: Path, **options) -> dict:
+    """One `simulate` run; its wall time and 1-min load averages (start, end) into wall.json, and returned."""
     import os
 
     from fedpft.cloud.simulate import simulate
-    from fedpft.cloud.config import SimulateConfig
 
-    cfg = SimulateConfig(out=out, clients=args.clients, rounds=args.rounds, partition=args.partition, method=method,
-                         max_samples=args.max_samples, eval_samples=args.eval_samples, distill_steps=args.distill_steps,
-                         align_every=args.align_every, align_steps=args.align_steps, lr=args.lr, seed=args.seed,
-                         local_epochs=args.local_epochs, batch_size=args.batch_size, broker=args.broker, **options)
-    t0 = time.time()
+    cfg = simulate_config(method, args, out, **options)
+    t0, load0 = time.time(), os.getloadavg()[0]
     simulate(cfg, show_progress=False)
-    (out / "wall.json").write_text(json.dumps({"wall": time.time() - t0, "load": os.getloadavg()}))
+    wall = {"wall": time.time() - t0, "load": os.getloadavg(), "load_start": load0}
+    (out / "wall.json").write_text(json.dumps(wall))
+    return wall
+
+
+def run_method(method: str, args, out: Path, **options) -> dict:
+    """One `simulate` run of `method` with the benchmark's schedule, read back by `reuse`."""
+    simulate_run(method, args, out, **options)
     return reuse(method, out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def schedule_args(ap: argparse.ArgumentParser, rounds: int = 10) -> None:
+    """The accuracy benchmark's schedule (MiniLM + debian-sections), shared by the scripts that repeat it."""
     ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--partition", default="dirichlet:0.5")
     ap.add_argument("--max-samples", type=int, default=4000)
     ap.add_argument("--eval-samples", type=int, default=800)
@@ -110,6 +124,11 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    schedule_args(ap)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--broker", default=None, help="MQTT broker URL (default: the embedded one)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench-accuracy"))
@@ -158,9 +177,10 @@ def main() -> None:
             lines.append(f"| {m} | {a['round'] + 1} | {a['gap_before']:.4f} -> {a['gap_after']:.4f} | "
                          f"{100 * a['proxy_accuracy_before']:.1f}% -> {100 * a['proxy_accuracy_after']:.1f}% | "
                          f"{', '.join(f'{v:.2f}' for v in a['mean_apoz'].values())} |")
-    lines += ["", "Bytes down include the one-time bundle download in round 1 (the proxy checkpoint: the full FM's for `full`)."]
+    lines += ["", "Bytes down include the one-time bundle download in round 1 (the proxy checkpoint: the full FM's for `full`).",
+              "", "![FM accuracy per round, every method on one axis](benchmarks/results/accuracy.png)"]
     write_section("accuracy", "\n".join(lines))
-    plot(results, args.work / "accuracy.png")
+    plot(results, ROOT / "benchmarks" / "results" / "accuracy.png")  # committed beside BENCHMARKS.md
     print("\n".join(lines))
 
 

@@ -19,11 +19,11 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from fedpft.cloud.config import ServeConfig
+from fedpft.cloud.config import ServeConfig, load_prepare_config
 from fedpft.shared import topics
 from fedpft.shared.archive import pack_bundle
 from fedpft.shared.codec import decode_tensors, encode_tensors
-from fedpft.shared.manifest import BundleManifest, verify_bundle
+from fedpft.shared.manifest import ROLE_FM_CONFIG, ROLE_PREPARE_CONFIG, BundleManifest, verify_bundle
 from fedpft.shared.messages import (
     CLOUD_SENDER, Ack, BlobRef, EndOfRun, Hello, Presence, ProtocolError, Update, encode,
 )
@@ -259,12 +259,27 @@ class Federation(DeviceHandlers):
             log.info("resuming run %s at round %d", state.run_id, state.next_round)
             self.privacy.on_resume()
             return state
-        init = decode_tensors((Path(self.cfg.bundle) / self.manifest.files["adapters_init"].path).read_bytes())[0]
-        rel = self.store.write_tensors("checkpoints/adapters_round_init.safetensors", init)
+        rel = self.store.write_tensors("checkpoints/adapters_round_init.safetensors", self.initial_adapters())
         state = RunState(run_id=self.cfg.run_id, bundle_id=self.manifest.bundle_id, adapters=rel)
         self.store.commit(state)
         (Path(self.cfg.out) / "serve_config.json").write_text(self.cfg.model_dump_json(indent=2, exclude=self.cfg.default_privacy()))
         return state
+
+    def initial_adapters(self) -> dict:
+        """The bundle's initial adapters, or, when --seed differs from the seed the bundle was prepared
+        with, adapters drawn afresh from --seed: runs sharing one bundle still start from their seed's."""
+        bundle = Path(self.cfg.bundle)
+        init = decode_tensors((bundle / self.manifest.files["adapters_init"].path).read_bytes())[0]
+        if ROLE_PREPARE_CONFIG not in self.manifest.files:  # a bundle not made by prepare (benchmarks' synthetic ones)
+            return init
+        made_with = load_prepare_config(bundle, self.manifest).seed
+        if self.cfg.seed == made_with:
+            return init
+        from fedpft.modeling.adapters import redraw_adapters
+
+        fm_config = json.loads(self.manifest.file_path(bundle, ROLE_FM_CONFIG).read_text())
+        log.info("initial adapters drawn from --seed %d (the bundle's are from seed %d)", self.cfg.seed, made_with)
+        return redraw_adapters(init, self.cfg.seed, float(fm_config.get("initializer_range", 0.02)))
 
     def run(self) -> RunState:
         from .progress import progress_bar

@@ -45,6 +45,17 @@ def data_folder(cfg: SimulateConfig, run: Path) -> Path:
     return materialize(run / "data")
 
 
+def bundle_config(cfg: SimulateConfig, data: Path, bundle: Path) -> PrepareConfig:
+    """What `prepare` builds for the run's method (benchmarks call it to prepare one bundle for many seeds)."""
+    row = method(cfg.method)
+    public = data / "public.txt"
+    return PrepareConfig(
+        model=cfg.model, out=bundle, labels=read_labels(data), public_data=public if public.is_file() else None,
+        proxy=row.proxy, distill_steps=cfg.distill_steps if row.distill else 0, ffn_keep=cfg.ffn_keep,
+        max_length=cfg.max_length, seed=cfg.seed, device=cfg.device,
+    )
+
+
 def make_shards(cfg: SimulateConfig, data: Path, run: Path) -> tuple[list[Path], Path]:
     rng = np.random.default_rng(cfg.seed)
     train = read_jsonl(data / "train.jsonl")
@@ -151,18 +162,11 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
     (run / "simulate_config.json").write_text(cfg.model_dump_json(indent=2))
     t0 = time.time()
     data = data_folder(cfg, run)
-    labels = read_labels(data)
     public = data / "public.txt"
     shards, eval_path = make_shards(cfg, data, run)
     bundle = run / "bundle"
     if not (bundle / "manifest.json").is_file():
-        row = method(cfg.method)
-        prep = PrepareConfig(
-            model=cfg.model, out=bundle, labels=labels, public_data=public if public.is_file() else None,
-            proxy=row.proxy, distill_steps=cfg.distill_steps if row.distill else 0, ffn_keep=cfg.ffn_keep,
-            max_length=cfg.max_length, seed=cfg.seed, device=cfg.device,
-        )
-        res = prepare(prep, show_progress=show_progress)
+        res = prepare(bundle_config(cfg, data, bundle), show_progress=show_progress)
         log.info("bundle ready in %.0fs (proxy/FM params %.2f)", res.seconds, res.proxy_params / res.fm_params)
     run_id = f"sim-{cfg.method}-{cfg.seed}-{int(t0) % 100000}"
     serve_cfg = ServeConfig(

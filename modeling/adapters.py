@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +37,27 @@ def add_adapters(model: nn.Module, rank: int, alpha: float, seed: int = 0) -> nn
 
     torch.manual_seed(seed)
     return get_peft_model(model, lora_config(rank, alpha))
+
+
+def redraw_adapters(init: dict[str, np.ndarray], seed: int, head_std: float) -> dict[str, np.ndarray]:
+    """Fresh initial adapters with the shapes (and keys) of `init`, drawn from `seed` the way
+    add_adapters draws them: LoRA A ~ U(+-1/sqrt(fan_in)) (peft's kaiming_uniform, a=sqrt(5)),
+    head weight ~ N(0, head_std) (the HF initialiser, std = the config's initializer_range); the rest
+    (LoRA B = 0, so training starts from the model itself, and the head bias) kept as they are. Lets
+    runs of one bundle start from seed-dependent adapters without preparing (and distilling) a
+    bundle per seed."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key in sorted(init):
+        v = init[key]
+        if "lora_A" in key:
+            bound = 1.0 / np.sqrt(v.shape[1])
+            out[key] = rng.uniform(-bound, bound, v.shape).astype(v.dtype)
+        elif HEAD in key.split(".") and key.endswith("weight"):
+            out[key] = (rng.standard_normal(v.shape) * head_std).astype(v.dtype)
+        else:
+            out[key] = v.copy()
+    return out
 
 
 def remap_layers(key: str, layer_map: list[int]) -> str:

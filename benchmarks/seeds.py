@@ -1,0 +1,358 @@
+"""Methods x seeds x partitions at the accuracy benchmark's settings, on virtual clients.
+
+    nice -n 19 python benchmarks/seeds.py --methods fedpft fedot full --partitions dirichlet:0.5 --seeds 0 1 2
+    python benchmarks/seeds.py --report        # tables and plot from whatever results exist
+
+Each run is `fedpft-cloud simulate --engine virtual` (the same round loop, strategy, aggregation,
+alignment and evaluation as real processes; the devices' own ORT trainer on threads of this
+process) with the schedule of benchmarks/accuracy.py. Its result (the FM accuracy after every round,
+wall time, load average) goes to benchmarks/results/seeds/<run>.json; a run whose JSON exists is
+skipped, so the benchmark resumes across sessions and the tables are always made from the JSON
+there is. Bundles are prepared once per proxy (seed 0) and shared by every seed: the seed of a run
+still changes its partition, training subsample, evaluation sample, adapter initialisation
+(serve redraws the bundle's initial adapters when its seed differs from the bundle's), device
+sampling and local shuffling.
+
+Writes the <!-- seeds --> section of BENCHMARKS.md and benchmarks/results/seeds.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import LABEL, METHODS, schedule_args, simulate_config, simulate_run  # noqa: E402
+from common import ROOT, command_line, machine, write_section  # noqa: E402
+from stats import CONVERGED_POINTS, LAST_ROUNDS, last_rounds_movement, mean_curve, paired_difference, summarize  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "seeds"
+PLOT = ROOT / "benchmarks" / "results" / "seeds.png"
+PARTITIONS = ["dirichlet:0.5", "iid"]
+# the issue's four comparisons: (a, b) reads "a - b"
+PAIRS = [("fedpft", "fedot"), ("full", "fedpft"), ("fedpft", "layeronly"), ("layeronly", "noalign")]
+DEFAULT_KEEP = 0.25
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str
+    partition: str
+    seed: int
+    rounds: int
+    ffn_keep: float = DEFAULT_KEEP
+
+    @property
+    def name(self) -> str:
+        """File stem, without the round count: a longer run's first rounds are a shorter run (the
+        schedule does not depend on the total), so one result serves every round count up to its own.
+        The full FM has no --ffn-keep (its bundle ignores it)."""
+        keep = "" if self.method == "full" else f"_keep{self.ffn_keep:g}"
+        return f"{self.method}{keep}_{self.partition.replace(':', '')}_s{self.seed}"
+
+
+def plan(methods: list[str], partitions: list[str], seeds: list[int], rounds: int, ffn_keep: float = DEFAULT_KEEP) -> list[Run]:
+    """Runs in the order they pay off: per partition, all methods for one seed before the next seed,
+    so paired differences exist as early as possible."""
+    return [Run(m, p, s, rounds, ffn_keep) for p in partitions for s in seeds for m in methods]
+
+
+def pending(runs: list[Run], results: Path) -> list[Run]:
+    """The runs without a result JSON of at least their round count (what a resumed benchmark still has to do)."""
+    def done(r: Run) -> bool:
+        p = Path(results) / f"{r.name}.json"
+        return p.is_file() and len(json.loads(p.read_text())["fm_accuracy"]) >= r.rounds
+
+    return [r for r in runs if not done(r)]
+
+
+def load_results(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))]
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Whole or not at all: a benchmark killed mid-write must not leave a JSON that skips its run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+# ---- bundles ------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def fedot_layers(ffn_keep: float, model: str = "minilm") -> int:
+    """FedOT's layer budget at this --ffn-keep, as prepare computes it (default kept layers)."""
+    from fedpft.modeling.families import load_config, resolve_model_id
+    from fedpft.modeling.proxy import default_keep_layers, matching_layer_budget
+
+    c = load_config(resolve_model_id(model), ["a", "b"])
+    return matching_layer_budget(c.num_hidden_layers, c.hidden_size, c.intermediate_size, default_keep_layers(c.num_hidden_layers), ffn_keep)
+
+
+def bundle_key(method: str, ffn_keep: float) -> str:
+    """Runs with equal keys run on the same proxy (layeronly is fedpft's bundle, only the schedule
+    differs; FedOT at two --ffn-keep with one layer budget is one proxy)."""
+    from fedpft.shared.methods import method as row
+
+    m = row(method)
+    if m.proxy == "full":
+        return "full"
+    size = f"L{fedot_layers(ffn_keep)}" if m.proxy == "fedot" else f"keep{ffn_keep:g}"
+    return f"{m.proxy}-{'distilled' if m.distill else 'raw'}-{size}"
+
+
+def bundle(method: str, ffn_keep: float, args, work: Path, folder: Path | None = None) -> Path:
+    """The method's bundle, prepared once (seed 0) under work/bundles (or `folder`) and shared by every
+    seed and partition."""
+    from fedpft.cloud.prepare import prepare
+    from fedpft.cloud.simulate import bundle_config
+    from fedpft.shared.datasets import materialize
+
+    folder = folder or work / "bundles" / bundle_key(method, ffn_keep)
+    if (folder / "manifest.json").is_file():
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)  # an unfinished prepare
+    cfg = simulate_config(method, args, work / "unused", ffn_keep=ffn_keep, seed=0, engine="virtual")
+    t0 = time.time()
+    prepare(bundle_config(cfg, materialize(work / "data"), folder), show_progress=False)
+    print(f"bundle {folder}: prepared in {time.time() - t0:.0f}s (load {os.getloadavg()[0]:.1f})", flush=True)
+    return folder
+
+
+# ---- runs ---------------------------------------------------------------------------------
+
+
+SCHEDULE = ("clients", "max_samples", "eval_samples", "distill_steps", "align_every", "align_steps", "lr", "local_epochs", "batch_size")
+
+
+def curve(metrics: Path) -> list[float]:
+    rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] if metrics.is_file() else []
+    return [r["fm_accuracy"] for r in rows if r.get("fm_accuracy") is not None]
+
+
+def result(run: Run, acc: list[float], schedule: dict, wall_s: float, load_start: float | None, command: str) -> dict:
+    """A run's result JSON; `complete` is false for a run read while it was still going (see --harvest)."""
+    return {"method": run.method, "partition": run.partition, "seed": run.seed, "rounds": run.rounds,
+            "ffn_keep": None if run.method == "full" else run.ffn_keep, "bundle": bundle_key(run.method, run.ffn_keep),
+            "fm_accuracy": acc, "complete": len(acc) >= run.rounds, "wall_s": round(wall_s, 1),
+            "load_start": None if load_start is None else round(load_start, 2),
+            "load_end": [round(x, 2) for x in os.getloadavg()], "engine": "virtual", "schedule": schedule, "command": command}
+
+
+def run_one(run: Run, args, work: Path, results: Path) -> dict:
+    """One run from scratch (an unfinished one is started again), its result JSON written last."""
+    out = work / "runs" / run.name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / "bundle").symlink_to(bundle(run.method, run.ffn_keep, args, work).resolve(), target_is_directory=True)
+    wall = simulate_run(run.method, args, out, engine="virtual", partition=run.partition, seed=run.seed,
+                        ffn_keep=run.ffn_keep, rounds=run.rounds)
+    acc = curve(out / "metrics.jsonl")
+    if len(acc) != run.rounds:
+        raise RuntimeError(f"{run.name}: {len(acc)} evaluated rounds of {run.rounds}; no result written")
+    r = result(run, acc, {k: getattr(args, k) for k in SCHEDULE}, wall["wall"], wall["load_start"], command_line())
+    write_json(results / f"{run.name}.json", r)
+    return r
+
+
+def harvest(work: Path, results: Path, command: str) -> list[str]:
+    """Rounds so far of the runs still going under work/runs, as JSON with complete=false (a JSON that
+    pending() does not count as done, so the run is still made in full; its own result replaces this)."""
+    written = []
+    for out in sorted((work / "runs").glob("*/")):
+        cfg_path = out / "simulate_config.json"
+        if not cfg_path.is_file():
+            continue
+        cfg = json.loads(cfg_path.read_text())
+        run = Run(cfg["method"], cfg["partition"], cfg["seed"], cfg["rounds"], cfg["ffn_keep"])
+        target = results / f"{run.name}.json"
+        acc = curve(out / "federation" / "metrics.jsonl")
+        if not acc or (target.is_file() and len(json.loads(target.read_text())["fm_accuracy"]) >= len(acc)):
+            continue
+        write_json(target, result(run, acc, {k: cfg[k] for k in SCHEDULE}, time.time() - cfg_path.stat().st_mtime, None,
+                                  f"{command} (rounds so far of a run still going)"))
+        written.append(f"{run.name}: {len(acc)} of {run.rounds} rounds")
+    return written
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+def pct(v: float) -> str:
+    return "-" if math.isnan(v) else f"{100 * v:.1f}"
+
+
+def groups(rows: list[dict], rounds: int, ffn_keep: float = DEFAULT_KEEP) -> dict[tuple[str, str], dict[int, list[float]]]:
+    """(partition, method) -> seed -> accuracy curve of its first `rounds` rounds, for the runs that
+    reached them at this proxy size."""
+    out: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for r in rows:
+        if len(r["fm_accuracy"]) >= rounds and r.get("ffn_keep") in (None, ffn_keep):
+            out.setdefault((r["partition"], r["method"]), {})[r["seed"]] = r["fm_accuracy"][:rounds]
+    return out
+
+
+def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
+    g = groups(rows, rounds)
+    used = [r for r in rows if len(r["fm_accuracy"]) >= rounds and r.get("ffn_keep") in (None, DEFAULT_KEEP)]
+    lines = [
+        "## Seeds: every method over several seeds, with paired confidence intervals (virtual clients)",
+        "",
+        f"Command: `{command}` — {machine()}. Results: `benchmarks/results/seeds/*.json` (one per run; the tables are "
+        f"made from whatever JSON exists, so this section grows as runs finish). Settings of the accuracy section "
+        f"(all-MiniLM-L6-v2 + debian-sections, 10 clients, 4000 training samples, batch 16, lr 3e-3, 1 local epoch, "
+        f"800 test samples, FedPFT/FedOT at --ffn-keep {DEFAULT_KEEP}, distilled 200 steps, fedpft aligned every 3 rounds) "
+        f"on `simulate --engine virtual`, {rounds} rounds. One bundle per proxy (prepared with seed 0); the run's seed "
+        "changes the partition, the training subsample, the 800 test samples, the initial adapters, device sampling and "
+        "local shuffling. Runs in: "
+        f"**{sum(r.get('complete', True) for r in used)} complete of {planned} planned**"
+        + (f", and {sum(not r.get('complete', True) for r in used)} still going whose first {rounds} rounds are used "
+           "(a run's first rounds do not depend on its length)" if not all(r.get("complete", True) for r in used) else "") + ".",
+        "",
+        "FM test accuracy after the last round (%), mean ± sd over seeds (n seeds):",
+        "",
+        "| method | " + " | ".join(PARTITIONS) + " |",
+        "|---|" + "---|" * len(PARTITIONS),
+    ]
+    for m in METHODS:
+        cells = []
+        for p in PARTITIONS:
+            s = summarize([c[-1] for c in g.get((p, m), {}).values()])
+            cells.append("-" if s.n == 0 else f"{pct(s.mean)} ± {pct(s.sd)} (n={s.n})")
+        lines.append(f"| {LABEL[m]} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences of last-round accuracy (points; same seed = same partition, data and test "
+              "samples), mean and 95% t confidence interval; **bold** where the interval excludes 0:", "",
+              "| difference | " + " | ".join(PARTITIONS) + " |", "|---|" + "---|" * len(PARTITIONS)]
+    for a, b in PAIRS:
+        cells = []
+        for p in PARTITIONS:
+            d = paired_difference({s: c[-1] for s, c in g.get((p, a), {}).items()}, {s: c[-1] for s, c in g.get((p, b), {}).items()})
+            if d.n == 0:
+                cells.append("-")
+                continue
+            ci = f" [{pct(d.lo)}, {pct(d.hi)}]" if d.n >= 2 else " (one seed: no interval)"
+            text = f"{pct(d.mean)}{ci} (n={d.n})"
+            cells.append(f"**{text}**" if d.excludes_zero() else text)
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    short = [r for r in rows if len(r["fm_accuracy"]) < rounds]
+    if short:
+        lines += ["", f"Runs that have not reached round {rounds} yet (left out above; FM accuracy per round so far, %):", ""]
+        lines += [f"- {r['method']} {r['partition']} seed {r['seed']}" + (f" --ffn-keep {r['ffn_keep']:g}" if r.get("ffn_keep") else "")
+                  + f": {' '.join(pct(v) for v in r['fm_accuracy'])}" + ("" if r.get("complete", True) else " (still going)") for r in short]
+    lines += ["", f"Convergence: how far the seed-mean accuracy moved over the last {LAST_ROUNDS} rounds (max − min, points; "
+              f"the criterion is < {CONVERGED_POINTS}), and the mean accuracy per round:", "",
+              "| partition | method | seeds | moved | mean accuracy per round (%) |", "|---|---|---|---|---|"]
+    for p in PARTITIONS:
+        for m in METHODS:
+            curves = list(g.get((p, m), {}).values())
+            if not curves:
+                continue
+            move = 100 * last_rounds_movement(curves)
+            ok = "" if math.isnan(move) else (" (converged)" if move < CONVERGED_POINTS else " (still moving)")
+            lines.append(f"| {p} | {m} | {len(curves)} | {'-' if math.isnan(move) else f'{move:.2f}'}{ok} | "
+                         + " ".join(pct(v) for v in mean_curve(curves)) + " |")
+    commands = sorted({r["command"] for r in used})
+    if commands:
+        lines += ["", "The runs were made by (each skips the runs whose JSON exists; under `nice -n 19`, "
+                  "`FEDPFT_EDGE_PYTHON=.venv-edge/bin/python`):", ""] + [f"    {c}" for c in commands]
+    done = [r for r in rows if r.get("complete", True)]
+    walls = [r["wall_s"] / len(r["fm_accuracy"]) for r in done]
+    if walls:
+        loads = [r["load_start"] for r in done if r.get("load_start") is not None]
+        lines += ["", f"Wall time per round of the {len(done)} complete runs: median {sorted(walls)[len(walls) // 2] / 60:.1f} min "
+                  f"(min {min(walls) / 60:.1f}, max {max(walls) / 60:.1f}), under `nice -n 19` on a shared machine: 1-min load "
+                  f"average at the runs' starts {min(loads):.1f}–{max(loads):.1f} on 2 cores, so these times are inflated."]
+    lines += ["", "![accuracy per round, mean over seeds with a ±1 sd band](benchmarks/results/seeds.png)"]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], rounds: int, path: Path) -> Path | None:
+    """FM accuracy per round, every method on one axis (one panel per partition): seed mean, ±1 sd band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    g = groups(rows, rounds)
+    parts = [p for p in PARTITIONS if any((p, m) in g for m in METHODS)]
+    if not parts:
+        return None
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 3.8), dpi=120, squeeze=False, sharey=True)
+    for ax, p in zip(axes[0], parts):
+        for m in METHODS:
+            curves = list(g.get((p, m), {}).values())
+            if not curves:
+                continue
+            mean = mean_curve(curves)
+            x = list(range(1, len(mean) + 1))  # rounds counted from 1, as report.md does
+            ax.plot(x, [100 * v for v in mean], marker="o", ms=3, label=f"{m} (n={len(curves)})")
+            if len(curves) > 1:
+                sd = [summarize([c[i] for c in curves]).sd for i in range(len(mean))]
+                ax.fill_between(x, [100 * (v - s) for v, s in zip(mean, sd)], [100 * (v + s) for v, s in zip(mean, sd)], alpha=0.15)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{p}: FM test accuracy, mean over seeds ± sd")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report(args, planned: int) -> None:
+    rows = load_results(args.results)
+    write_section("seeds", section(rows, args.rounds, command_line(), planned))
+    plot(rows, args.rounds, PLOT)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    schedule_args(ap, rounds=20)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to run, in this order")
+    ap.add_argument("--partitions", nargs="+", default=PARTITIONS, choices=PARTITIONS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--ffn-keep", type=float, default=DEFAULT_KEEP, help="proxy size of fedpft/layeronly/noalign/fedot runs")
+    ap.add_argument("--broker", default=None, help=argparse.SUPPRESS)  # virtual clients need none
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "seeds", help="bundles and run folders (not committed)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="one JSON per finished run (committed)")
+    ap.add_argument("--report", action="store_true", help="only write the section and plot from the existing JSON")
+    ap.add_argument("--harvest", action="store_true", help="first save the rounds so far of runs still going under --work "
+                    "(complete=false; they are run in full later), then as --report")
+    args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.harvest:
+        print("\n".join(harvest(args.work, args.results, command_line())) or "no run in progress has new rounds", flush=True)
+        args.report = True
+    runs = plan(args.methods, args.partitions, args.seeds, args.rounds, args.ffn_keep)
+    todo = [] if args.report else pending(runs, args.results)
+    if not args.report:
+        print(f"{len(runs) - len(todo)} of {len(runs)} runs already have results; {len(todo)} to run", flush=True)
+    planned = len(plan(METHODS, PARTITIONS, args.seeds, args.rounds))
+    for run in todo:
+        t0 = time.time()
+        r = run_one(run, args, args.work, args.results)
+        print(f"{run.name}: final {100 * r['fm_accuracy'][-1]:.1f}% in {(time.time() - t0) / 60:.1f} min "
+              f"(load {os.getloadavg()[0]:.1f})", flush=True)
+        report(args, planned)
+    report(args, planned)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Statistics of the multi-seed benchmark: pure functions over per-run accuracy curves (no I/O).
+
+A run is one (method, partition, seed); the seed fixes the partition, the evaluation sample, the
+adapter initialisation, device sampling and training order, so two methods run with the same seed
+face the same data: their difference per seed is a paired sample, and the paired t interval is
+much narrower than comparing two independent means.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+# the issue's criterion: the last three rounds move the mean accuracy by less than half a point
+CONVERGED_POINTS = 0.5
+LAST_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class Summary:
+    mean: float
+    sd: float  # sample standard deviation (n - 1); nan for one value
+    n: int
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    mean: float  # mean of a - b over the seeds both have
+    lo: float  # 95% t confidence interval; nan below two pairs
+    hi: float
+    n: int
+    seeds: tuple[int, ...]
+
+    def excludes_zero(self) -> bool:
+        return self.n >= 2 and (self.lo > 0 or self.hi < 0)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile p of Student's t with df degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    n = len(values)
+    if n == 0:
+        return Summary(math.nan, math.nan, 0)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return Summary(mean, sd, n)
+
+
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) -> PairedDiff:
+    """a - b over the seeds both hold (seed -> value), with a `level` t interval of the mean."""
+    seeds = tuple(sorted(set(a) & set(b)))
+    d = [a[s] - b[s] for s in seeds]
+    s = summarize(d)
+    if s.n < 2:
+        return PairedDiff(s.mean, math.nan, math.nan, s.n, seeds)
+    half = t_quantile(0.5 + level / 2, s.n - 1) * s.sd / math.sqrt(s.n)
+    return PairedDiff(s.mean, s.mean - half, s.mean + half, s.n, seeds)
+
+
+def mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
+    """Per-round mean over runs, up to the shortest curve (rounds every run reached)."""
+    if not curves:
+        return []
+    n = min(len(c) for c in curves)
+    return [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+
+
+def last_rounds_movement(curves: Sequence[Sequence[float]], last: int = LAST_ROUNDS) -> float:
+    """How far the mean curve moved over its last `last` rounds: max - min of those rounds' means
+    (same unit as the curves); nan when the curves are shorter than `last`."""
+    m = mean_curve(curves)
+    if len(m) < last:
+        return math.nan
+    tail = m[-last:]
+    return max(tail) - min(tail)
+
+
+def converged(curves: Sequence[Sequence[float]], points: float = CONVERGED_POINTS, last: int = LAST_ROUNDS) -> bool:
+    """The issue's criterion, with curves in percent: the last rounds moved the mean by < `points`."""
+    move = last_rounds_movement(curves, last)
+    return not math.isnan(move) and move < points

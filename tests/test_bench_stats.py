@@ -1,0 +1,166 @@
+"""The multi-seed benchmark's statistics (benchmarks/stats.py) and its resumable plan (benchmarks/seeds.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import seeds
+        import stats
+
+        yield stats, seeds
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_summary_is_mean_and_sample_sd(bench):
+    stats, _ = bench
+    s = stats.summarize([0.80, 0.82, 0.87])
+    assert s.n == 3
+    assert s.mean == pytest.approx(np.mean([0.80, 0.82, 0.87]))
+    assert s.sd == pytest.approx(np.std([0.80, 0.82, 0.87], ddof=1))
+    assert math.isnan(stats.summarize([0.8]).sd)
+    assert stats.summarize([]).n == 0
+
+
+def test_t_quantile_matches_tables(bench):
+    stats, _ = bench
+    assert stats.t_quantile(0.975, 2) == pytest.approx(4.303, abs=1e-3)
+    assert stats.t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
+    assert stats.t_quantile(0.975, 10_000) == pytest.approx(1.960, abs=1e-3)
+
+
+def test_paired_difference_pairs_by_seed(bench):
+    stats, _ = bench
+    a = {0: 0.82, 1: 0.80, 2: 0.85, 7: 0.99}  # seed 7 has no partner: left out
+    b = {0: 0.80, 1: 0.79, 2: 0.82, 3: 0.10}
+    d = stats.paired_difference(a, b)
+    diffs = np.array([0.02, 0.01, 0.03])
+    half = 4.302652729911275 * diffs.std(ddof=1) / math.sqrt(3)
+    assert d.seeds == (0, 1, 2) and d.n == 3
+    assert d.mean == pytest.approx(diffs.mean())
+    assert (d.lo, d.hi) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    assert not d.excludes_zero()  # 2 ± 2.5 points: three seeds are few
+
+
+def test_pairing_removes_the_shared_seed_effect(bench):
+    """A constant gap over seeds that move both methods alike is certain when paired."""
+    stats, _ = bench
+    base = {0: 0.70, 1: 0.85, 2: 0.78}
+    d = stats.paired_difference({s: v + 0.01 + 0.001 * s for s, v in base.items()}, base)
+    assert d.lo > 0 and d.excludes_zero()
+    noisy = stats.paired_difference({0: 0.80, 1: 0.78, 2: 0.83}, {0: 0.79, 1: 0.80, 2: 0.81})
+    assert noisy.lo < 0 < noisy.hi and not noisy.excludes_zero()
+
+
+def test_one_pair_has_no_interval(bench):
+    stats, _ = bench
+    d = stats.paired_difference({0: 0.8}, {0: 0.7})
+    assert d.n == 1 and d.mean == pytest.approx(0.1)
+    assert math.isnan(d.lo) and math.isnan(d.hi) and not d.excludes_zero()
+
+
+def test_convergence_is_movement_of_the_mean_over_the_last_rounds(bench):
+    stats, _ = bench
+    climbing = [[70, 72, 74, 76, 78], [72, 74, 76, 78, 80]]
+    assert stats.mean_curve(climbing) == [71, 73, 75, 77, 79]
+    assert stats.last_rounds_movement(climbing) == pytest.approx(4.0)
+    assert not stats.converged(climbing)
+    flat = [[70, 80, 82.0, 82.2, 81.9], [71, 79, 82.4, 82.0, 82.3]]
+    assert stats.last_rounds_movement(flat) == pytest.approx(0.1)  # means 82.2, 82.1, 82.1
+    assert stats.converged(flat)
+    # the mean over runs is taken only over rounds every run reached
+    assert stats.mean_curve([[1, 2, 3], [3, 4]]) == [2, 3]
+    assert math.isnan(stats.last_rounds_movement([[1, 2]]))
+
+
+def test_plan_orders_methods_within_a_seed(bench):
+    _, seeds = bench
+    runs = seeds.plan(["fedpft", "fedot"], ["dirichlet:0.5"], [0, 1], rounds=12)
+    assert [(r.method, r.seed) for r in runs] == [("fedpft", 0), ("fedot", 0), ("fedpft", 1), ("fedot", 1)]
+    assert runs[0].name == "fedpft_keep0.25_dirichlet0.5_s0"
+    assert seeds.Run("full", "iid", 2, 12, 0.1).name == "full_iid_s2"
+
+
+def test_pending_skips_runs_whose_json_holds_enough_rounds(bench, tmp_path):
+    _, seeds = bench
+    runs = seeds.plan(["fedpft", "fedot", "full"], ["iid"], [0], rounds=12)
+    done, short = runs[0], runs[1]
+    (tmp_path / f"{done.name}.json").write_text(json.dumps({"fm_accuracy": [0.5] * 15}))
+    (tmp_path / f"{short.name}.json").write_text(json.dumps({"fm_accuracy": [0.5] * 10}))
+    assert seeds.pending(runs, tmp_path) == [short, runs[2]]
+    assert seeds.pending(runs, tmp_path / "nothing-yet") == runs
+
+
+def test_groups_cut_longer_runs_to_the_round_count(bench):
+    _, seeds = bench
+    rows = [
+        {"method": "fedpft", "partition": "iid", "seed": 0, "ffn_keep": 0.25, "fm_accuracy": [0.1, 0.2, 0.3]},
+        {"method": "fedpft", "partition": "iid", "seed": 1, "ffn_keep": 0.25, "fm_accuracy": [0.1]},  # too short
+        {"method": "fedpft", "partition": "iid", "seed": 2, "ffn_keep": 0.5, "fm_accuracy": [0.1, 0.2]},  # other proxy
+        {"method": "full", "partition": "iid", "seed": 0, "ffn_keep": None, "fm_accuracy": [0.4, 0.5]},
+    ]
+    g = seeds.groups(rows, rounds=2)
+    assert g == {("iid", "fedpft"): {0: [0.1, 0.2]}, ("iid", "full"): {0: [0.4, 0.5]}}
+
+
+def test_bundle_keys_share_a_proxy_only_where_it_is_the_same(bench):
+    _, seeds = bench
+    assert seeds.bundle_key("layeronly", 0.25) == seeds.bundle_key("fedpft", 0.25)
+    assert seeds.bundle_key("noalign", 0.25) != seeds.bundle_key("fedpft", 0.25)  # not distilled
+    assert seeds.bundle_key("fedpft", 0.1) != seeds.bundle_key("fedpft", 0.25)
+    assert seeds.bundle_key("full", 0.1) == seeds.bundle_key("full", 0.5)
+    # FedOT's budget is whole layers: MiniLM's 6 layers give 4 at --ffn-keep 0.1 and 0.25, 5 at 0.5
+    assert seeds.bundle_key("fedot", 0.1) == seeds.bundle_key("fedot", 0.25) == "fedot-distilled-L4"
+    assert seeds.bundle_key("fedot", 0.5) == "fedot-distilled-L5"
+
+
+def test_harvest_saves_rounds_so_far_without_marking_the_run_done(bench, tmp_path):
+    _, seeds = bench
+    run = seeds.Run("fedpft", "dirichlet:0.5", 1, 20)
+    out = tmp_path / "work" / "runs" / run.name
+    (out / "federation").mkdir(parents=True)
+    cfg = {"method": "fedpft", "partition": "dirichlet:0.5", "seed": 1, "rounds": 20, "ffn_keep": 0.25}
+    cfg.update({k: 1 for k in seeds.SCHEDULE})
+    (out / "simulate_config.json").write_text(json.dumps(cfg))
+    rows = [{"round": i, "fm_accuracy": 0.5 + i / 100} for i in range(3)]
+    (out / "federation" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = tmp_path / "results"
+    assert seeds.harvest(tmp_path / "work", results, "cmd") == [f"{run.name}: 3 of 20 rounds"]
+    saved = json.loads((results / f"{run.name}.json").read_text())
+    assert saved["fm_accuracy"] == [0.5, 0.51, 0.52] and saved["complete"] is False
+    assert seeds.pending([run], results) == [run]  # still to be run in full
+    assert seeds.harvest(tmp_path / "work", results, "cmd") == []  # nothing new
+
+
+def test_frontier_joins_a_proxy_with_the_runs_of_every_ffn_keep_that_builds_it(bench):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import frontier
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = [
+        {"method": "fedot", "partition": "iid", "seed": 0, "ffn_keep": 0.1, "fm_accuracy": [0.5, 0.70]},
+        {"method": "fedot", "partition": "iid", "seed": 0, "ffn_keep": 0.25, "fm_accuracy": [0.5, 0.70]},  # the same run
+        {"method": "fedot", "partition": "iid", "seed": 1, "ffn_keep": 0.25, "fm_accuracy": [0.5, 0.80]},
+        {"method": "fedot", "partition": "iid", "seed": 2, "ffn_keep": 0.5, "fm_accuracy": [0.5, 0.99]},  # another proxy
+        {"method": "full", "partition": "iid", "seed": 0, "ffn_keep": None, "fm_accuracy": [0.6, 0.9]},
+    ]
+    s = frontier.accuracy(rows, {"method": "fedot", "ffn_keeps": [0.1, 0.25]}, "iid", rounds=2)
+    assert s.n == 2 and s.mean == pytest.approx(0.75)
+    assert frontier.accuracy(rows, {"method": "full", "ffn_keeps": None}, "iid", rounds=2).mean == pytest.approx(0.9)
+    assert frontier.accuracy(rows, {"method": "fedot", "ffn_keeps": [0.1, 0.25]}, "dirichlet:0.5", rounds=2).n == 0
+    assert list(frontier.proxies()) == ["fedpft-distilled-keep0.1", "fedpft-distilled-keep0.25", "fedpft-distilled-keep0.5",
+                                        "fedot-distilled-L4", "fedot-distilled-L5", "full"]
