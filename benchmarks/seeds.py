@@ -194,12 +194,12 @@ def pct(v: float) -> str:
     return "-" if math.isnan(v) else f"{100 * v:.1f}"
 
 
-def groups(rows: list[dict], rounds: int, ffn_keep: float = DEFAULT_KEEP) -> dict[tuple[str, str], dict[int, list[float]]]:
+def groups(rows: list[dict], rounds: int | None, ffn_keep: float = DEFAULT_KEEP) -> dict[tuple[str, str], dict[int, list[float]]]:
     """(partition, method) -> seed -> accuracy curve of its first `rounds` rounds, for the runs that
     reached them at this proxy size."""
     out: dict[tuple[str, str], dict[int, list[float]]] = {}
     for r in rows:
-        if len(r["fm_accuracy"]) >= rounds and r.get("ffn_keep") in (None, ffn_keep):
+        if len(r["fm_accuracy"]) >= (rounds or 1) and r.get("ffn_keep") in (None, ffn_keep):  # None: every run, uncut
             out.setdefault((r["partition"], r["method"]), {})[r["seed"]] = r["fm_accuracy"][:rounds]
     return out
 
@@ -274,19 +274,20 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
         lines += ["", f"Wall time per round of the {len(done)} complete runs: median {sorted(walls)[len(walls) // 2] / 60:.1f} min "
                   f"(min {min(walls) / 60:.1f}, max {max(walls) / 60:.1f}), under `nice -n 19` on a shared machine: 1-min load "
                   f"average at the runs' starts {min(loads):.1f}–{max(loads):.1f} on 2 cores, so these times are inflated."]
-    lines += ["", "![accuracy per round, mean over seeds with a ±1 sd band](benchmarks/results/seeds.png)"]
+    lines += ["", "![accuracy per round, mean over seeds with a ±1 sd band (runs still going included)](benchmarks/results/seeds.png)"]
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], rounds: int, path: Path) -> Path | None:
-    """FM accuracy per round, every method on one axis (one panel per partition): seed mean, ±1 sd band."""
+    """FM accuracy per round, every method on one axis (one panel per partition): seed mean, ±1 sd band,
+    over the rounds all of a method's runs have reached (runs still going included: the plot shows progress)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    g = groups(rows, rounds)
+    g = groups(rows, None)
     parts = [p for p in PARTITIONS if any((p, m) in g for m in METHODS)]
     if not parts:
         return None
