@@ -208,7 +208,9 @@ class SimDevice:
         if not payload:
             # a cleared retained message; on `control` a cloud starting the run: only a Hello
             # makes a device eligible, so say it now (as the real agent does)
-            if topic == topics.control_topic(self.run):
+            # (not after EndOfRun: the benchmark clears the retained EndOfRun too, and a Hello then
+            # would reach a cloud that stopped listening, and count as lost)
+            if topic == topics.control_topic(self.run) and not self.timing.ended:
                 self.sched.soon(self.hello)
             return
         self._count_in(payload)
