@@ -235,7 +235,7 @@ class Federation(DeviceHandlers):
 
     def _restore_accepted(self, round_id: int, state: RunState) -> None:
         """Count the updates this round accepted before a crash (they are on disk), once."""
-        self.fold = self.strategy.resume(round_id, state, set(self.tracker.selected_set))
+        self.fold = self.strategy.resume(round_id, state, self.tracker.selected_set)
         for device, c in sorted(self.fold.folded.items()):
             c.update_id = None  # unknown after a restart, as before: a redelivery of it is acked as a duplicate
             self.tracker.accept(device, c)

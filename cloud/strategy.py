@@ -100,7 +100,7 @@ class AdapterStrategy:
             rel, ref = state.adapters, self.store.read_tensors(state.adapters)
         return RoundFold(ref, 1 if self.cfg.dp_clip is not None else self.cfg.max_client_samples, label=f"round {rnd} on {rel}")
 
-    def resume(self, rnd: int, state: RunState, devices: set[str]) -> RoundFold:
+    def resume(self, rnd: int, state: RunState, devices: frozenset[str] | set[str]) -> RoundFold:
         """The running sum of the updates round `rnd` stored before a restart, for these devices:
         the persisted sum where it is intact, then the stored updates it does not hold yet."""
         fold = self.begin(rnd, state)
