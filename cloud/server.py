@@ -25,13 +25,14 @@ from fedpft.shared.archive import pack_bundle
 from fedpft.shared.codec import decode_tensors, encode_tensors
 from fedpft.shared.manifest import ROLE_FM_CONFIG, ROLE_PREPARE_CONFIG, BundleManifest, verify_bundle
 from fedpft.shared.messages import (
-    CLOUD_SENDER, Ack, BlobRef, EndOfRun, Hello, Presence, ProtocolError, Update, encode,
+    CLOUD_SENDER, Ack, BlobRef, EndOfRun, Hello, Presence, ProtocolError, Task, Update, encode,
 )
 from fedpft.shared.signing import key_id, load_private_key, sign
 from fedpft.shared.transport import Transport
 
 from .blobs import BlobServer, worth_broadcasting
 from .checks import EventQueue, check_pool
+from .fanout import task_deliveries
 from .fold import RoundFold
 from .handlers import DeviceHandlers
 from .private_rounds import DEVICE_SECAGG, BudgetSpent, PrivateRounds
@@ -355,14 +356,12 @@ class Federation(DeviceHandlers):
             return None, reason
         task = self.privacy.configure(self.strategy.configure(r, online, state, attempt, blobs), online)
         self.privacy.check_budget(task, state)
-        if self.signing_key is not None:
-            task = sign(task, self.signing_key)
         self.round_id, self.task = r, task
         self.tracker = RoundTracker(task.devices, task.deadline, cfg.min_clients, ack_deadline=time.time() + cfg.task_ack_timeout)
         self._restore_accepted(r, state)
         if worth_broadcasting(len(task.devices), len(online)):
             self.blobs.broadcast_round(blobs.adapters, blobs.ffn)  # before the Task: devices hold them when they read it
-        self.t.publish(topics.round_topic(cfg.run_id), encode(task))
+        self._send_task(task)
         log.info("round %d: task sent to %s", r, _some(task.devices, ", "))
         if self.privacy.secure:
             return self.privacy.attempt(task)
@@ -381,6 +380,17 @@ class Federation(DeviceHandlers):
                   f"{'; failed: ' + _some(failed, '; ') if failed else ''}")
         log.warning("round %d attempt %d below quorum: %s", r, attempt, reason)
         return None, reason
+
+    def _send_task(self, task: Task) -> None:
+        """The Task on the round topic, or one copy per device on its inbox (cloud/fanout.py), each
+        signed when tasks are. Addressed copies are not waited for one PUBACK at a time: QoS 1
+        still retries them, and a device that never gets its copy never acks the Task, so the
+        round stops waiting for it after --task-ack-timeout, as for any silent device."""
+        for topic, copy in task_deliveries(task):
+            addressed = copy is not task
+            if self.signing_key is not None:
+                copy = sign(copy, self.signing_key)
+            self.t.publish(topic, encode(copy), wait=not addressed)
 
 
 def _some(items: list[str], sep: str, n: int = 10) -> str:

@@ -19,9 +19,10 @@ MAX_MESSAGE_BYTES = 256 * 1024
 # Ids become MQTT topic levels and folder names: no '/', '+', '#', '$', spaces, nor '.'/'..'.
 SAFE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CLOUD_SENDER = "cloud"
-# A Task's device list stays well under MAX_MESSAGE_BYTES (66 bytes a 64-char id): a flood of
-# registered ids cannot make the Task itself unreadable.
-MAX_TASK_DEVICES = 2000
+# The most devices one round may select (a flood of registered ids cannot make a round unbounded).
+# What a device parses stays small whatever this is: the cloud sends a large selection as one Task
+# per device, naming only it (cloud/fanout.py), and any message is refused above MAX_MESSAGE_BYTES.
+MAX_TASK_DEVICES = 20_000
 
 
 class ProtocolError(ValueError):

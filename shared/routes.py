@@ -22,7 +22,8 @@ RUN_ROUTES: dict[str, tuple[type, ...]] = {
     topics.UPDATE: (Update,),
     topics.ACK: (Ack,),
     topics.BLOBREQ: (BlobRequest,),
-    topics.INBOX: (Ack, BlobRequest, SecAggRouted),
+    # a Task too, when the cloud addresses a large round device by device (cloud/fanout.py)
+    topics.INBOX: (Ack, BlobRequest, SecAggRouted, Task),
     # the run's broadcast secagg topic (cloud) and each device's own (check_sender binds the sender)
     topics.SECAGG: (SecAggRoster, SecAggUnmask, SecAggKeys, SecAggShares, SecAggMasked, SecAggReveal),
 }
@@ -54,5 +55,14 @@ def check_fleet_route(topic: str, msg) -> topics.FleetTopic:
 def _check_fits(kind: str, device_id: str | None, msg, routes: dict[str, tuple[type, ...]]) -> None:
     if type(msg) not in routes.get(kind, ()):
         raise ProtocolError(f"a {msg.type} message does not belong on a {kind} topic")
-    if device_id is not None and getattr(msg, "device_id", None) != device_id:
+    if device_id is None:
+        return
+    if isinstance(msg, Task):  # a Task in a device's inbox is for that device alone
+        if msg.devices != [device_id]:
+            raise ProtocolError(f"a task for {_names(msg.devices)} on device {device_id!r}'s topic")
+    elif getattr(msg, "device_id", None) != device_id:
         raise ProtocolError(f"message about device {getattr(msg, 'device_id', None)!r} on device {device_id!r}'s topic")
+
+
+def _names(devices: list[str], n: int = 3) -> str:
+    return ", ".join(repr(d) for d in devices[:n]) + (f" and {len(devices) - n} more" if len(devices) > n else "")

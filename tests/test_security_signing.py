@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from fedpft.cloud import fanout
 from fedpft.cloud.config import ServeConfig
 from fedpft.cloud.server import Federation
 from fedpft.edge.agent import EdgeAgent
@@ -19,7 +20,7 @@ from fedpft.shared import topics
 from fedpft.shared.codec import encode_tensors
 from fedpft.shared.config import AgentConfig
 from fedpft.shared.manifest import BundleManifest, verify_bundle
-from fedpft.shared.messages import BlobRef, Task, Update, decode
+from fedpft.shared.messages import BlobRef, ProtocolError, Task, Update, decode
 from fedpft.shared.signing import (
     SignatureError, generate_keypair, key_id, load_private_key, load_public_key, sign, sign_bundle, verify,
 )
@@ -130,6 +131,13 @@ def _run(bundle, tmp_path, hub, signing_key, trust_key, trainer):
     return state.history[-1]
 
 
+def _decoded(payload: bytes):
+    try:
+        return decode(payload)
+    except ProtocolError:
+        return None  # chunks
+
+
 def _trainer(calls):
     def train(bundle_dir, task, adapters, ffn):
         m = BundleManifest.load(bundle_dir)
@@ -138,13 +146,22 @@ def _trainer(calls):
     return train
 
 
-def test_signed_bundle_and_tasks_train_end_to_end(signed_bundle, tmp_path, keys, caplog):
+@pytest.mark.parametrize("addressed", [False, True], ids=["round-topic-task", "inbox-task"])
+def test_signed_bundle_and_tasks_train_end_to_end(signed_bundle, tmp_path, keys, caplog, monkeypatch, addressed):
+    """Either form of the Task (cloud/fanout.py) is signed and accepted: addressed copies each carry
+    their own signature over the one device they name."""
     (priv, pub), _ = keys
+    if addressed:
+        monkeypatch.setattr(fanout, "TASK_BROADCAST_MAX", 0)
+    hub = InMemoryHub(threaded=True)
     calls: list[int] = []
     with caplog.at_level(logging.INFO, logger="fedpft"):
-        record = _run(signed_bundle, tmp_path, InMemoryHub(threaded=True), priv, pub, _trainer(calls))
+        record = _run(signed_bundle, tmp_path, hub, priv, pub, _trainer(calls))
     assert calls == [0] and record["clients"] == 1, record
     assert not [r for r in caplog.records if "not signed" in r.getMessage()]
+    tasks = [(tp, m) for tp, p in hub.published for m in [_decoded(p)] if isinstance(m, Task)]
+    want = topics.device_topic(RUN, "dev", topics.INBOX) if addressed else topics.round_topic(RUN)
+    assert [tp for tp, _ in tasks] == [want] and tasks[0][1].signature
 
 
 def test_unsigned_bundle_is_refused_and_the_cloud_logs_why(tiny_bert_bundle, tmp_path, keys, caplog):
