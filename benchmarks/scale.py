@@ -52,8 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # simdevice, also in s
 
 from simdevice import WorkerSpec, run_worker  # noqa: E402
 
-from fedpft.cloud.config import ServeConfig  # noqa: E402
-from fedpft.cloud.server import Federation  # noqa: E402
 from fedpft.shared import topics  # noqa: E402
 from fedpft.shared.codec import encode_tensors  # noqa: E402
 from fedpft.shared.manifest import (  # noqa: E402
@@ -65,6 +63,7 @@ from fedpft.shared.transport import Handler  # noqa: E402
 
 log = logging.getLogger("fedpft.bench.scale")
 
+PROVISION_MAX_INFLIGHT = 0  # no maximum: what `provision` writes (cloud/provision.py broker_conf), beside max_queued_messages
 DEVICES_PER_WORKER = 25  # one MQTT connection = 2 threads; more per process and the GIL convoys (see BENCHMARKS.md)
 BEGIN, END = "<!-- scale -->", "<!-- /scale -->"
 
@@ -137,7 +136,9 @@ class CountingTransport:
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
         if self.started_at is None and (topic == self.round_topic or topic.startswith(self.blob_prefix)):
             self.started_at, self.at_task = time.time(), self.counters()
-        if topic == self.round_topic:
+        # the Task: on the round topic, or (a round past 64 devices) its first copy in a device's
+        # inbox, the first inbox message of the round (receipts come only after uploads)
+        if topic == self.round_topic or (self.task_published_at is None and topic.endswith("/" + topics.INBOX)):
             self.task_published_at = time.time()
         self.inner.publish(topic, payload, qos=qos, retain=retain, wait=wait)
         with self.lock:
@@ -160,22 +161,28 @@ class CountingTransport:
         return self.inner.join(timeout)
 
 
-class TimedFederation(Federation):
-    """The real Federation; only notes when `run_round` returns and samples RSS meanwhile."""
+def timed_federation_class():
+    """The real Federation, noting when `run_round` returns and sampling RSS meanwhile. The cloud is
+    imported here, not at module level: every spawned device worker re-imports this module, and the
+    cloud's imports cost each of them ~70 MB of RSS it never uses (5 GB at 1,000 devices)."""
+    from fedpft.cloud.server import Federation
 
-    round_ended: float | None = None
-    cpu_s: float = 0.0
+    class TimedFederation(Federation):
+        round_ended: float | None = None
+        cpu_s: float = 0.0
 
-    def run_round(self, state, bundle_ref):  # type: ignore[no-untyped-def]
-        sampler = RssSampler()
-        sampler.start()
-        cpu0 = _cpu_s()
-        try:
-            return super().run_round(state, bundle_ref)
-        finally:
-            self.round_ended = time.time()
-            self.cpu_s = _cpu_s() - cpu0
-            self.rss_peak = sampler.stop()
+        def run_round(self, state, bundle_ref):  # type: ignore[no-untyped-def]
+            sampler = RssSampler()
+            sampler.start()
+            cpu0 = _cpu_s()
+            try:
+                return super().run_round(state, bundle_ref)
+            finally:
+                self.round_ended = time.time()
+                self.cpu_s = _cpu_s() - cpu0
+                self.rss_peak = sampler.stop()
+
+    return TimedFederation
 
 
 def _cpu_s() -> float:
@@ -295,6 +302,7 @@ class ScaleConfig:
     jitter_s: float = 0.5
     per_worker: int = DEVICES_PER_WORKER
     round_timeout: float = 300.0
+    task_ack_timeout: float = 30.0  # serve's default
     ready_timeout: float = 180.0
     seed: int = 0
     broker_pid: int | None = None  # whose RSS to report; default: the system Mosquitto's pid file
@@ -308,6 +316,10 @@ def _pct(xs: list[float], q: float) -> float:
 
 def run_scale(sc: ScaleConfig) -> dict:
     """One round with `sc.devices` simulated devices; returns the measurements (see module doc)."""
+    from fedpft.cloud.config import ServeConfig
+    from fedpft.cloud.fanout import CLOUD_MAX_INFLIGHT
+
+    TimedFederation = timed_federation_class()  # imported before the idle RSS is read
     manifest = BundleManifest.load(sc.bundle)
     expected = {t.key: (tuple(t.shape), t.dtype) for t in manifest.trainable}
     stat_layers = {s.layer: s.neurons for s in manifest.stat_outputs}
@@ -340,10 +352,12 @@ def run_scale(sc: ScaleConfig) -> dict:
 
         cfg = ServeConfig(bundle=sc.bundle, out=out / "run", broker=sc.broker, run_id=run_id, rounds=1, min_clients=sc.devices,
                           clients_per_round=sc.devices, round_timeout=sc.round_timeout, wait_for_clients=60.0, max_round_retries=0,
+                          task_ack_timeout=sc.task_ack_timeout,
                           seed=sc.seed)
         broker_pid = sc.broker_pid or _broker_pid()
         broker_rss0 = _status_kb(broker_pid, "VmRSS") * 1024 if broker_pid else 0
-        cloud = CountingTransport(MqttTransport(sc.broker, client_id=f"fedpft-cloud-{run_id}", session_expiry=120), run_id)
+        cloud = CountingTransport(MqttTransport(sc.broker, client_id=f"fedpft-cloud-{run_id}", session_expiry=120,
+                                                 max_inflight=CLOUD_MAX_INFLIGHT), run_id)
         cloud.connect()
         rss_idle = _status_kb("self", "VmRSS") * 1024
         fed = TimedFederation(cfg, cloud, show_progress=False)
@@ -555,12 +569,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--brokers", nargs="+", default=["system"], metavar="system|MAX_QUEUED",
                     help="run every device count on each: 'system' = --broker; a number = a private Mosquitto with that "
                          "max_queued_messages (1000 is Mosquitto's default; 0 = unlimited)")
+    ap.add_argument("--inflight", type=int, default=PROVISION_MAX_INFLIGHT,
+                    help="max_inflight_messages of a private Mosquitto: the window it grants each client (the cloud asks "
+                         "for MQTT's largest); 0 = no maximum, as provision writes; 20 is Mosquitto's default")
     ap.add_argument("--per-worker", type=int, default=DEVICES_PER_WORKER)
     ap.add_argument("--shared-broadcast", action="store_true",
                     help="one broadcast subscription per device worker process, handed to its devices: takes the "
                          "fleet's own parsing of the broadcast (and 1 - 1/per-worker of the broker's fan-out) off this "
                          "machine's CPUs, which real devices would not share")
     ap.add_argument("--round-timeout", type=float, default=300.0)
+    ap.add_argument("--task-ack-timeout", type=float, default=30.0,
+                    help="serve's --task-ack-timeout (default 30, serve's): a simulated fleet of thousands on this "
+                         "machine's CPUs may take longer than a real device to ack its Task")
     ap.add_argument("--write", type=Path, default=None, help="replace the scale section of this markdown file")
     ap.add_argument("--json", type=Path, default=None, help="also dump the raw results here")
     ap.add_argument("--note", action="append", default=[], help="a line added under the table")
@@ -583,13 +603,14 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.time()
                 print(f"--- {n} devices, broker: {'--broker' if queued is None else f'own, max_queued_messages {queued}'}", flush=True)
                 sc = ScaleConfig(devices=n, bundle=bundle, broker=args.broker, train_s=args.train_s, jitter_s=args.jitter_s,
-                                 per_worker=args.per_worker, round_timeout=args.round_timeout, shared_broadcast=args.shared_broadcast)
+                                 per_worker=args.per_worker, round_timeout=args.round_timeout, shared_broadcast=args.shared_broadcast,
+                                 task_ack_timeout=args.task_ack_timeout)
                 if queued is None:
                     res = run_isolated(sc)
                 else:
-                    with OwnBroker(queued) as ob:
+                    with OwnBroker(queued, max_inflight=args.inflight) as ob:
                         sc.broker, sc.broker_pid = ob.url, ob.proc.pid
-                        sc.broker_label = f"max_queued {queued or 'unlimited'}"
+                        sc.broker_label = f"max_queued {queued or 'unlimited'}, inflight {args.inflight or 'unlimited'}"
                         res = run_isolated(sc)
                         res["broker_drop_lines"] = ob.drops()
                 res["train_s"], res["bench_s"] = args.train_s, time.time() - t0

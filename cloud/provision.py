@@ -166,7 +166,7 @@ def listeners(bind: str = DEFAULT_BIND, port: int = PLAIN_PORT, tls_bind: str = 
 
 
 def broker_conf(folder: Path, port: int = PLAIN_PORT, bind: str = DEFAULT_BIND, tls: TlsListener | None = None,
-                max_queued: int = 20000) -> str:
+                max_queued: int = 20000, max_inflight: int = 0) -> str:
     """A Mosquitto 2 configuration using the folder's password file and ACL: a plain listener on
     `bind`, and a TLS one only when `tls` is given."""
     folder = Path(folder).resolve()
@@ -176,6 +176,11 @@ def broker_conf(folder: Path, port: int = PLAIN_PORT, bind: str = DEFAULT_BIND, 
              # (task ack + blob request); Mosquitto's default of 1000 drops QoS 1 messages beyond
              # ~500 devices (BENCHMARKS.md, scale)
              f"max_queued_messages {max_queued}",
+             # the window of unacknowledged QoS 1 messages the broker grants each client (MQTT 5
+             # Receive Maximum) and keeps towards it; 0 = no maximum. The cloud addresses a Task
+             # and a receipt to every device of a large round: 20 at a time by default, each
+             # PUBACK queued behind the uploads on its connection (BENCHMARKS.md, scale)
+             f"max_inflight_messages {max_inflight}",
              # per listener, and only after a `listener` line (before one it would open Mosquitto's
              # default listener on every interface). The ACL trusts the user name, so the client id
              # must follow it: otherwise one device's credentials with another's client id keep

@@ -95,6 +95,7 @@ def serve(cfg: ServeConfig, show_progress: bool = True, transport: Transport | N
     from fedpft.shared.mqtt import MqttTransport
 
     from .broker import EmbeddedBroker
+    from .fanout import CLOUD_MAX_INFLIGHT
     from .report import write_report
     from .server import Federation
 
@@ -109,7 +110,7 @@ def serve(cfg: ServeConfig, show_progress: bool = True, transport: Transport | N
         print(f"embedded MQTT broker: {url}", flush=True)
     try:
         if transport is None:
-            transport = MqttTransport.from_config(cfg, f"fedpft-cloud-{cfg.run_id}", url=url)
+            transport = MqttTransport.from_config(cfg, f"fedpft-cloud-{cfg.run_id}", url=url, max_inflight=CLOUD_MAX_INFLIGHT)
         with transport:
             fed = Federation(cfg, transport, evaluator=cloud.evaluate if cfg.eval_data else None,
                              aligner=cloud.align if cfg.align_every else None, show_progress=show_progress)

@@ -138,6 +138,7 @@ class MqttTransport:
         connect_timeout: float = 5.0,
         publish_timeout: float = 30.0,
         reconnect_delay: tuple[int, int] = (1, 30),
+        max_inflight: int = 20,
     ) -> None:
         self.url = url
         self.broker = parse_url(url)
@@ -153,6 +154,11 @@ class MqttTransport:
         self.connect_timeout = connect_timeout
         self.publish_timeout = publish_timeout
         self.reconnect_delay = reconnect_delay
+        # QoS 1 messages sent and not yet PUBACKed; paho queues the rest. paho's 20 suits a device; a
+        # cloud that addresses a Task and a receipt to each of thousands of devices needs a wider
+        # window, or its fan-out waits on one broker round trip per 20 messages. Never above what the
+        # broker grants (MQTT 5 Receive Maximum, read from the CONNACK).
+        self.max_inflight = max_inflight
         self.protocol = self.broker.protocol
         self._dispatcher = Dispatcher(client_id)
         self._client: paho.Client | None = None
@@ -173,6 +179,13 @@ class MqttTransport:
 
         return cls(url or cfg.broker, client_id, ca=path(cfg.ca), cert=path(cfg.cert), key=path(cfg.key),
                    username=cfg.username, password=cfg.password, **options)
+
+    @property
+    def inflight_window(self) -> int:
+        """QoS 1 messages this client may have unacknowledged: `max_inflight`, or less where the
+        broker grants less."""
+        c = self._client
+        return self.max_inflight if c is None else c.max_inflight_messages
 
     @property
     def connected(self) -> bool:
@@ -234,6 +247,7 @@ class MqttTransport:
             clean_session=None if v5 else self.clean_start,
         )
         c.connect_timeout = self.connect_timeout
+        c.max_inflight_messages_set(self.max_inflight)
         c.reconnect_delay_set(*self.reconnect_delay)
         if self.username is not None:
             c.username_pw_set(self.username, self.password)
@@ -345,6 +359,11 @@ class MqttTransport:
                 log.warning("broker %s refused reconnect of %s: %s", self.url, self.client_id, reason)
             self._connack.set()
             return
+        granted = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+        if granted is not None and granted < self.max_inflight and hasattr(client, "_max_inflight_messages"):
+            # paho has no public way to narrow the window once connected, and the grant arrives only now
+            client._max_inflight_messages = granted
+            log.info("%s: broker %s grants %d messages in flight (asked for %d)", self.client_id, self.url, granted, self.max_inflight)
         patterns = self._dispatcher.patterns()
         if patterns:
             client.subscribe([(p, 1) for p in patterns])

@@ -226,3 +226,36 @@ def test_embedded_broker_restart_and_reconnect(run_id):
             assert got.items and got.items[0][1] == b"after restart"
     finally:
         broker.stop()
+
+
+def test_the_inflight_window_is_what_the_broker_grants(tmp_path):
+    """The cloud asks for a wide window (cloud/serve.py); a broker granting less (Mosquitto's default
+    Receive Maximum is 20) narrows it, and provision's broker config grants any."""
+    import shutil
+    import subprocess
+
+    from fedpft.cloud.provision import broker_conf
+
+    if not _listening("127.0.0.1", 1883) or not shutil.which("mosquitto"):
+        pytest.skip("needs Mosquitto")
+    with _client(MOSQUITTO, "narrow", max_inflight=1000) as t:
+        assert t.inflight_window == 20
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # provision's limits, on an anonymous listener (its users and ACL are tested in test_security_broker)
+    limits = [l for l in broker_conf(tmp_path, port).splitlines() if l.startswith("max_")]
+    assert "max_inflight_messages 0" in limits  # no maximum
+    (tmp_path / "m.conf").write_text("\n".join([*limits, f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false", ""]))
+    proc = subprocess.Popen(["mosquitto", "-c", str(tmp_path / "m.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.time() + 10
+        while not _listening("127.0.0.1", port) and time.time() < end:
+            time.sleep(0.05)
+        with _client(f"mqtt://127.0.0.1:{port}", "wide", max_inflight=65535) as t:
+            assert t.inflight_window == 65535
+        with _client(f"mqtt://127.0.0.1:{port}", "device") as t:
+            assert t.inflight_window == 20  # a device keeps paho's default
+    finally:
+        proc.terminate()
+        proc.wait(10)
