@@ -17,7 +17,7 @@ statistics only when the Task asks for them) and encoded with `codec.encode_tens
 cloud checks it against the bundle manifest as it would a real one.
 
 Resilience is the agent's: no chunk for `stall_s` -> ask again for the missing ones; no receipt
-for `ack_timeout` -> upload again (at most `max_retries` times). Handlers run on each device's
+within `edge.backoff.receipt_wait(ack_timeout, attempt)` -> upload again (at most `max_retries` times). Handlers run on each device's
 dispatcher thread; timers and uploads run on one `Scheduler` shared by every device of a process.
 
 `run_worker` hosts a slice of a fleet in one process and talks to the benchmark over a pipe.
@@ -29,6 +29,7 @@ import hashlib
 import heapq
 import itertools
 import logging
+import random
 import resource
 import threading
 import time
@@ -38,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from fedpft.edge.backoff import receipt_wait
 from fedpft.shared import topics
 from fedpft.shared.chunks import BlobSource, Chunk, Reassembler
 from fedpft.shared.codec import decode_tensors, encode_tensors
@@ -155,6 +157,7 @@ class SimDevice:
         self.expected, self.stat_layers = dict(expected), dict(stat_layers)
         self.sched = scheduler
         self.rng = np.random.default_rng(seed)
+        self.retry_rng = random.Random(seed)
         self.train_s, self.jitter_s, self.num_samples = train_s, jitter_s, num_samples
         self.stall_s, self.ack_timeout, self.max_retries = stall_s, ack_timeout, max_retries
         self.on_finish = on_finish
@@ -343,14 +346,14 @@ class SimDevice:
             self._publish(topics.upload_topic(self.run, self.me, src.blob_id), payload)
         self.timing.update_sent_at = time.time()
         attempt = self.timing.uploads
-        self.sched.at(time.time() + self.ack_timeout, lambda: self._check_ack(task, attempt))
+        self.sched.at(time.time() + receipt_wait(self.ack_timeout, attempt - 1, self.retry_rng), lambda: self._check_ack(task, attempt))
 
     def _check_ack(self, task: Task, attempt: int) -> None:
         if self.timing.acked_at is not None or self.timing.uploads != attempt:
             return
         if attempt > self.max_retries:
             return self._fail(task, f"no receipt for the update after {attempt} uploads", publish=False)
-        log.warning("%s: no receipt for the update after %.0fs (attempt %d); uploading again", self.me, self.ack_timeout, attempt)
+        log.warning("%s: no receipt for the update (attempt %d); uploading again", self.me, attempt)
         self._send_update(task)
 
     def _fail(self, task: Task, reason: str, publish: bool = True) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from fedpft.shared.signing import SignatureError
 from fedpft.shared.transport import Transport
 from fedpft.shared.update import bind_update
 
+from .backoff import receipt_wait
 from .blobs import AgentError
 from .link import Address, DeviceLink
 from .secure_task import SecureTask, clipped_update
@@ -59,6 +61,7 @@ class EdgeAgent:
         self.bundle_version: str | None = None
         self.finished = False
         self.trained = 0
+        self._retry_rng = random.Random()  # each device its own draws: the point is that they differ
 
     def hello(self) -> None:
         self.link.publish(topics.HELLO, Hello(run_id=self.run, sender=self.me, device_id=self.me, num_samples=self.num_samples,
@@ -152,14 +155,15 @@ class EdgeAgent:
             self.link.publish(topics.UPDATE, msg)
             for payload in src.payloads():
                 self.link.t.publish(topics.upload_topic(self.run, self.me, src.blob_id), payload)
-            ack = self.wait_ack(uid, self.cfg.ack_timeout)
+            wait = receipt_wait(self.cfg.ack_timeout, attempt, self._retry_rng)
+            ack = self.wait_ack(uid, wait)
             if ack is not None:
                 if ack.ok:
                     log.info("round %d: update %s accepted%s", task.round_id, uid[:12], f" ({ack.reason})" if ack.reason else "")
                 else:
                     log.warning("round %d: update %s refused: %s", task.round_id, uid[:12], ack.reason)
                 return
-            log.warning("round %d: no receipt for update %s after %.0fs (attempt %d)", task.round_id, uid[:12], self.cfg.ack_timeout, attempt + 1)
+            log.warning("round %d: no receipt for update %s after %.0fs (attempt %d)", task.round_id, uid[:12], wait, attempt + 1)
 
     def wait_ack(self, update_id: str, timeout: float) -> Ack | None:
         """The cloud's receipt naming this update; receipts about other submissions (a replay

@@ -35,8 +35,9 @@ class AgentConfig(BrokerConfig):
     providers: tuple[str, ...] = Field(default=("cpu",), min_length=1, description="onnxruntime execution providers in order of preference")
     heartbeat: float = Field(default=10.0, gt=0, description="seconds between Hello heartbeats while idle")
     fetch_timeout: float = Field(default=600.0, gt=0)
-    ack_timeout: float = Field(default=30.0, gt=0)
-    max_retries: int = Field(default=3, ge=0)
+    ack_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for an update's receipt before uploading "
+                               "it again; doubled with each retry (at most 8x) and drawn from [1, 1.5)x (edge/backoff.py)")
+    max_retries: int = Field(default=3, ge=0, description="uploads of one update after the first that got no receipt")
     # Ed25519 public key of the cloud: unsigned or tampered bundles and tasks are refused.
     # None = development mode: everything is accepted (with one warning).
     trust_key: Path | None = None

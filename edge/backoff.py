@@ -1,0 +1,16 @@
+"""How long a device waits for its update's receipt before uploading again."""
+
+from __future__ import annotations
+
+import random
+
+# the last waits stay within this many times the first: a device must still answer within a round
+MAX_FACTOR = 8
+
+
+def receipt_wait(base: float, attempt: int, rng: random.Random) -> float:
+    """Seconds to wait for the receipt of upload `attempt` (0 = the first): `base`, doubling with
+    every attempt up to MAX_FACTOR x, times a draw from [1, 1.5). A cloud slow to check a burst of
+    uploads (BENCHMARKS.md, scale: 5,000 devices) must not get the whole burst again at one
+    instant, and again twice as large: the doubling thins the waves, the draw spreads each one."""
+    return base * min(2 ** attempt, MAX_FACTOR) * (1.0 + 0.5 * rng.random())
