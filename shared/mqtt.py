@@ -363,7 +363,7 @@ class MqttTransport:
         if granted is not None and granted < self.max_inflight and hasattr(client, "_max_inflight_messages"):
             # paho has no public way to narrow the window once connected, and the grant arrives only now
             client._max_inflight_messages = granted
-            log.info("%s: broker %s grants %d messages in flight (asked for %d)", self.client_id, self.url, granted, self.max_inflight)
+            log.debug("%s: broker %s grants %d messages in flight (asked for %d)", self.client_id, self.url, granted, self.max_inflight)
         patterns = self._dispatcher.patterns()
         if patterns:
             client.subscribe([(p, 1) for p in patterns])

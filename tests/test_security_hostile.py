@@ -63,6 +63,8 @@ class Device:
         self.t = self.hub.transport(self.device_id)
         self.t.connect()
         self.t.subscribe(topics.round_topic(RUN), self._task)
+        # a round past 64 devices addresses each its own Task in its inbox (cloud/fanout.py)
+        self.t.subscribe(topics.device_topic(RUN, self.device_id, topics.INBOX), self._task)
         if self.announce:
             self.pub(topics.PRESENCE, Presence(run_id=RUN, sender=self.device_id, device_id=self.device_id, status="online"), retain=True)
 
@@ -71,7 +73,10 @@ class Device:
         self.pub(topics.HELLO, Hello(run_id=RUN, sender=self.device_id, device_id=self.device_id, num_samples=10))
 
     def _task(self, topic: str, payload: bytes) -> None:
-        task = decode(payload)
+        try:
+            task = decode(payload)
+        except ProtocolError:
+            return
         if isinstance(task, Task) and self.device_id in task.devices:
             self.task = task
             if self.on_task is not None:
