@@ -32,7 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import LABEL, METHODS, schedule_args, simulate_config, simulate_run  # noqa: E402
 from common import ROOT, command_line, machine, write_section  # noqa: E402
-from stats import CONVERGED_POINTS, LAST_ROUNDS, last_rounds_movement, mean_curve, paired_difference, summarize  # noqa: E402
+from stats import (  # noqa: E402
+    CLAIMS, CONVERGED_POINTS, LAST_ROUNDS, last_rounds_movement, mean_curve, paired_difference, summarize, verdict,
+)
 
 RESULTS = ROOT / "benchmarks" / "results" / "seeds"
 PLOT = ROOT / "benchmarks" / "results" / "seeds.png"
@@ -246,6 +248,13 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
             text = f"{pct(d.mean)}{ci} (n={d.n})"
             cells.append(f"**{text}**" if d.excludes_zero() else text)
         lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    lines += ["", "What the numbers say about the paper's three claims (last-round accuracy, paired by seed; "
+              "made from the table above, so it changes as runs land):", ""]
+    for c in CLAIMS:
+        lines.append(f"- *{c.text}*: " + "; ".join(
+            f"{p}: " + verdict(c, paired_difference({s: v[-1] for s, v in g.get((p, c.a), {}).items()},
+                                                    {s: v[-1] for s, v in g.get((p, c.b), {}).items()}))
+            for p in PARTITIONS) + ".")
     short = [r for r in rows if len(r["fm_accuracy"]) < rounds]
     if short:
         lines += ["", f"Runs that have not reached round {rounds} yet (left out above; FM accuracy per round so far, %):", ""]

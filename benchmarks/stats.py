@@ -85,3 +85,49 @@ def converged(curves: Sequence[Sequence[float]], points: float = CONVERGED_POINT
     """The issue's criterion, with curves in percent: the last rounds moved the mean by < `points`."""
     move = last_rounds_movement(curves, last)
     return not math.isnan(move) and move < points
+
+
+# ---- the paper's claims -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim about a paired difference a - b (accuracy as a fraction): `above` holds when the
+    interval lies above 0; `within` when it lies inside [-margin, margin] (an equivalence test: a
+    wide interval around 0 is no evidence of closeness)."""
+
+    text: str
+    a: str
+    b: str
+    kind: str  # "above" | "within"
+    margin: float = 0.0
+
+
+# FedPFT (arXiv 2404.11536): within about a point of full-FM tuning, clearly above FedOT, and its
+# neuron-level alignment adds on top of layer distillation
+CLAIMS = (
+    Claim("FedPFT is within about a point of full-FM tuning", "full", "fedpft", "within", 0.01),
+    Claim("FedPFT is clearly above FedOT (same device budget)", "fedpft", "fedot", "above"),
+    Claim("neuron-level alignment adds on top of layer distillation", "fedpft", "layeronly", "above"),
+)
+
+
+def verdict(claim: Claim, d: PairedDiff) -> str:
+    """One line on what the paired difference says about the claim, in points."""
+    pts = lambda v: f"{100 * v:+.1f}"  # noqa: E731
+    if d.n == 0:
+        return "not measured yet"
+    if d.n < 2:
+        return f"one seed only ({claim.a} − {claim.b} = {pts(d.mean)} points): no interval yet, no verdict"
+    ci = f"{claim.a} − {claim.b} = {pts(d.mean)} points, 95% CI [{pts(d.lo)}, {pts(d.hi)}], {d.n} seeds"
+    if claim.kind == "above":
+        if d.lo > 0:
+            return f"supported ({ci})"
+        if d.hi < 0:
+            return f"refuted: {claim.b} is above ({ci})"
+        return f"not distinguishable from no difference ({ci})"
+    if -claim.margin <= d.lo and d.hi <= claim.margin:
+        return f"supported: the whole interval is within ±{100 * claim.margin:g} point ({ci})"
+    if d.lo > claim.margin or d.hi < -claim.margin:
+        return f"refuted: the gap is beyond ±{100 * claim.margin:g} point ({ci})"
+    return f"inconclusive: the interval reaches past ±{100 * claim.margin:g} point ({ci})"

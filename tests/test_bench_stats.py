@@ -164,3 +164,19 @@ def test_frontier_joins_a_proxy_with_the_runs_of_every_ffn_keep_that_builds_it(b
     assert frontier.accuracy(rows, {"method": "fedot", "ffn_keeps": [0.1, 0.25]}, "dirichlet:0.5", rounds=2).n == 0
     assert list(frontier.proxies()) == ["fedpft-distilled-keep0.1", "fedpft-distilled-keep0.25", "fedpft-distilled-keep0.5",
                                         "fedot-distilled-L4", "fedot-distilled-L5", "full"]
+
+
+def test_claims_need_an_interval_and_read_it_the_right_way(bench):
+    stats, _ = bench
+    above, within = stats.CLAIMS[1], stats.CLAIMS[0]
+    assert within.kind == "within" and above.kind == "above"
+    d = lambda a, b: stats.paired_difference(dict(enumerate(a)), dict(enumerate(b)))  # noqa: E731
+    assert stats.verdict(above, d([], [])) == "not measured yet"
+    assert stats.verdict(above, d([0.80], [0.70])).startswith("one seed only (fedpft − fedot = +10.0 points)")
+    assert stats.verdict(above, d([0.80, 0.81, 0.82], [0.70, 0.70, 0.71])).startswith("supported")
+    assert stats.verdict(above, d([0.70, 0.70, 0.71], [0.80, 0.81, 0.82])).startswith("refuted: fedot is above")
+    assert stats.verdict(above, d([0.80, 0.70, 0.75], [0.75, 0.75, 0.75])).startswith("not distinguishable")
+    # within one point: a tight interval near 0 supports, a tight one far off refutes, a wide one is no evidence
+    assert stats.verdict(within, d([0.802, 0.803, 0.801], [0.800, 0.801, 0.800])).startswith("supported")
+    assert stats.verdict(within, d([0.85, 0.851, 0.849], [0.80, 0.80, 0.80])).startswith("refuted")
+    assert stats.verdict(within, d([0.85, 0.78, 0.80], [0.80, 0.80, 0.80])).startswith("inconclusive")
