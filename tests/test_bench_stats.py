@@ -180,3 +180,16 @@ def test_claims_need_an_interval_and_read_it_the_right_way(bench):
     assert stats.verdict(within, d([0.802, 0.803, 0.801], [0.800, 0.801, 0.800])).startswith("supported")
     assert stats.verdict(within, d([0.85, 0.851, 0.849], [0.80, 0.80, 0.80])).startswith("refuted")
     assert stats.verdict(within, d([0.85, 0.78, 0.80], [0.80, 0.80, 0.80])).startswith("inconclusive")
+
+
+def test_the_section_gives_a_verdict_per_claim_once_two_seeds_are_in(bench):
+    stats, seeds = bench
+    run = lambda m, s, acc: {"method": m, "partition": "dirichlet:0.5", "seed": s, "ffn_keep": None if m == "full" else 0.25,  # noqa: E731
+                             "fm_accuracy": [0.5, acc], "complete": True, "wall_s": 60.0, "load_start": 1.0, "command": "x"}
+    rows = [run("fedpft", 0, 0.80), run("fedpft", 1, 0.82), run("fedot", 0, 0.70), run("fedot", 1, 0.71), run("full", 0, 0.81)]
+    text = seeds.section(rows, 2, "python benchmarks/seeds.py --report", 30)
+    claims = [l for l in text.splitlines() if l.startswith("- *")]
+    assert len(claims) == 3
+    assert "dirichlet:0.5: supported (fedpft − fedot = +10.5 points" in claims[1]
+    assert "dirichlet:0.5: one seed only (full − fedpft = +1.0 points)" in claims[0]
+    assert "dirichlet:0.5: not measured yet; iid: not measured yet" in claims[2]
