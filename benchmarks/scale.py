@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # simdevice, also in s
 
 from simdevice import WorkerSpec, run_worker  # noqa: E402
 
+from fedpft.cloud.provision import BROKER_MAX_INFLIGHT  # noqa: E402  (light: shared only)
 from fedpft.shared import topics  # noqa: E402
 from fedpft.shared.codec import encode_tensors  # noqa: E402
 from fedpft.shared.manifest import (  # noqa: E402
@@ -63,7 +64,6 @@ from fedpft.shared.transport import Handler  # noqa: E402
 
 log = logging.getLogger("fedpft.bench.scale")
 
-PROVISION_MAX_INFLIGHT = 0  # no maximum: what `provision` writes (cloud/provision.py broker_conf), beside max_queued_messages
 DEVICES_PER_WORKER = 25  # one MQTT connection = 2 threads; more per process and the GIL convoys (see BENCHMARKS.md)
 BEGIN, END = "<!-- scale -->", "<!-- /scale -->"
 
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--brokers", nargs="+", default=["system"], metavar="system|MAX_QUEUED",
                     help="run every device count on each: 'system' = --broker; a number = a private Mosquitto with that "
                          "max_queued_messages (1000 is Mosquitto's default; 0 = unlimited)")
-    ap.add_argument("--inflight", type=int, default=PROVISION_MAX_INFLIGHT,
+    ap.add_argument("--inflight", type=int, default=BROKER_MAX_INFLIGHT,
                     help="max_inflight_messages of a private Mosquitto: the window it grants each client (the cloud asks "
                          "for MQTT's largest); 0 = no maximum, as provision writes; 20 is Mosquitto's default")
     ap.add_argument("--per-worker", type=int, default=DEVICES_PER_WORKER)

@@ -112,6 +112,7 @@ DEFAULT_BIND = "127.0.0.1"
 PLAIN_PORT = 1883
 TLS_PORT = 8883
 CLIENTID_RULE = "use_username_as_clientid true"
+BROKER_MAX_INFLIGHT = 0  # max_inflight_messages the broker config gets: no maximum (see broker_conf)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def listeners(bind: str = DEFAULT_BIND, port: int = PLAIN_PORT, tls_bind: str = 
 
 
 def broker_conf(folder: Path, port: int = PLAIN_PORT, bind: str = DEFAULT_BIND, tls: TlsListener | None = None,
-                max_queued: int = 20000, max_inflight: int = 0) -> str:
+                max_queued: int = 20000, max_inflight: int = BROKER_MAX_INFLIGHT) -> str:
     """A Mosquitto 2 configuration using the folder's password file and ACL: a plain listener on
     `bind`, and a TLS one only when `tls` is given."""
     folder = Path(folder).resolve()
