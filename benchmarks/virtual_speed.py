@@ -56,9 +56,21 @@ def one_round(bundle: Path, shards: list[Path], cfg: EdgeTrainConfig, pool: Sess
     return sum(steps), time.perf_counter() - w0, time.process_time() - c0
 
 
-def floor(bundle: Path, shard: Path, cfg: EdgeTrainConfig, n: int) -> float:
-    """CPU seconds per training step of one session alone, one ORT thread (after one warm-up step)."""
-    s = open_session(bundle, threads=1)
+def open_trainer(bundle: Path, trainer: str):
+    """One session, one thread: "ort" (the devices'), "torch-fp32" or "torch-bf16" (`--virtual-trainer torch`)."""
+    if trainer == "ort":
+        return open_session(bundle, threads=1)
+    import torch
+
+    from fedpft.sim.torch_session import TorchSession
+
+    torch.set_num_threads(1)
+    return TorchSession(bundle, BundleManifest.load(bundle), precision=trainer.split("-")[1], threads=1)
+
+
+def floor(bundle: Path, shard: Path, cfg: EdgeTrainConfig, n: int, trainer: str = "ort") -> float:
+    """CPU seconds per training step of one session alone, one thread (after one warm-up step)."""
+    s = open_trainer(bundle, trainer)
     s.set_learning_rate(cfg.lr)
     data = read_local_data(shard, s.manifest)
     maker = BatchMaker(bundle, s.manifest)
@@ -79,7 +91,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--max-steps", type=int, default=None, help="cap on each client's steps per round (shorter runs; the per-round overheads then weigh more)")
     ap.add_argument("--floor-steps", type=int, default=10)
+    ap.add_argument("--trainers", type=int, metavar="REPEATS", default=0,
+                    help="only compare the virtual clients' trainers (ORT, torch fp32, torch bf16): the floor of each, "
+                         "measured REPEATS times in turn in this process; prints a markdown table")
     args = ap.parse_args()
+    if args.trainers:
+        compare_trainers(args)
+        return
     shards = sorted(args.shards.glob("client*/train.jsonl"))
     cfg = EdgeTrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps, threads=1, holdout=0.1)
     manifest = BundleManifest.load(args.bundle)
@@ -116,6 +134,31 @@ def main() -> None:
     lines += ["", f"At the benchmark's settings these shards make {full_steps} steps a round: device work = {full_steps} x "
               f"{per_step:.3f} + {len(shards)} x {min(after):.2f} = {per_round:.0f} CPU s a round, {per_round / n:.0f} s on "
               f"{n} idle cores."]
+    print("\n".join(lines))
+
+
+TRAINERS = ("ort", "torch-fp32", "torch-bf16")
+
+
+def compare_trainers(args) -> None:
+    """The per-step floor of each trainer, alternating, the best of `args.trainers` turns (contention only adds)."""
+    shard = sorted(args.shards.glob("client*/train.jsonl"))[0]
+    cfg = EdgeTrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, threads=1)
+    load0 = os.getloadavg()[0]
+    best = {t: float("inf") for t in TRAINERS}
+    for turn in range(args.trainers):
+        for t in TRAINERS:
+            best[t] = min(best[t], floor(args.bundle, shard, cfg, args.floor_steps, t))
+            print(f"turn {turn + 1}: {t} {best[t]:.3f} CPU s / step", flush=True)
+    lines = [
+        f"Command: `{command_line()}` — {machine()}; 1-min load average {load0:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end. One session alone, one thread, batch {args.batch_size}, "
+        f"{args.floor_steps} steps after a warm-up, best of {args.trainers} alternating turns:",
+        "",
+        "| trainer | CPU s / step | vs ORT |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {t} | {best[t]:.3f} | {best['ort'] / best[t]:.2f}x |" for t in TRAINERS]
     print("\n".join(lines))
 
 

@@ -240,6 +240,8 @@ class RolloutConfig(BrokerConfig):
 
 SimMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 SimEngine = Literal["processes", "virtual"]
+VirtualTrainer = Literal["auto", "ort", "torch"]
+VirtualPrecision = Literal["fp32", "bf16"]
 
 
 class SimulateConfig(PrivacyOptions):
@@ -273,6 +275,8 @@ class SimulateConfig(PrivacyOptions):
     device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
     engine: SimEngine = Field(default="processes", description="processes: real edge processes over MQTT; virtual: the same edge agents on threads of the cloud process, over an in-memory hub")
     virtual_parallel: int | None = Field(default=None, ge=1, description="virtual engine: clients training at once, the cores split among them (None = one per core)")
+    virtual_trainer: VirtualTrainer = Field(default="auto", description="virtual engine: ort (the edge's own trainer), torch (the bundle's proxy in torch, same loss and optimizer), auto (ort on CPU, torch on a GPU)")
+    virtual_precision: VirtualPrecision = Field(default="fp32", description="virtual engine, torch trainer: fp32, or bf16 autocast of the forward and backward (adapters, optimizer and loss stay fp32)")
     align_objective: AlignObjective = Field(default="hidden-mse", description="what alignment minimises: " + ", ".join(ALIGN_OBJECTIVES))
 
     @model_validator(mode="after")
@@ -283,6 +287,10 @@ class SimulateConfig(PrivacyOptions):
             raise ValueError("--broker only applies to --engine processes (virtual clients talk to the cloud in memory)")
         if self.engine != "virtual" and self.virtual_parallel is not None:
             raise ValueError("--virtual-parallel only applies to --engine virtual")
+        if self.engine != "virtual" and (self.virtual_trainer != "auto" or self.virtual_precision != "fp32"):
+            raise ValueError("--virtual-trainer and --virtual-precision only apply to --engine virtual")
+        if self.virtual_precision != "fp32" and self.virtual_trainer == "ort":
+            raise ValueError(f"--virtual-precision {self.virtual_precision} needs --virtual-trainer torch (the ORT trainer is fp32, as on devices)")
         # refused here, before a bundle is prepared, rather than by serve's config minutes later
         if self.secure_agg and self.clients < 2:
             raise ValueError("--secure-agg needs at least 2 --clients (a sum of one is that device's update)")

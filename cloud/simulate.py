@@ -180,7 +180,8 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
     if cfg.engine == "virtual":
         if cfg.edge_python is not None:
             log.info("--edge-python %s unused: virtual clients run in this process", cfg.edge_python)
-        installed_engine("virtual")(serve_cfg, shards, run, show_progress, parallel=cfg.virtual_parallel)
+        installed_engine("virtual")(serve_cfg, shards, run, show_progress, parallel=cfg.virtual_parallel,
+                                    trainer=cfg.virtual_trainer, precision=cfg.virtual_precision)
     else:
         run_processes(cfg, serve_cfg, shards, run, show_progress)
     fed = run / "federation"

@@ -83,7 +83,78 @@ class StepOutput:
     stats: dict[int, tuple[np.ndarray, float]]  # FM layer -> (off_counts (neurons,), positions)
 
 
-class EdgeSession:
+class SessionWeights:
+    """What every training session of a bundle does the same way, whatever computes its steps
+    (`EdgeSession` here; the virtual engine's torch trainer): adapters and FFN weights in and out of
+    the fp32 master arrays `params` (ONNX names), checked against the manifest first; `_changed`
+    tells the compute side which arrays moved."""
+
+    bundle_dir: Path
+    manifest: BundleManifest
+    params: dict[str, np.ndarray]
+    optimizer: AdamW
+
+    def _changed(self, names: Iterable[str]) -> None:
+        raise NotImplementedError
+
+    def set_adapters(self, tensors: Mapping[str, np.ndarray], what: str = "adapters") -> None:
+        """Global adapters (PEFT keys -> arrays): all of manifest.trainable, checked first."""
+        _check(tensors, self.manifest.trainable, what, partial=False)
+        self._set(self.manifest.trainable, tensors)
+
+    def adapters(self) -> dict[str, np.ndarray]:
+        return {t.key: self.params[t.name].copy() for t in self.manifest.trainable}
+
+    def set_ffn(self, tensors: Mapping[str, np.ndarray], what: str = "ffn weights") -> None:
+        """Re-aligned frozen FFN weights pushed by the cloud, keyed like manifest.ffn (proxy state-dict
+        keys; ORT names are accepted too). Any subset of the compressed layers' tensors."""
+        by_name = {s.name: s.key for s in self.manifest.ffn}
+        keyed = {by_name.get(k, k): v for k, v in tensors.items()}
+        _check(keyed, self.manifest.ffn, what, partial=True)
+        self._set(self.manifest.ffn, keyed)
+
+    def ffn(self) -> dict[str, np.ndarray]:
+        return {t.key: self.params[t.name].copy() for t in self.manifest.ffn}
+
+    def _set(self, specs: Iterable[TensorSpec], tensors: Mapping[str, np.ndarray]) -> None:
+        # in place: the bound OrtValues (and the optimizer) keep pointing at these arrays
+        changed = []
+        for s in specs:
+            if s.key in tensors:
+                self.params[s.name][...] = tensors[s.key]
+                changed.append(s.name)
+        self._changed(changed)
+
+    def _reload(self, checkpoint: Path | None = None) -> None:
+        """Adapters and FFN weights as the bundle's parameter file (then `checkpoint`) has them, and a
+        fresh optimizer."""
+        from safetensors import safe_open
+
+        specs = [*self.manifest.trainable, *self.manifest.ffn]
+        with safe_open(str(self.bundle_dir / self.manifest.files[ROLE_PARAMETERS].path), framework="np") as f:
+            for s in specs:
+                self.params[s.name][...] = f.get_tensor(s.name)
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint)
+        self._changed([s.name for s in specs])
+        trainable = [t.name for t in self.manifest.trainable]
+        self.optimizer = AdamW(self.manifest.optimizer, {n: self.params[n] for n in trainable})
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.optimizer.lr = float(lr)
+
+    def accuracy(self, stream: Iterable[Batch]) -> float | None:
+        correct = total = 0
+        for b in stream:
+            correct += int((self.predict(b).argmax(axis=-1) == b.labels).sum())
+            total += len(b.labels)
+        return correct / total if total else None
+
+    def predict(self, batch: Batch) -> np.ndarray:
+        raise NotImplementedError
+
+
+class EdgeSession(SessionWeights):
     """One bundle on plain onnxruntime: the parameters as OrtValues bound once to a training and
     an eval session (IOBinding), the lowered graph's gradients fed to a numpy AdamW.
 
@@ -150,50 +221,12 @@ class EdgeSession:
             for n in names:
                 self.values[n].update_inplace(self.params[n])
 
-    # ---------------------------------------------------------------- weights in and out
-    def set_adapters(self, tensors: Mapping[str, np.ndarray], what: str = "adapters") -> None:
-        """Global adapters (PEFT keys -> arrays): all of manifest.trainable, checked first."""
-        _check(tensors, self.manifest.trainable, what, partial=False)
-        self._set(self.manifest.trainable, tensors)
-
-    def adapters(self) -> dict[str, np.ndarray]:
-        return {t.key: self.params[t.name].copy() for t in self.manifest.trainable}
-
-    def set_ffn(self, tensors: Mapping[str, np.ndarray], what: str = "ffn weights") -> None:
-        """Re-aligned frozen FFN weights pushed by the cloud, keyed like manifest.ffn (proxy state-dict
-        keys; ORT names are accepted too). Any subset of the compressed layers' tensors."""
-        by_name = {s.name: s.key for s in self.manifest.ffn}
-        keyed = {by_name.get(k, k): v for k, v in tensors.items()}
-        _check(keyed, self.manifest.ffn, what, partial=True)
-        self._set(self.manifest.ffn, keyed)
-
-    def ffn(self) -> dict[str, np.ndarray]:
-        return {t.key: self.params[t.name].copy() for t in self.manifest.ffn}
-
-    def _set(self, specs: Iterable[TensorSpec], tensors: Mapping[str, np.ndarray]) -> None:
-        # in place: the bound OrtValues (and the optimizer) keep pointing at these arrays
-        changed = []
-        for s in specs:
-            if s.key in tensors:
-                self.params[s.name][...] = tensors[s.key]
-                changed.append(s.name)
-        self._changed(changed)
-
     def reset(self) -> None:
         """The state a newly opened session would have: the bundle's adapters and FFN weights (then
         those of the checkpoint file it was opened from, as that file is now) and a fresh optimizer,
         so a session kept across rounds trains a round exactly as a new one. Read again from the
         files rather than kept as a copy, which would cost a device its FFN weights' memory twice."""
-        from safetensors import safe_open
-
-        specs = [*self.manifest.trainable, *self.manifest.ffn]
-        with safe_open(str(self.bundle_dir / self.manifest.files[ROLE_PARAMETERS].path), framework="np") as f:
-            for s in specs:
-                self.params[s.name][...] = f.get_tensor(s.name)
-        if self.checkpoint is not None:
-            self._load_checkpoint(self.checkpoint)
-        self._changed([s.name for s in specs])
-        self.optimizer = AdamW(self.manifest.optimizer, {n: self.params[n] for n in self._trainable})
+        self._reload(self.checkpoint)
 
     def _load_checkpoint(self, path: Path) -> None:
         """Overlay a cached checkpoint (adapters + FFN weights under ONNX names) on the bundle's."""
@@ -211,9 +244,6 @@ class EdgeSession:
             for s in self.manifest.stat_outputs
         }
 
-    def set_learning_rate(self, lr: float) -> None:
-        self.optimizer.lr = float(lr)
-
     def train_step(self, batch: Batch) -> StepOutput:
         """Forward + backward (one session run, gradients as outputs), then one AdamW step."""
         outs = self._run(self._train, batch)
@@ -228,13 +258,6 @@ class EdgeSession:
         """Logits (batch, labels) of the eval model (dropout off)."""
         outs = self._run(self._eval, batch)
         return outs[self._eval[3][self.manifest.logits_output]]
-
-    def accuracy(self, stream: Iterable[Batch]) -> float | None:
-        correct = total = 0
-        for b in stream:
-            correct += int((self.predict(b).argmax(axis=-1) == b.labels).sum())
-            total += len(b.labels)
-        return correct / total if total else None
 
     # ---------------------------------------------------------------- cache
     def save(self, cache_dir: Path) -> Path:

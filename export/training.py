@@ -72,21 +72,29 @@ class TrainingGraph(nn.Module):
         return hook
 
     def forward(self, *inputs: torch.Tensor):
+        logits, mask = self.logits(*inputs)
+        return (logits, *self.statistics(mask))
+
+    def logits(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, token mask or None), with the stat layers' pre-activations captured on the way."""
         self._captured.clear()
         if self.kind == "text":
             input_ids, attention_mask = inputs
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            mask = attention_mask
-        else:
-            (pixel_values,) = inputs
-            logits = self.model(pixel_values=pixel_values).logits
-            mask = None
-        outs = [logits]
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits, attention_mask
+        (pixel_values,) = inputs
+        return self.model(pixel_values=pixel_values).logits, None
+
+    def statistics(self, mask: torch.Tensor | None, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """(off_counts, positions) per stat layer from the last `logits` call; `dtype` (e.g. float32
+        after a bf16 forward, whose 8-bit mantissa cannot count past 256) casts the pre-activations."""
+        outs = []
         for p in self.stat_layers:
             pre = self._captured[p]  # (batch, tokens, neurons)
-            m = mask if mask is not None else torch.ones(pre.shape[:2], dtype=pre.dtype)
+            if dtype is not None:
+                pre = pre.to(dtype)
+            m = mask if mask is not None else torch.ones(pre.shape[:2], dtype=pre.dtype, device=pre.device)
             outs.extend(activation_counts(pre, m))
-        return tuple(outs)
+        return outs
 
 
 @dataclass

@@ -19,7 +19,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,15 +80,18 @@ class Slots:
 
 
 class SessionPool:
-    """One `EdgeSession` per slot and bundle, kept across rounds and lent reset.
+    """One training session per slot and bundle, kept across rounds and lent reset.
 
-    threads: ORT intra-op threads of each session (cores / slots, so the slots fill the cores
+    threads: intra-op threads of each session (cores / slots, so the slots fill the cores
     without oversubscribing them); providers: onnxruntime execution providers, as a device's
-    `--providers`."""
+    `--providers`. `opener(bundle_dir, threads)`: another kind of session with `EdgeSession`'s
+    interface (the torch trainer, `fedpft.sim.torch_session`); default the edge's own ORT session."""
 
-    def __init__(self, slots: int, threads: int | None = None, providers: Sequence[str] = ("cpu",)):
+    def __init__(self, slots: int, threads: int | None = None, providers: Sequence[str] = ("cpu",),
+                 opener: Callable[[Path, int | None], object] | None = None):
         self.slots = Slots(slots)
         self.threads, self.providers = threads, tuple(providers)
+        self.opener = opener
         # per slot: bundle folder name (the bundle blob's content address) -> its open session
         self.sessions: list[dict[str, object]] = [{} for _ in range(slots)]
         self.opened = 0  # sessions built, for the tests and the logs
@@ -98,16 +101,21 @@ class SessionPool:
         """A session of the bundle in `bundle_dir`, in the state a newly opened one has, held (with
         a slot of the cores) for the block. The caller verified the bundle (the agent's link does,
         every round, before training)."""
-        from fedpft.edge.session import open_session
-
         with self.slots.hold(weight) as i:
             key = Path(bundle_dir).name
             have = self.sessions[i]
             session = have.get(key)
             if session is None:
                 have.clear()  # a new bundle version: the old one's sessions are not trained again
-                session = have[key] = open_session(bundle_dir, None, self.threads, providers=self.providers)
+                session = have[key] = self._open(Path(bundle_dir))
                 self.opened += 1
             else:
                 session.reset()
             yield session
+
+    def _open(self, bundle_dir: Path):
+        if self.opener is not None:
+            return self.opener(bundle_dir, self.threads)
+        from fedpft.edge.session import open_session
+
+        return open_session(bundle_dir, None, self.threads, providers=self.providers)

@@ -140,6 +140,33 @@ def ort_providers(device: str) -> tuple[str, ...]:
     return ("cuda",)
 
 
+def pick_trainer(trainer: str, device: str, precision: str = "fp32") -> str:
+    """`auto`: the edge's own ORT trainer on CPU in fp32 (what devices run, bit for bit); the torch
+    trainer on a GPU (torch's wheel brings the CUDA libraries it runs on; onnxruntime-training's CUDA
+    provider needs a system CUDA and cuDNN of the versions it was built with) or for bf16."""
+    if trainer != "auto":
+        return trainer
+    from fedpft.cloud.device import resolve_device
+
+    return "ort" if resolve_device(device).type == "cpu" and precision == "fp32" else "torch"
+
+
+def torch_opener(source: Path, device: str, precision: str):
+    """SessionPool opener of `TorchSession`s on the cloud's torch device."""
+    from fedpft.cloud.device import resolve_device
+
+    where = resolve_device(device)
+
+    def open_(bundle_dir: Path, threads: int | None):
+        from fedpft.shared.manifest import BundleManifest
+
+        from .torch_session import TorchSession
+
+        return TorchSession(bundle_dir, BundleManifest.load(bundle_dir), source, where, precision, threads)
+
+    return open_
+
+
 def plan_parallel(parallel: int | None, clients: int) -> tuple[int, int]:
     """(clients training at once, ORT intra-op threads each): by default one client per core, one
     thread each (independent clients fill the cores with no intra-op synchronisation), never more
@@ -150,15 +177,27 @@ def plan_parallel(parallel: int | None, clients: int) -> tuple[int, int]:
 
 
 def serve_virtual(serve_cfg: ServeConfig, shards: list[Path], run: Path, show_progress: bool = True,
-                  parallel: int | None = None):
+                  parallel: int | None = None, trainer: str = "auto", precision: str = "fp32"):
     """Run the federation with one in-process edge agent per shard; returns the final RunState.
-    parallel: clients training at once (default: the cores)."""
+    parallel: clients training at once (default: the cores); trainer: ort | torch | auto
+    (`pick_trainer`); precision: the torch trainer's fp32 | bf16."""
     from fedpft.cloud.serve import serve
 
-    providers = ort_providers(serve_cfg.device)
-    slots, threads = plan_parallel(parallel, len(shards))
-    pool = SessionPool(slots, threads, providers)
-    log.info("virtual clients: %d training at once, %d ORT thread(s) each, on %s", slots, threads, ", ".join(providers))
+    trainer = pick_trainer(trainer, serve_cfg.device, precision)
+    if trainer == "torch":
+        slots, threads = plan_parallel(parallel, len(shards))
+        opener = torch_opener(serve_cfg.bundle, serve_cfg.device, precision)
+        pool = SessionPool(slots, threads, opener=opener)
+        providers = ("cpu",)
+        log.info("virtual clients: %d training at once on the torch trainer (%s, %s), %d thread(s) each",
+                 slots, serve_cfg.device, precision, threads)
+    else:
+        if precision != "fp32":
+            raise ValueError(f"--virtual-precision {precision} needs the torch trainer (the ORT trainer is fp32, as on devices)")
+        providers = ort_providers(serve_cfg.device)
+        slots, threads = plan_parallel(parallel, len(shards))
+        pool = SessionPool(slots, threads, providers)
+        log.info("virtual clients: %d training at once, %d ORT thread(s) each, on %s", slots, threads, ", ".join(providers))
     hub = InMemoryHub(threaded=True)
     devices = []
     for i, shard in enumerate(shards):

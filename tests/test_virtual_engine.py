@@ -21,6 +21,9 @@ MOSQUITTO = "mqtt://127.0.0.1:1883"
 # seeds, and FedAvg sums in sorted device order, so nothing but the transport differs: the
 # adapters agree to float32 rounding, and in practice bit for bit.
 ATOL = 1e-6
+# The torch trainer (`--virtual-trainer torch`) computes the same function with other kernels:
+# float32 rounding differs per step, through 2 rounds, an alignment and FedAvg.
+ATOL_TORCH = 2e-5
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,8 @@ def metrics(run):
 def test_virtual_engine_matches_real_processes(sim_inputs, tmp_path):
     took_v = run_engine(sim_inputs, tmp_path / "virtual", "virtual")
     took_p = run_engine(sim_inputs, tmp_path / "processes", "processes", broker=MOSQUITTO)
-    print(f"\n2 rounds, 3 clients, tiny BERT: virtual {took_v:.1f}s, processes {took_p:.1f}s")
+    took_t = run_engine(sim_inputs, tmp_path / "torch", "virtual", virtual_trainer="torch")
+    print(f"\n2 rounds, 3 clients, tiny BERT: virtual {took_v:.1f}s (torch trainer {took_t:.1f}s), processes {took_p:.1f}s")
     v, p = tmp_path / "virtual", tmp_path / "processes"
     mv, mp = metrics(v), metrics(p)
     assert [r["round"] for r in mv] == [0, 1] and [r["clients"] for r in mv] == [3, 3]
@@ -79,10 +83,26 @@ def test_virtual_engine_matches_real_processes(sim_inputs, tmp_path):
     print(f"max |virtual - processes| over the global adapters: {diff:.3g} (tolerance {ATOL}); moved by training {moved:.3g}")
     assert moved > 100 * ATOL  # a parity of adapters that never moved would prove nothing
     assert diff <= ATOL
+    ft = final_adapters(tmp_path / "torch" / "federation")
+    diff_t = max(float(np.max(np.abs(ft[k] - fb[k]))) for k in fb)
+    print(f"max |virtual torch trainer - processes|: {diff_t:.3g} (tolerance {ATOL_TORCH})")
+    assert moved > 100 * ATOL_TORCH and diff_t <= ATOL_TORCH
+    assert [r["aligned"] for r in metrics(tmp_path / "torch")] == [r["aligned"] for r in mp]
     # each virtual device logged to its own agent.log, as a device process does
     for i in range(3):
         log = (v / "clients" / f"client{i:03d}" / "agent.log").read_text()
         assert "round 1:" in log and "accepted" in log, log[-2000:]
+
+
+def test_virtual_trainer_options(tmp_path):
+    with pytest.raises(ValueError, match="only apply to --engine virtual"):
+        SimulateConfig(out=tmp_path, virtual_trainer="torch")
+    with pytest.raises(ValueError, match="needs --virtual-trainer torch"):
+        SimulateConfig(out=tmp_path, engine="virtual", virtual_trainer="ort", virtual_precision="bf16")
+    from fedpft.sim.virtual import pick_trainer
+
+    assert pick_trainer("auto", "cpu") == "ort" and pick_trainer("auto", "cpu", "bf16") == "torch"
+    assert pick_trainer("ort", "cpu") == "ort" and pick_trainer("torch", "cpu") == "torch"
 
 
 def test_virtual_engine_refuses_a_broker(tmp_path):
