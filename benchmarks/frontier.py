@@ -93,8 +93,8 @@ def section(costs: list[dict], seed_rows: list[dict], rounds: int, command: str)
         "bundle a device downloads once; **step** = median time of one local training step of the device trainer "
         f"(plain onnxruntime, one thread, batch {SHAPE['batch']} x {SHAPE['tokens']} tokens), wall and **CPU** seconds (the "
         "process's CPU time: what contention on a shared machine does not inflate), and **peak RSS** = that "
-        "process's VmHWM (session load included), each the best of a few subprocess repeats, under `nice -n 19` on a "
-        "shared 2-core machine (load average in the last column: times are inflated when it exceeds 2). Accuracy: "
+        "process's VmHWM (session load included), each the best of a few subprocess repeats on this 2-core machine "
+        "(1-min load average in the last column: times are inflated when it exceeds 2). Accuracy: "
         f"last-round FM accuracy after {rounds} rounds, mean ± sd over the seeds run by benchmarks/seeds.py "
         "(`-` where none has finished yet). FedOT's layer count comes from --ffn-keep (the FedPFT proxy's weight budget "
         "in whole layers, rounded), so one FedOT row may stand for several --ffn-keep values.",
@@ -113,8 +113,8 @@ def section(costs: list[dict], seed_rows: list[dict], rounds: int, command: str)
         lines.append(f"| {c['method']} | {keeps} | {c['layers']} of {c['fm_layers']} / {ffn} | "
                      f"{c['proxy_params_m']:.1f} | {c['bundle_bytes'] / 1e6:.1f} | {c['step_s']:.3f} / {c['step_cpu_s']:.3f} | {c['rss_mb']:.0f} | "
                      + " | ".join(accs) + f" | {c['load']:.1f} |")
-    lines += ["", "Costs measured by: " + ", ".join(f"`{c}`" for c in sorted({c["command"] for c in costs})) + " (nice -n 19, "
-              "`FEDPFT_EDGE_PYTHON=.venv-edge/bin/python`; proxies not yet prepared by the seeds benchmark measured undistilled: "
+    lines += ["", "Costs measured by: " + ", ".join(f"`{c}`" for c in sorted({c["command"] for c in costs})) + " (with "
+              "`FEDPFT_EDGE_PYTHON` a venv of `fedpft[edge]`; proxies not yet prepared by the seeds benchmark measured undistilled: "
               + ", ".join(c["bundle"] for c in costs if not c.get("distilled", True)) + ").",
               "", "![FM accuracy and edge step time against bundle size](benchmarks/results/frontier.png)"]
     return "\n".join(lines)
