@@ -20,6 +20,7 @@ parity test states its own tolerance.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,6 +36,24 @@ from fedpft.shared.manifest import ROLE_PARAMETERS, BundleManifest, BundleError
 from fedpft.shared.records import Batch
 
 PRECISIONS = ("fp32", "bf16")
+_BUILD = threading.Lock()  # sessions are built on the pool's threads; one at a time (see fork_rng)
+
+
+def _grad(p: torch.Tensor) -> np.ndarray:
+    # a trainable tensor the loss does not reach (the lowered graph would have refused it) has no grad
+    return np.zeros(tuple(p.shape), np.float32) if p.grad is None else p.grad.detach().cpu().numpy()
+
+
+def check_precision(device: torch.device, precision: str) -> str | None:
+    """None if `precision` runs natively on `device`; else why not (CUDA without bf16 is refused by
+    the caller; a CPU without AMX/AVX512-BF16 only emulates it, slower than fp32)."""
+    if precision != "bf16":
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return f"{torch.cuda.get_device_name(device)} has no native bf16"
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no native bf16 (AMX or AVX512-BF16): torch emulates it, slower than fp32"
+    return None
 
 
 class TorchSession(SessionWeights):
@@ -56,7 +75,10 @@ class TorchSession(SessionWeights):
             raise BundleError(f"{source}: bundle {cloud_id}, not the {manifest.bundle_id} this client trains")
         self.device = torch.device(device)
         self.precision, self.threads = precision, threads
-        proxy, spec = load_proxy(source, with_adapters=True)
+        with _BUILD, torch.random.fork_rng(devices=[]):
+            # load_proxy seeds torch's global generator (peft's LoRA init): without the fork that
+            # would reseed the dropout of sessions training on other threads meanwhile
+            proxy, spec = load_proxy(source, with_adapters=True)
         position = {stat_names(p)[0]: p for p in range(len(spec.layer_map))}  # output name -> proxy layer
         odd = [s.off_counts for s in manifest.stat_outputs if s.off_counts not in position]
         if odd:
@@ -131,11 +153,11 @@ class TorchSession(SessionWeights):
         loss_t.backward()
         loss = float(loss_t.detach())
         if math.isfinite(loss):  # a NaN step must not poison the weights
-            grads = {n: self._torch[n].grad.detach().cpu().numpy() for n in self._trainable}
+            grads = {n: _grad(self._torch[n]) for n in self._trainable}
             self.optimizer.step(grads)
             self._changed(self._trainable)
-        stats = {
-            layer: (counts[2 * k].detach().double().cpu().numpy(), float(counts[2 * k + 1].detach()))
+        stats = {  # to the host before float64: MPS has no float64
+            layer: (counts[2 * k].detach().cpu().double().numpy(), float(counts[2 * k + 1].detach()))
             for k, (_p, layer) in enumerate(self._stat_layers)
         }
         return StepOutput(loss, logits.detach().cpu().numpy(), stats)

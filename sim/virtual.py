@@ -153,9 +153,21 @@ def pick_trainer(trainer: str, device: str, precision: str = "fp32") -> str:
 
 def torch_opener(source: Path, device: str, precision: str):
     """SessionPool opener of `TorchSession`s on the cloud's torch device."""
+    import torch
+
     from fedpft.cloud.device import resolve_device
 
+    from .torch_session import check_precision
+
     where = resolve_device(device)
+    problem = check_precision(where, precision)
+    if problem and where.type == "cuda":
+        raise ValueError(f"--virtual-precision {precision}: {problem}; use fp32")
+    if problem:
+        log.warning("--virtual-precision %s: %s", precision, problem)
+    if where.type == "cuda" and precision == "fp32":
+        # parity mode: true fp32 as on devices, not TF32 (process-wide: the run is this process's job)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
     def open_(bundle_dir: Path, threads: int | None):
         from fedpft.shared.manifest import BundleManifest

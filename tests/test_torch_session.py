@@ -3,8 +3,6 @@ ORT session on the same bundle, batches and adapters: the same training to float
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -32,8 +30,11 @@ def bundle_and_batches(request, tmp_path):
         data = write_image_data(tmp_path / "images", per_class=6, seed=3)
     local = read_local_data(data, manifest, 256 * 1024)
     maker = BatchMaker(bundle, manifest, 8192)
-    got = list(batches(local.records, maker, 8, local.skips, epoch_order(len(local.records), 0, 0)))
-    return bundle, manifest, got
+    order = epoch_order(len(local.records), 0, 0)
+    got = list(batches(local.records, maker, 8, local.skips, order))
+    # one batch of every sample: more token positions than bf16 can count (its sum of ones stops at 256)
+    whole = next(iter(batches(local.records, maker, len(local.records), local.skips, order)))
+    return bundle, manifest, got, whole
 
 
 def random_adapters(manifest: BundleManifest, seed: int) -> dict[str, np.ndarray]:
@@ -49,7 +50,7 @@ def train(session, batches_, adapters):
 
 
 def test_torch_trainer_trains_as_the_ort_trainer(bundle_and_batches):
-    bundle, manifest, got = bundle_and_batches
+    bundle, manifest, got, _ = bundle_and_batches
     start = random_adapters(manifest, 1)  # B != 0, so every LoRA path carries gradient
     ort_outs, ort_ad = train(open_session(bundle, threads=1), got, start)
     torch_outs, torch_ad = train(TorchSession(bundle, manifest, threads=1), got, start)
@@ -71,7 +72,7 @@ def test_torch_trainer_trains_as_the_ort_trainer(bundle_and_batches):
 
 
 def test_bf16_trains_close_to_fp32_and_counts_in_fp32(bundle_and_batches):
-    bundle, manifest, got = bundle_and_batches
+    bundle, manifest, got, whole = bundle_and_batches
     start = random_adapters(manifest, 2)
     f_outs, f_ad = train(TorchSession(bundle, manifest, precision="fp32"), got, start)
     b_outs, b_ad = train(TorchSession(bundle, manifest, precision="bf16"), got, start)
@@ -80,10 +81,13 @@ def test_bf16_trains_close_to_fp32_and_counts_in_fp32(bundle_and_batches):
     diff = max(float(np.abs(b_ad[k] - f_ad[k]).max()) for k in f_ad)
     print(f"bf16 diff {diff:.3g}")
     assert 0 < diff <= ATOL_BF16
-    for a, b in zip(f_outs, b_outs):
-        for layer in a.stats:
-            assert b.stats[layer][1] == a.stats[layer][1]
-            assert b.stats[layer][0].dtype == np.float64 and np.all(b.stats[layer][0] == np.round(b.stats[layer][0]))
+    assert manifest.stat_outputs  # fedpft bundles count activations: the check below must run
+    f = TorchSession(bundle, manifest, precision="fp32").train_step(whole).stats
+    b = TorchSession(bundle, manifest, precision="bf16").train_step(whole).stats
+    for layer in f:
+        assert f[layer][1] == b[layer][1] > 256
+        # bf16 pre-activations near 0 may change sign; a count kept in bf16 would be off by hundreds
+        assert np.abs(b[layer][0] - f[layer][0]).max() <= 0.05 * f[layer][1], layer
 
 
 def test_reset_is_a_fresh_session(tiny_bert_bundle, tmp_path):
@@ -112,4 +116,4 @@ def test_refuses_what_does_not_fit(tiny_bert_bundle, tiny_vit_bundle):
         session.set_adapters(bad)
     with pytest.raises(ValueError, match="precision"):
         TorchSession(tiny_bert_bundle, manifest, precision="fp8")
-    json.dumps(session.adapters(), default=lambda a: a.shape)  # plain numpy out
+    assert all(type(a) is np.ndarray and a.dtype == np.float32 for a in session.adapters().values())
