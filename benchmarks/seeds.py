@@ -13,6 +13,10 @@ still changes its partition, training subsample, evaluation sample, adapter init
 (serve redraws the bundle's initial adapters when its seed differs from the bundle's), device
 sampling and local shuffling.
 
+Methods: the accuracy benchmark's five, and `fedpft-kl` (FedPFT with `--align-objective logit-kl`,
+on FedPFT's bundle), whose paired difference against layer-only distillation decides whether
+logit-kl may become the default alignment objective.
+
 Writes the <!-- seeds --> section of BENCHMARKS.md and benchmarks/results/seeds.png.
 """
 
@@ -30,17 +34,41 @@ from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import LABEL, METHODS, schedule_args, simulate_config, simulate_run  # noqa: E402
+from accuracy import LABEL as METHOD_LABEL  # noqa: E402
+from accuracy import METHODS as BASE_METHODS  # noqa: E402
+from accuracy import schedule_args, simulate_config, simulate_run  # noqa: E402
 from common import ROOT, command_line, machine, write_section  # noqa: E402
 from stats import (  # noqa: E402
-    CLAIMS, CONVERGED_POINTS, LAST_ROUNDS, last_rounds_movement, mean_curve, paired_difference, summarize, verdict,
+    CLAIMS, Claim, CONVERGED_POINTS, LAST_ROUNDS, last_rounds_movement, mean_curve, paired_difference, summarize, verdict,
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "seeds"
 PLOT = ROOT / "benchmarks" / "results" / "seeds.png"
 PARTITIONS = ["dirichlet:0.5", "iid"]
-# the issue's four comparisons: (a, b) reads "a - b"
-PAIRS = [("fedpft", "fedot"), ("full", "fedpft"), ("fedpft", "layeronly"), ("layeronly", "noalign")]
+# Benchmark methods that are a simulate method with other options: FedPFT whose neuron-level
+# alignment minimises the logit KL of FM and proxy (both with the round's adapters) instead of the
+# layers' hidden-state MSE - the objective aimed at adapter transfer (issue 15).
+VARIANTS = {"fedpft-kl": ("fedpft", {"align_objective": "logit-kl"})}
+METHODS = [*BASE_METHODS, *VARIANTS]
+LABEL = {**METHOD_LABEL, "fedpft-kl": "FedPFT, alignment by logit KL (`--align-objective logit-kl`)"}
+# the issue's four comparisons, then whether logit-kl alignment pays: (a, b) reads "a - b"
+PAIRS = [("fedpft", "fedot"), ("full", "fedpft"), ("fedpft", "layeronly"), ("layeronly", "noalign"),
+         ("fedpft-kl", "layeronly"), ("fedpft-kl", "fedpft")]
+# what would make logit-kl the default alignment objective (the issue's rule)
+KL_RULE = Claim("logit-kl alignment beats layer-only distillation (the rule for making it the default)", "fedpft-kl", "layeronly", "above")
+
+
+def simulate_method(method: str) -> tuple[str, dict]:
+    """(the simulate --method, further SimulateConfig fields) of a benchmark method."""
+    return VARIANTS.get(method, (method, {}))
+
+
+def method_of(simulate_cfg: dict) -> str:
+    """The benchmark method a run folder's simulate_config.json was made for."""
+    for name, (base, options) in VARIANTS.items():
+        if simulate_cfg["method"] == base and all(simulate_cfg.get(k) == v for k, v in options.items()):
+            return name
+    return simulate_cfg["method"]
 DEFAULT_KEEP = 0.25
 
 
@@ -106,7 +134,7 @@ def bundle_key(method: str, ffn_keep: float) -> str:
     differs; FedOT at two --ffn-keep with one layer budget is one proxy)."""
     from fedpft.shared.methods import method as row
 
-    m = row(method)
+    m = row(simulate_method(method)[0])
     if m.proxy == "full":
         return "full"
     size = f"L{fedot_layers(ffn_keep)}" if m.proxy == "fedot" else f"keep{ffn_keep:g}"
@@ -125,7 +153,8 @@ def bundle(method: str, ffn_keep: float, args, work: Path, folder: Path | None =
         return folder
     if folder.exists():
         shutil.rmtree(folder)  # an unfinished prepare
-    cfg = simulate_config(method, args, work / "unused", ffn_keep=ffn_keep, seed=0, engine="virtual")
+    base, _ = simulate_method(method)  # a variant's bundle is its base method's
+    cfg = simulate_config(base, args, work / "unused", ffn_keep=ffn_keep, seed=0, engine="virtual")
     t0 = time.time()
     prepare(bundle_config(cfg, materialize(work / "data"), folder), show_progress=False)
     print(f"bundle {folder}: prepared in {time.time() - t0:.0f}s (load {os.getloadavg()[0]:.1f})", flush=True)
@@ -159,8 +188,9 @@ def run_one(run: Run, args, work: Path, results: Path) -> dict:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / "bundle").symlink_to(bundle(run.method, run.ffn_keep, args, work).resolve(), target_is_directory=True)
-    wall = simulate_run(run.method, args, out, engine="virtual", partition=run.partition, seed=run.seed,
-                        ffn_keep=run.ffn_keep, rounds=run.rounds)
+    base, options = simulate_method(run.method)
+    wall = simulate_run(base, args, out, engine="virtual", partition=run.partition, seed=run.seed,
+                        ffn_keep=run.ffn_keep, rounds=run.rounds, **options)
     acc = curve(out / "metrics.jsonl")
     if len(acc) != run.rounds:
         raise RuntimeError(f"{run.name}: {len(acc)} evaluated rounds of {run.rounds}; no result written")
@@ -178,7 +208,7 @@ def harvest(work: Path, results: Path, command: str) -> list[str]:
         if not cfg_path.is_file():
             continue
         cfg = json.loads(cfg_path.read_text())
-        run = Run(cfg["method"], cfg["partition"], cfg["seed"], cfg["rounds"], cfg["ffn_keep"])
+        run = Run(method_of(cfg), cfg["partition"], cfg["seed"], cfg["rounds"], cfg["ffn_keep"])
         target = results / f"{run.name}.json"
         acc = curve(out / "federation" / "metrics.jsonl")
         if not acc or (target.is_file() and len(json.loads(target.read_text())["fm_accuracy"]) >= len(acc)):
@@ -204,6 +234,13 @@ def groups(rows: list[dict], rounds: int | None, ffn_keep: float = DEFAULT_KEEP)
         if len(r["fm_accuracy"]) >= (rounds or 1) and r.get("ffn_keep") in (None, ffn_keep):  # None: every run, uncut
             out.setdefault((r["partition"], r["method"]), {})[r["seed"]] = r["fm_accuracy"][:rounds]
     return out
+
+
+def claim_cells(c: Claim, g: dict) -> str:
+    """The claim's verdict per partition, from the last-round accuracies paired by seed."""
+    return "; ".join(f"{p}: " + verdict(c, paired_difference({s: v[-1] for s, v in g.get((p, c.a), {}).items()},
+                                                            {s: v[-1] for s, v in g.get((p, c.b), {}).items()}))
+                     for p in PARTITIONS)
 
 
 def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
@@ -251,10 +288,8 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
     lines += ["", "What the numbers say about the paper's three claims (last-round accuracy, paired by seed; "
               "made from the table above, so it changes as runs land):", ""]
     for c in CLAIMS:
-        lines.append(f"- *{c.text}*: " + "; ".join(
-            f"{p}: " + verdict(c, paired_difference({s: v[-1] for s, v in g.get((p, c.a), {}).items()},
-                                                    {s: v[-1] for s, v in g.get((p, c.b), {}).items()}))
-            for p in PARTITIONS) + ".")
+        lines.append(f"- *{c.text}*: {claim_cells(c, g)}.")
+    lines.append(f"- And ours, *{KL_RULE.text}*: {claim_cells(KL_RULE, g)}.")
     short = [r for r in rows if len(r["fm_accuracy"]) < rounds]
     if short:
         lines += ["", f"Runs that have not reached round {rounds} yet (left out above; FM accuracy per round so far, %):", ""]

@@ -127,6 +127,18 @@ def test_bundle_keys_share_a_proxy_only_where_it_is_the_same(bench):
     assert seeds.bundle_key("fedot", 0.5) == "fedot-distilled-L5"
 
 
+def test_the_logit_kl_variant_is_fedpft_with_another_objective(bench):
+    _, seeds = bench
+    assert seeds.simulate_method("fedpft-kl") == ("fedpft", {"align_objective": "logit-kl"})
+    assert seeds.simulate_method("fedot") == ("fedot", {})
+    assert seeds.bundle_key("fedpft-kl", 0.25) == seeds.bundle_key("fedpft", 0.25)  # same proxy, same distillation
+    # a run folder's simulate_config.json names the variant it was made for, or the plain method
+    assert seeds.method_of({"method": "fedpft", "align_objective": "logit-kl"}) == "fedpft-kl"
+    assert seeds.method_of({"method": "fedpft", "align_objective": "hidden-mse"}) == "fedpft"
+    assert seeds.method_of({"method": "layeronly", "align_objective": "logit-kl"}) == "layeronly"
+    assert seeds.Run("fedpft-kl", "iid", 2, 20).name == "fedpft-kl_keep0.25_iid_s2"
+
+
 def test_harvest_saves_rounds_so_far_without_marking_the_run_done(bench, tmp_path):
     _, seeds = bench
     run = seeds.Run("fedpft", "dirichlet:0.5", 1, 20)
