@@ -308,6 +308,7 @@ class ScaleConfig:
     broker_pid: int | None = None  # whose RSS to report; default: the system Mosquitto's pid file
     broker_label: str = "system"
     shared_broadcast: bool = False  # see WorkerSpec.shared_broadcast
+    device_ack_timeout: float = 30.0  # the devices' receipt timeout (WorkerSpec.ack_timeout)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -332,7 +333,7 @@ def run_scale(sc: ScaleConfig) -> dict:
     for w in range(n_workers):
         spec = WorkerSpec(broker=sc.broker, run_id=run_id, device_ids=ids[w::n_workers], expected=expected,
                           stat_layers=stat_layers, train_s=sc.train_s, jitter_s=sc.jitter_s, seed=sc.seed * 1000 + w,
-                          shared_broadcast=sc.shared_broadcast)
+                          shared_broadcast=sc.shared_broadcast, ack_timeout=sc.device_ack_timeout)
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=run_worker, args=(spec, child), name=f"simdev-{w}", daemon=True)
         proc.start()
@@ -441,6 +442,7 @@ def run_scale(sc: ScaleConfig) -> dict:
         "resent_chunks": fed.blobs.resent_chunks,
         "resends_merged": fed.blobs.queue.merged,
         "uploads": sum(d["uploads"] for d in timings),
+        "queued_notices": sum(d.get("queued", 0) for d in timings),
         "cloud_rss_idle_mb": rss_idle / 2**20,
         "cloud_rss_peak_round_mb": fed.rss_peak / 2**20,
         "cloud_cpu_round_s": fed.cpu_s,
@@ -511,7 +513,7 @@ def table(results: list[dict]) -> str:
         ("up/down MB", lambda r: f"{_f(r['bytes_up_mb'], 1)}/{_f(r['bytes_down_mb'], 1)}"),
         ("cloud msgs/s", lambda r: _f(r["cloud_msgs_per_s"], 0)),
         ("fleet msgs/s", lambda r: _f(r["fleet_msgs_per_s"], 0)),
-        ("blob requests/re-sent chunks/re-uploads", lambda r: f"{r['blob_requests']}/{r.get('resent_chunks', '-')}/{r['uploads'] - r['devices']}"),
+        ("blob requests/re-sent chunks/re-uploads/queued notices", lambda r: f"{r['blob_requests']}/{r.get('resent_chunks', '-')}/{r['uploads'] - r['devices']}/{r.get('queued_notices', '-')}"),
         ("msgs lost to cloud", lambda r: str(r["dropped_to_cloud"])),
     ]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
@@ -578,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
                          "fleet's own parsing of the broadcast (and 1 - 1/per-worker of the broker's fan-out) off this "
                          "machine's CPUs, which real devices would not share")
     ap.add_argument("--round-timeout", type=float, default=300.0)
+    ap.add_argument("--device-ack-timeout", type=float, default=30.0,
+                    help="the simulated devices' receipt timeout before they upload again (default 30, the agent's); "
+                         "shorter makes a cloud's backlog of checks outlast it, as 5,000 devices do at 30 s")
     ap.add_argument("--task-ack-timeout", type=float, default=30.0,
                     help="serve's --task-ack-timeout (default 30, serve's): a simulated fleet of thousands on this "
                          "machine's CPUs may take longer than a real device to ack its Task")
@@ -604,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- {n} devices, broker: {'--broker' if queued is None else f'own, max_queued_messages {queued}'}", flush=True)
                 sc = ScaleConfig(devices=n, bundle=bundle, broker=args.broker, train_s=args.train_s, jitter_s=args.jitter_s,
                                  per_worker=args.per_worker, round_timeout=args.round_timeout, shared_broadcast=args.shared_broadcast,
-                                 task_ack_timeout=args.task_ack_timeout)
+                                 task_ack_timeout=args.task_ack_timeout, device_ack_timeout=args.device_ack_timeout)
                 if queued is None:
                     res = run_isolated(sc)
                 else:

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from fedpft.edge.backoff import receipt_wait
+from fedpft.edge.backoff import QUEUED_MAX_WAIT, receipt_wait
 from fedpft.shared import topics
 from fedpft.shared.chunks import BlobSource, Chunk, Reassembler
 from fedpft.shared.codec import decode_tensors, encode_tensors
@@ -127,6 +127,7 @@ class DeviceTiming:
     error: str | None = None
     blob_requests: int = 0
     uploads: int = 0
+    queued: int = 0  # "queued" notices received (the update arrived; its checks wait behind others)
     ended: bool = False  # EndOfRun received
     msgs_out: int = 0
     msgs_in: int = 0
@@ -167,6 +168,8 @@ class SimDevice:
         self._asm: Reassembler | None = None
         self._last_chunk = 0.0
         self._upload: tuple[BlobSource, Update] | None = None
+        self._wait = 0  # which scheduled receipt check is the live one (a "queued" notice reschedules it)
+        self._queued_attempt = 0  # the upload a "queued" notice already stretched the wait of
         self._kept: dict[str, list[Chunk]] = {}  # broadcast chunks ahead of their Task, as the agent keeps them
 
     # ------------------------------------------------------------------ wire
@@ -227,6 +230,8 @@ class SimDevice:
             self._on_task(msg)
         elif isinstance(msg, Ack) and msg.acked == "update":
             self._on_ack(msg)
+        elif isinstance(msg, Ack) and msg.acked == "queued":
+            self._on_queued(msg)
         elif isinstance(msg, EndOfRun):
             self.timing.ended = True
             self._finish()
@@ -345,11 +350,25 @@ class SimDevice:
         for payload in src.payloads():
             self._publish(topics.upload_topic(self.run, self.me, src.blob_id), payload)
         self.timing.update_sent_at = time.time()
-        attempt = self.timing.uploads
-        self.sched.at(time.time() + receipt_wait(self.ack_timeout, attempt - 1, self.retry_rng), lambda: self._check_ack(task, attempt))
+        attempt, self._wait = self.timing.uploads, self._wait + 1
+        wait = self._wait
+        self.sched.at(time.time() + receipt_wait(self.ack_timeout, attempt - 1, self.retry_rng), lambda: self._check_ack(task, attempt, wait))
 
-    def _check_ack(self, task: Task, attempt: int) -> None:
-        if self.timing.acked_at is not None or self.timing.uploads != attempt:
+    def _on_queued(self, ack: Ack) -> None:
+        """As the agent does: the receipt is coming, so wait again (bounded) instead of uploading again."""
+        if self._upload is None or ack.update_id != self._upload[1].update_id or self.timing.acked_at is not None:
+            return
+        self.timing.queued += 1
+        if self._queued_attempt == self.timing.uploads:
+            return  # this upload already waits the longest it may
+        task, sent = self._task, self.timing.update_sent_at or time.time()
+        attempt, self._wait = self.timing.uploads, self._wait + 1
+        self._queued_attempt = attempt
+        wait = self._wait
+        self.sched.at(sent + QUEUED_MAX_WAIT * self.ack_timeout, lambda: self._check_ack(task, attempt, wait))
+
+    def _check_ack(self, task: Task, attempt: int, wait: int) -> None:
+        if self.timing.acked_at is not None or self.timing.uploads != attempt or wait != self._wait:
             return
         if attempt > self.max_retries:
             return self._fail(task, f"no receipt for the update after {attempt} uploads", publish=False)
@@ -396,6 +415,7 @@ class WorkerSpec:
     shared_broadcast: bool = False
     connect_threads: int = 16
     log_level: str = "WARNING"
+    ack_timeout: float = 30.0  # the devices' receipt timeout (the agent's default)
 
 
 def _rss_bytes() -> int:
@@ -437,7 +457,8 @@ def run_worker(spec: WorkerSpec, conn) -> None:
                           will=(topics.device_topic(spec.run_id, did, topics.PRESENCE),
                                 encode(Presence(run_id=spec.run_id, sender=did, device_id=did, status="offline", reason="connection lost"))))
         devices.append(SimDevice(t, spec.run_id, did, spec.expected, spec.stat_layers, sched, train_s=spec.train_s,
-                                 jitter_s=spec.jitter_s, num_samples=100 + i % 50, seed=spec.seed * 1_000_003 + i, on_finish=on_finish))
+                                 jitter_s=spec.jitter_s, num_samples=100 + i % 50, seed=spec.seed * 1_000_003 + i, on_finish=on_finish,
+                                 ack_timeout=spec.ack_timeout))
     t0 = time.time()
     cpu0 = _cpu_s()
     errors: list[str] = []

@@ -20,6 +20,10 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 # 0.69 s on 16 (the journal commits concurrent fsyncs together), so the pool is sized for the disk,
 # not for the cores.
 CHECK_WORKERS = 8
+# An update whose check has not ended this many seconds after it arrived gets a "queued" receipt:
+# well inside a device's default 30 s receipt timeout, so a backlog does not bring every waiting
+# device's 0.6 MB back as a re-upload (5,000 devices made 4,937 of them, BENCHMARKS.md scale).
+QUEUED_RECEIPT_AFTER = 10.0
 
 
 def check_pool() -> ThreadPoolExecutor:

@@ -31,7 +31,7 @@ from fedpft.shared.signing import key_id, load_private_key, sign
 from fedpft.shared.transport import Transport
 
 from .blobs import BlobServer, worth_broadcasting
-from .checks import EventQueue, check_pool
+from .checks import QUEUED_RECEIPT_AFTER, EventQueue, check_pool
 from .fanout import task_deliveries
 from .fold import RoundFold
 from .handlers import DeviceHandlers
@@ -144,6 +144,8 @@ class Federation(DeviceHandlers):
         if v.kind == "check":
             declared, fold = self.devices.declared(msg.device_id), self._fold()
             return self.events.submit(self.pool, "checked", self._check, v, self.task.task_id, fold, declared, self.tracker)
+        if v.kind == "queued":
+            return self._reply(msg, True, "queued behind other updates' checks", acked="queued")
         if v.kind == "reject":
             log.warning("rejected update from %s for round %d: %s", msg.device_id, msg.round_id, v.reason)
             return self._reply(msg, False, v.reason)
@@ -211,8 +213,8 @@ class Federation(DeviceHandlers):
             self.fold = self.strategy.begin(self.round_id, None)
         return self.fold
 
-    def _reply(self, msg: Update, ok: bool, reason: str | None) -> None:
-        ack = Ack(run_id=self.cfg.run_id, round_id=msg.round_id, sender=CLOUD_SENDER, device_id=msg.device_id, acked="update", ok=ok,
+    def _reply(self, msg: Update, ok: bool, reason: str | None, acked: str = "update") -> None:
+        ack = Ack(run_id=self.cfg.run_id, round_id=msg.round_id, sender=CLOUD_SENDER, device_id=msg.device_id, acked=acked, ok=ok,
                   reason=reason, update_id=msg.update_id)
         # not waiting for the broker: a lost receipt is asked for again (the device uploads again and
         # gets the stored verdict), and 1,000 receipts must not wait for 1,000 round trips on the loop
@@ -225,6 +227,11 @@ class Federation(DeviceHandlers):
             return
         self._next_expiry = now + 1.0
         self.collector.expire(now)
+        late = self.collector.overdue(now, QUEUED_RECEIPT_AFTER)
+        for msg in late:
+            self._reply(msg, True, f"queued: its checks have waited {QUEUED_RECEIPT_AFTER:.0f}s behind others", acked="queued")
+        if late:
+            log.info("round %d: told %d device(s) their updates are queued for checks", self.round_id, len(late))
         if self.tracker is not None:
             silent = self.tracker.expire_acks(now)
             if silent:

@@ -54,11 +54,11 @@ class Upload:
 @dataclass
 class Verdict:
     """What to do about one Update: check its complete blob (off the loop: `validate`), accept (with
-    its validated content), count a failure the device reported, ack a duplicate again, or reject
-    with a reason the device is told."""
+    its validated content), count a failure the device reported, ack a duplicate again, reject with a
+    reason the device is told, or tell it its update is queued (a retry while the first copy is checked)."""
 
     msg: Update
-    kind: Literal["check", "accept", "failed", "duplicate", "reject"]
+    kind: Literal["check", "accept", "failed", "duplicate", "reject", "queued"]
     reason: str | None = None
     data: bytes = b""  # accept: the blob exactly as received (what is stored)
     adapters: dict[str, np.ndarray] = field(default_factory=dict)
@@ -66,6 +66,16 @@ class Verdict:
     contribution: Contribution | None = None  # accept: the scalars the running sum keeps
     digest: str | None = None  # check/accept: the sha256 `data` was already verified against
     change: np.ndarray | None = None  # accept: the flat float64 change vs the round's adapters (RoundFold.change_flat), made off the loop
+
+
+@dataclass
+class InCheck:
+    """A device's complete update on its way through the checks."""
+
+    msg: Update
+    blob_id: str
+    since: float = field(default_factory=time.time)
+    told: bool = False  # its device was sent a "queued" receipt
 
 
 class UploadCollector:
@@ -78,6 +88,7 @@ class UploadCollector:
         self.bytes_up = 0
         # devices whose complete update is being checked off the loop -> their Updates that came meanwhile
         self.checking: dict[str, list[Update]] = {}
+        self.in_check: dict[str, InCheck] = {}  # ... and which update that is, since when
 
     # -- chunks in
     def chunk(self, device: str, chunk: Chunk, nbytes: int) -> Verdict | None:
@@ -107,6 +118,8 @@ class UploadCollector:
         MAX_UPLOADS_PER_DEVICE at once (the oldest gives way), at most cfg.max_upload_buffer bytes
         reserved in total. The Update, when it came first, fixes the blob's hash and size."""
         tr, cfg = self.open.tracker, self.cfg
+        if device in self.in_check and self.in_check[device].blob_id == chunk.blob_id:
+            return None  # a retry of the very bytes being checked: their verdict answers it too
         if tr is None or not tr.is_selected(device) or tr.has_answered(device):
             if tr is not None and tr.has_answered(device):
                 return None  # a retry's chunks after its update counted: harmless
@@ -137,7 +150,7 @@ class UploadCollector:
             return self._refuse(msg, "device was not selected for this round")
         if msg.device_id in self.checking:  # a redelivery, or a retry: decided once the check ends
             self.checking[msg.device_id].append(msg)
-            return None
+            return Verdict(msg, "queued")
         if tr.has_answered(msg.device_id):
             self.forget(msg)
             counted = tr.accepted.get(msg.device_id)
@@ -172,12 +185,22 @@ class UploadCollector:
         self.uploads.pop(key)
         self.upload_bytes -= up.reserved
         self.checking[msg.device_id] = []
+        self.in_check[msg.device_id] = InCheck(msg, ref.blob_id)
         data = up.asm.result()
         return Verdict(msg, "check", data=data, digest=up.asm.verified_sha256)
 
     def checked(self, device: str) -> list[Update]:
         """The check of `device`'s update ended: the Updates it sent meanwhile, to handle now."""
+        self.in_check.pop(device, None)
         return self.checking.pop(device, [])
+
+    def overdue(self, now: float, after: float) -> list[Update]:
+        """Updates whose check has waited `after` seconds or more (behind others), each returned once:
+        their devices are told they are queued before their own receipt timeout makes them upload again."""
+        late = [c for c in self.in_check.values() if not c.told and now - c.since >= after]
+        for c in late:
+            c.told = True
+        return [c.msg for c in late]
 
     def validate(self, msg: Update, data: bytes, task_id: str, digest: str | None = None) -> Verdict:
         """Accept or reject a complete blob. Reads only the config and the manifest's expectations,

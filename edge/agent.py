@@ -28,7 +28,7 @@ from fedpft.shared.signing import SignatureError
 from fedpft.shared.transport import Transport
 from fedpft.shared.update import bind_update
 
-from .backoff import receipt_wait
+from .backoff import QUEUED_MAX_WAIT, receipt_wait
 from .blobs import AgentError
 from .link import Address, DeviceLink
 from .secure_task import SecureTask, clipped_update
@@ -167,14 +167,23 @@ class EdgeAgent:
 
     def wait_ack(self, update_id: str, timeout: float) -> Ack | None:
         """The cloud's receipt naming this update; receipts about other submissions (a replay
-        someone sent in this device's name) are logged and ignored."""
-        end = time.time() + timeout
+        someone sent in this device's name) are logged and ignored. A "queued" notice for this
+        update (it arrived whole; its checks wait behind others) stretches the wait to QUEUED_MAX_WAIT
+        times `timeout`: the receipt is on its way, and uploading the same bytes again would only
+        lengthen the queue; the cap keeps a cloud that never answers from holding the device."""
+        start = time.time()
+        end = start + timeout
         held = []
         try:
             while time.time() < end:
                 ev = self.link.next_event(min(1.0, max(0.0, end - time.time())))
                 msg = ev[1] if ev is not None and ev[0] == "msg" else None
-                if isinstance(msg, Ack) and msg.acked == "update":
+                if isinstance(msg, Ack) and msg.acked == "queued" and msg.update_id == update_id:
+                    if end < start + QUEUED_MAX_WAIT * timeout:
+                        end = start + QUEUED_MAX_WAIT * timeout
+                        log.info("update %s queued at the cloud (%s); waiting up to %.0fs for its receipt",
+                                 update_id[:12], msg.reason or "-", end - start)
+                elif isinstance(msg, Ack) and msg.acked == "update":
                     if msg.update_id == update_id:
                         return msg
                     log.info("ignored a receipt for update %s (not this device's current submission): %s",

@@ -14,3 +14,9 @@ def receipt_wait(base: float, attempt: int, rng: random.Random) -> float:
     uploads (BENCHMARKS.md, scale: 5,000 devices) must not get the whole burst again at one
     instant, and again twice as large: the doubling thins the waves, the draw spreads each one."""
     return base * min(2 ** attempt, MAX_FACTOR) * (1.0 + 0.5 * rng.random())
+
+
+# How far "queued" notices may stretch one wait for a receipt, in receipt timeouts: the cloud sends
+# one when an update's checks have waited 10 s behind others, and one for each copy it gets while
+# checking the first; the receipt follows, so uploading the same bytes again would only add to the queue.
+QUEUED_MAX_WAIT = 8

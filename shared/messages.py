@@ -129,7 +129,10 @@ class Ack(_Message):
 
     type: Literal["ack"] = "ack"
     device_id: SafeId
-    acked: Literal["task", "update", "hello"]
+    # "queued" (cloud -> device, with update_id): that update arrived whole and waits for its checks
+    # behind others; its receipt ("update") follows. Not a verdict: it tells the device not to upload
+    # the same bytes again meanwhile (at fleet scale those re-uploads are what keep the cloud behind).
+    acked: Literal["task", "update", "hello", "queued"]
     ok: bool = True
     reason: Reason | None = None
     # For acked="update": the Update.update_id this receipt is about; a device acts only on its own.

@@ -10,11 +10,11 @@ import time
 import numpy as np
 
 from fedpft.edge.agent import EdgeAgent
-from fedpft.edge.backoff import MAX_FACTOR, receipt_wait
+from fedpft.edge.backoff import MAX_FACTOR, QUEUED_MAX_WAIT, receipt_wait
 from fedpft.shared import topics
 from fedpft.shared.codec import encode_tensors
 from fedpft.shared.config import AgentConfig
-from fedpft.shared.messages import BlobRef, Task, Update, decode
+from fedpft.shared.messages import Ack, BlobRef, Task, Update, decode, encode
 from fedpft.shared.transport import InMemoryHub
 
 
@@ -30,28 +30,70 @@ def test_waits_double_up_to_the_cap_and_spread_over_half_a_wait():
 
 def test_a_device_without_receipts_uploads_again_later_each_time(tmp_path):
     """No cloud answers: the agent uploads 1 + max_retries times, the gaps growing as receipt_wait says."""
+    seen, th = _agent_against(tmp_path, lambda *a: None, ack_timeout=0.2)
+    th.join(10)
+    assert not th.is_alive() and len(seen) == 3, seen
+    gaps = [b - a for a, b in zip(seen, seen[1:])]
+    assert 0.2 <= gaps[0] < 0.3 + 0.15 and 0.4 <= gaps[1] < 0.6 + 0.15, gaps  # scheduling slack on a busy machine
+
+
+def _agent_against(tmp_path, cloud, ack_timeout: float, max_retries: int = 2):
+    """The real agent's `upload` against `cloud(hub, update) -> None`, called on each Update it sends;
+    returns (monotonic times of the Updates, the agent thread)."""
     hub = InMemoryHub(threaded=True)
     seen: list[float] = []
-    spy = hub.transport("spy")
+    spy = hub.transport("cloud")
     spy.connect()
-    spy.subscribe(topics.device_topic("bo", "dev", topics.UPDATE), lambda topic, payload: seen.append(time.monotonic()))
+
+    def on_update(topic, payload):
+        seen.append(time.monotonic())
+        cloud(spy, decode(payload), len(seen))
+
+    spy.subscribe(topics.device_topic("bo", "dev", topics.UPDATE), on_update)
     cfg = AgentConfig(broker="memory://", device_id="dev", data=tmp_path / "d.jsonl", run_id="bo", cache=tmp_path / "cache",
-                      ack_timeout=0.2, max_retries=2, heartbeat=60)
+                      ack_timeout=ack_timeout, max_retries=max_retries, heartbeat=60)
     t = hub.transport("dev")
     t.connect()
     agent = EdgeAgent(cfg, t, lambda *a: None, num_samples=4)
+    agent.link.start()  # listen on the inbox, where receipts come
     ref = BlobRef(blob_id="b", sha256="0" * 64, size=1)
     task = Task(run_id="bo", round_id=0, sender="cloud", devices=["dev"], bundle=ref, bundle_version="v:1", adapters=ref,
                 lr=1e-3, batch_size=4, deadline=time.time() + 60)
     data = encode_tensors({"w": np.zeros(4, np.float32)})
     th = threading.Thread(target=agent.upload, args=(task, data, {"num_samples": 4, "steps": 1, "mean_loss": 1.0}))
     th.start()
+    return seen, th
+
+
+def _ack(t, update: Update, acked: str) -> None:
+    t.publish(topics.device_topic("bo", "dev", topics.INBOX),
+              encode(Ack(run_id="bo", round_id=0, sender="cloud", device_id="dev", acked=acked, update_id=update.update_id)))
+
+
+def test_a_queued_notice_holds_the_device_until_its_receipt(tmp_path):
+    """The cloud says "queued" at once and sends the receipt after 3 receipt timeouts: one upload, no retry."""
+    def cloud(t, update, n):
+        _ack(t, update, "queued")
+        threading.Timer(0.6, _ack, args=(t, update, "update")).start()
+
+    seen, th = _agent_against(tmp_path, cloud, ack_timeout=0.2)
     th.join(10)
-    assert not th.is_alive()
-    deadline = time.monotonic() + 2
-    while len(seen) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(seen) == 3, seen
-    gaps = [b - a for a, b in zip(seen, seen[1:])]
-    assert 0.2 <= gaps[0] < 0.3 + 0.15 and 0.4 <= gaps[1] < 0.6 + 0.15, gaps  # scheduling slack on a busy machine
-    assert all(isinstance(decode(p), Update) for tp, p in hub.published if tp.endswith("/update"))
+    assert not th.is_alive() and len(seen) == 1, seen
+
+
+def test_queued_notices_cannot_hold_a_device_forever(tmp_path):
+    """A cloud that only ever says "queued": the device uploads again after QUEUED_MAX_WAIT receipt timeouts."""
+    stop = threading.Event()
+
+    def cloud(t, update, n):
+        def nag():
+            while not stop.wait(0.05):
+                _ack(t, update, "queued")
+        threading.Thread(target=nag, daemon=True).start()
+
+    seen, th = _agent_against(tmp_path, cloud, ack_timeout=0.1, max_retries=1)
+    th.join(20)
+    stop.set()
+    assert not th.is_alive() and len(seen) == 2, seen
+    gap = seen[1] - seen[0]
+    assert QUEUED_MAX_WAIT * 0.1 <= gap < QUEUED_MAX_WAIT * 0.1 + 0.5, gap

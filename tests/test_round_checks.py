@@ -4,7 +4,9 @@ disk, a redelivery during its check is counted once, and a round waits for check
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -18,6 +20,19 @@ from test_robust_rounds import federation, open_round
 from test_security_hostile import RUN, good_tensors, honest
 
 pytestmark = pytest.mark.security
+
+
+@contextmanager
+def held_checks(fed):
+    """Checks submitted in the block wait until `release()` (or the block's end): what the loop does
+    while an update is still being checked is then deterministic."""
+    gate, check = threading.Event(), fed._check
+    fed._check = lambda *a: (gate.wait(10), check(*a))[1]
+    try:
+        yield gate.set
+    finally:
+        gate.set()
+        fed._check = check
 
 
 def test_ack_follows_the_durable_write_and_a_redelivery_counts_once(tiny_bert_bundle, tmp_path, caplog):
@@ -36,11 +51,50 @@ def test_ack_follows_the_durable_write_and_a_redelivery_counts_once(tiny_bert_bu
             fed._on_upload(topics.upload_topic(RUN, "d1", src.blob_id), payload)
         fed._on_json(topics.device_topic(RUN, "d1", topics.UPDATE), msg)
         fed._on_json(topics.device_topic(RUN, "d1", topics.UPDATE), msg)  # QoS 1 redelivery, while the first is checked
+        for payload in src.payloads():  # ... and a retry's chunks of the same bytes: not reassembled again
+            fed._on_upload(topics.upload_topic(RUN, "d1", src.blob_id), payload)
+        with held_checks(fed) as release:
+            fed.pump(0.3)
+            assert fed.collector.uploads == {} and fed.collector.upload_bytes == 0 and "d1" in fed.collector.in_check
+            release()
         while not fed.events.empty():
             fed.pump(0.01)
-    assert [(a.ok, a.reason, on_disk) for a, on_disk in acks] == [(True, None, True), (True, "duplicate (already counted)", True)]
+    # the copy that came during the check is told at once that its update is queued, not a verdict
+    assert [(a.acked, a.ok, a.reason) for a, _ in acks][0] == ("queued", True, "queued behind other updates' checks")
+    assert [(a.acked, a.ok, a.reason, on_disk) for a, on_disk in acks[1:]] == [
+        ("update", True, None, True), ("update", True, "duplicate (already counted)", True)]
+    assert all(a.update_id == uid for a, _ in acks)
     assert sum(m.startswith("round 0: update from d1 ") for m in caplog.messages) == 1
-    assert list(fed.tracker.accepted) == ["d1"] and fed.collector.checking == {}
+    assert list(fed.tracker.accepted) == ["d1"] and fed.collector.checking == {} and fed.collector.in_check == {}
+
+
+def test_a_device_whose_check_waits_is_told_once_that_it_is_queued(tiny_bert_bundle, tmp_path, monkeypatch):
+    """A backlog of checks longer than QUEUED_RECEIPT_AFTER: the device hears "queued" (once) before its
+    receipt timeout would make it upload the same bytes again, then its receipt."""
+    import fedpft.cloud.server as server
+
+    monkeypatch.setattr(server, "QUEUED_RECEIPT_AFTER", 0.0)
+    fed = open_round(tiny_bert_bundle, tmp_path)
+    acks = []
+    listener = fed.t.hub.transport("d1")
+    listener.connect()
+    listener.subscribe(topics.device_topic(RUN, "d1", topics.INBOX), lambda t, p: acks.append(decode(p)))
+    manifest = BundleManifest.load(tiny_bert_bundle)
+    src = BlobSource("upd-d1", encode_tensors(good_tensors(manifest, 0), binding(RUN, 0, "d1", "t0")), 8192)
+    uid = make_update_id(RUN, 0, "d1", "t0", src.sha256)
+    fed._on_json(topics.device_topic(RUN, "d1", topics.UPDATE),
+                 encode(Update(run_id=RUN, round_id=0, sender="d1", device_id="d1", blob=src.ref, num_samples=5, task_id="t0", update_id=uid)))
+    for payload in src.payloads():
+        fed._on_upload(topics.upload_topic(RUN, "d1", src.blob_id), payload)
+    with held_checks(fed) as release:
+        fed.pump(0.3)  # the update is complete and its check waits
+        for _ in range(2):  # the loop's once-a-second look at the checks in flight, twice: one notice
+            fed._next_expiry = 0.0
+            fed._housekeeping()
+        release()
+    while not fed.events.empty():
+        fed.pump(0.01)
+    assert [(a.acked, a.update_id) for a in acks] == [("queued", uid), ("update", uid)] and acks[1].ok
 
 
 def test_a_round_completes_with_every_update_checked_and_folded(tiny_bert_bundle, tmp_path):
