@@ -16,8 +16,10 @@ STEPS = 6
 # fp32: two kernel libraries summing in different orders; after 6 AdamW steps at lr 1e-2 the
 # adapters agree to ~1e-6 (measured 2e-7 to 9e-7 here). Stated with headroom for other CPUs.
 ATOL_FP32 = 2e-5
-# bf16 autocast rounds every matmul input to 8 bits of mantissa: a different trajectory, close.
-ATOL_BF16 = 2e-2
+# bf16 autocast rounds every matmul input to 8 bits of mantissa: a different trajectory, close. Measured
+# here (AMX): 2.0e-3 (BERT) and 1.3e-2 (ViT) against fp32, 5% and 23% of how far fp32 training moved
+# the adapters; a CPU that emulates bf16 rounds the same inputs, so the bound is relative.
+BF16_OF_MOVED = 0.4
 
 
 @pytest.fixture(params=["bert", "vit"])
@@ -58,7 +60,6 @@ def test_torch_trainer_trains_as_the_ort_trainer(bundle_and_batches):
     np.testing.assert_allclose([o.loss for o in torch_outs], [o.loss for o in ort_outs], rtol=1e-5)
     diff = max(float(np.abs(torch_ad[k] - ort_ad[k]).max()) for k in ort_ad)
     moved = max(float(np.abs(ort_ad[k] - start[k]).max()) for k in ort_ad)
-    print(f"fp32 diff {diff:.3g} moved {moved:.3g}")
     assert moved > 1000 * ATOL_FP32 and diff <= ATOL_FP32, (diff, moved)
     for a, b in zip(ort_outs, torch_outs):
         assert a.stats.keys() == b.stats.keys()
@@ -79,8 +80,8 @@ def test_bf16_trains_close_to_fp32_and_counts_in_fp32(bundle_and_batches):
     assert all(np.isfinite(o.loss) for o in b_outs)
     assert all(a.dtype == np.float32 for a in b_ad.values())  # the master copy stays fp32
     diff = max(float(np.abs(b_ad[k] - f_ad[k]).max()) for k in f_ad)
-    print(f"bf16 diff {diff:.3g}")
-    assert 0 < diff <= ATOL_BF16
+    moved = max(float(np.abs(f_ad[k] - start[k]).max()) for k in f_ad)
+    assert 0 < diff <= BF16_OF_MOVED * moved, (diff, moved)
     assert manifest.stat_outputs  # fedpft bundles count activations: the check below must run
     f = TorchSession(bundle, manifest, precision="fp32").train_step(whole).stats
     b = TorchSession(bundle, manifest, precision="bf16").train_step(whole).stats
