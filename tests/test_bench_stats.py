@@ -205,3 +205,15 @@ def test_the_section_gives_a_verdict_per_claim_once_two_seeds_are_in(bench):
     assert "dirichlet:0.5: supported (fedpft − fedot = +10.5 points" in claims[1]
     assert "dirichlet:0.5: one seed only (full − fedpft = +1.0 points)" in claims[0]
     assert "dirichlet:0.5: not measured yet; iid: not measured yet" in claims[2]
+
+
+def test_the_secondary_endpoint_averages_the_last_rounds(bench):
+    _, seeds = bench
+    assert seeds.tail_mean([0.1, 0.5, 0.8, 0.9, 0.7]) == pytest.approx(0.8)
+    assert seeds.last_round([0.1, 0.5, 0.7]) == 0.7
+    g = {("iid", "fedpft"): {0: [0.5, 0.80, 0.84, 0.80], 1: [0.5, 0.82, 0.86, 0.84]},
+         ("iid", "fedot"): {0: [0.5, 0.78, 0.80, 0.81], 1: [0.5, 0.80, 0.83, 0.80]}}
+    row = next(r for r in seeds.pair_table(g, seeds.tail_mean) if r.startswith("| fedpft − fedot"))
+    # per seed: 0.8133 - 0.7967 = +1.67 and 0.84 - 0.81 = +3.0 points; mean +2.3
+    assert row.split(" | ")[2].startswith("2.3 [")
+    assert seeds.pair_table(g, seeds.last_round)[2].startswith("| fedpft − fedot | - | 1.5 [")
