@@ -51,8 +51,10 @@ def check_precision(device: torch.device, precision: str) -> str | None:
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return f"{torch.cuda.get_device_name(device)} has no native bf16"
-    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "this CPU has no native bf16 (AMX or AVX512-BF16): torch emulates it, slower than fp32"
+    if device.type == "cpu":
+        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private: absent in some torch
+        if probe is not None and not probe():
+            return "this CPU has no native bf16 (AMX or AVX512-BF16): torch emulates it, slower than fp32"
     return None
 
 

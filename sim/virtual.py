@@ -160,6 +160,7 @@ def torch_opener(source: Path, device: str, precision: str):
     from .torch_session import check_precision
 
     where = resolve_device(device)
+    log.info("torch trainer on %s", where)
     problem = check_precision(where, precision)
     if problem and where.type == "cuda":
         raise ValueError(f"--virtual-precision {precision}: {problem}; use fp32")
@@ -196,18 +197,15 @@ def serve_virtual(serve_cfg: ServeConfig, shards: list[Path], run: Path, show_pr
     from fedpft.cloud.serve import serve
 
     trainer = pick_trainer(trainer, serve_cfg.device, precision)
+    slots, threads = plan_parallel(parallel, len(shards))
     if trainer == "torch":
-        slots, threads = plan_parallel(parallel, len(shards))
-        opener = torch_opener(serve_cfg.bundle, serve_cfg.device, precision)
-        pool = SessionPool(slots, threads, opener=opener)
-        providers = ("cpu",)
-        log.info("virtual clients: %d training at once on the torch trainer (%s, %s), %d thread(s) each",
-                 slots, serve_cfg.device, precision, threads)
+        pool = SessionPool(slots, threads, opener=torch_opener(serve_cfg.bundle, serve_cfg.device, precision))
+        providers = ("cpu",)  # unused by a torch session; what the agents' configs say
+        log.info("virtual clients: %d training at once on the torch trainer (%s), %d thread(s) each", slots, precision, threads)
     else:
         if precision != "fp32":
             raise ValueError(f"--virtual-precision {precision} needs the torch trainer (the ORT trainer is fp32, as on devices)")
         providers = ort_providers(serve_cfg.device)
-        slots, threads = plan_parallel(parallel, len(shards))
         pool = SessionPool(slots, threads, providers)
         log.info("virtual clients: %d training at once, %d ORT thread(s) each, on %s", slots, threads, ", ".join(providers))
     hub = InMemoryHub(threaded=True)
