@@ -76,6 +76,7 @@ class InCheck:
     blob_id: str
     since: float = field(default_factory=time.time)
     told: bool = False  # its device was sent a "queued" receipt
+    parked: list[Update] = field(default_factory=list)  # the device's Updates that came meanwhile
 
 
 class UploadCollector:
@@ -86,9 +87,8 @@ class UploadCollector:
         self.upload_bytes = 0  # reserved by unfinished uploads, at most cfg.max_upload_buffer
         self.waiting: dict[tuple[str, str], Update] = {}  # update messages whose blob is still arriving
         self.bytes_up = 0
-        # devices whose complete update is being checked off the loop -> their Updates that came meanwhile
-        self.checking: dict[str, list[Update]] = {}
-        self.in_check: dict[str, InCheck] = {}  # ... and which update that is, since when
+        # devices whose complete update is being checked off the loop -> that check (and their Updates that came meanwhile)
+        self.checking: dict[str, InCheck] = {}
 
     # -- chunks in
     def chunk(self, device: str, chunk: Chunk, nbytes: int) -> Verdict | None:
@@ -118,7 +118,7 @@ class UploadCollector:
         MAX_UPLOADS_PER_DEVICE at once (the oldest gives way), at most cfg.max_upload_buffer bytes
         reserved in total. The Update, when it came first, fixes the blob's hash and size."""
         tr, cfg = self.open.tracker, self.cfg
-        if device in self.in_check and self.in_check[device].blob_id == chunk.blob_id:
+        if device in self.checking and self.checking[device].blob_id == chunk.blob_id:
             return None  # a retry of the very bytes being checked: their verdict answers it too
         if tr is None or not tr.is_selected(device) or tr.has_answered(device):
             if tr is not None and tr.has_answered(device):
@@ -149,7 +149,7 @@ class UploadCollector:
         if not tr.is_selected(msg.device_id):
             return self._refuse(msg, "device was not selected for this round")
         if msg.device_id in self.checking:  # a redelivery, or a retry: decided once the check ends
-            self.checking[msg.device_id].append(msg)
+            self.checking[msg.device_id].parked.append(msg)
             return Verdict(msg, "queued")
         if tr.has_answered(msg.device_id):
             self.forget(msg)
@@ -184,20 +184,19 @@ class UploadCollector:
             return None
         self.uploads.pop(key)
         self.upload_bytes -= up.reserved
-        self.checking[msg.device_id] = []
-        self.in_check[msg.device_id] = InCheck(msg, ref.blob_id)
+        self.checking[msg.device_id] = InCheck(msg, ref.blob_id)
         data = up.asm.result()
         return Verdict(msg, "check", data=data, digest=up.asm.verified_sha256)
 
     def checked(self, device: str) -> list[Update]:
         """The check of `device`'s update ended: the Updates it sent meanwhile, to handle now."""
-        self.in_check.pop(device, None)
-        return self.checking.pop(device, [])
+        c = self.checking.pop(device, None)
+        return c.parked if c is not None else []
 
     def overdue(self, now: float, after: float) -> list[Update]:
         """Updates whose check has waited `after` seconds or more (behind others), each returned once:
         their devices are told they are queued before their own receipt timeout makes them upload again."""
-        late = [c for c in self.in_check.values() if not c.told and now - c.since >= after]
+        late = [c for c in self.checking.values() if not c.told and now - c.since >= after]
         for c in late:
             c.told = True
         return [c.msg for c in late]

@@ -55,7 +55,7 @@ def test_ack_follows_the_durable_write_and_a_redelivery_counts_once(tiny_bert_bu
             fed._on_upload(topics.upload_topic(RUN, "d1", src.blob_id), payload)
         with held_checks(fed) as release:
             fed.pump(0.3)
-            assert fed.collector.uploads == {} and fed.collector.upload_bytes == 0 and "d1" in fed.collector.in_check
+            assert fed.collector.uploads == {} and fed.collector.upload_bytes == 0 and "d1" in fed.collector.checking
             release()
         while not fed.events.empty():
             fed.pump(0.01)
@@ -65,7 +65,7 @@ def test_ack_follows_the_durable_write_and_a_redelivery_counts_once(tiny_bert_bu
         ("update", True, None, True), ("update", True, "duplicate (already counted)", True)]
     assert all(a.update_id == uid for a, _ in acks)
     assert sum(m.startswith("round 0: update from d1 ") for m in caplog.messages) == 1
-    assert list(fed.tracker.accepted) == ["d1"] and fed.collector.checking == {} and fed.collector.in_check == {}
+    assert list(fed.tracker.accepted) == ["d1"] and fed.collector.checking == {}
 
 
 def test_a_device_whose_check_waits_is_told_once_that_it_is_queued(tiny_bert_bundle, tmp_path, monkeypatch):
