@@ -178,8 +178,8 @@ class EdgeAgent:
             while time.time() < end:
                 ev = self.link.next_event(min(1.0, max(0.0, end - time.time())))
                 msg = ev[1] if ev is not None and ev[0] == "msg" else None
-                if isinstance(msg, Ack) and msg.acked == "queued" and msg.update_id == update_id:
-                    if end < start + QUEUED_MAX_WAIT * timeout:
+                if isinstance(msg, Ack) and msg.acked == "queued":
+                    if msg.update_id == update_id and end < start + QUEUED_MAX_WAIT * timeout:
                         end = start + QUEUED_MAX_WAIT * timeout
                         log.info("update %s queued at the cloud (%s); waiting up to %.0fs for its receipt",
                                  update_id[:12], msg.reason or "-", end - start)
