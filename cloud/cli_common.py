@@ -71,6 +71,11 @@ SERVE_PRECISION = ("Evaluation runs under bf16 autocast on CUDA (fp16 on GPUs wi
                    "(fp32 on GPUs without bf16), with fp32 parameters; MPS and CPU run fp32; adapters and checkpoints are fp32.")
 
 
+# Bounds on one device's influence, shared by serve and simulate (ServeConfig validates them).
+NORM_BOUND_OPT = typer.Option(3.0, "--norm-bound-factor", help="Clip a device's adapter change to this multiple of the round's typical change (lower median of the round's norms and the previous round's); 0 = off. Bounded updates are logged and recorded in metrics.jsonl.")
+WEIGHT_CAP_OPT = typer.Option(3.0, "--weight-cap-factor", help="Cap a device's FedAvg weight (its sample count) at this multiple of the round's typical weight; 0 = off (plain sample-weighted FedAvg: on skewed partitions the cap also holds back honest large devices).")
+
+
 # --align-objective of serve and simulate (one Option serves both; ServeConfig validates the name).
 ALIGN_OBJECTIVE_OPT = typer.Option(
     "hidden-mse", "--align-objective",

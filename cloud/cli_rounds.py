@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from .cli_common import (ALIGN_OBJECTIVE_OPT, CA_OPT, CERT_OPT, DISTILL_PRECISION, KEY_OPT, PASSWORD_OPT, PRIVACY_OPTIONS,
-                         SERVE_PRECISION, check_device, device_option, fail, from_options, with_options)
+from .cli_common import (ALIGN_OBJECTIVE_OPT, CA_OPT, CERT_OPT, DISTILL_PRECISION, KEY_OPT, NORM_BOUND_OPT, PASSWORD_OPT, PRIVACY_OPTIONS,
+                         SERVE_PRECISION, WEIGHT_CAP_OPT, check_device, device_option, fail, from_options, with_options)
 
 
 @with_options(PRIVACY_OPTIONS, before="device")
@@ -27,8 +27,8 @@ def serve(
     lr: float = typer.Option(1e-3, "--lr", help="Devices' AdamW learning rate."),
     batch_size: int = typer.Option(16, "--batch-size", help="Devices' batch size."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap on each device's steps per round."),
-    norm_bound_factor: float = typer.Option(3.0, "--norm-bound-factor", help="Clip a device's adapter change to this multiple of the round's typical change (lower median of the round's norms and the previous round's); 0 = off. Bounded updates are logged and recorded in metrics.jsonl."),
-    weight_cap_factor: float = typer.Option(3.0, "--weight-cap-factor", help="Cap a device's FedAvg weight (its sample count) at this multiple of the round's typical weight; 0 = off."),
+    norm_bound_factor: float = NORM_BOUND_OPT,
+    weight_cap_factor: float = WEIGHT_CAP_OPT,
     max_client_samples: Optional[int] = typer.Option(None, "--max-client-samples", help="Per-run maximum FedAvg weight of one device, in samples (a device is also capped by the count its Hello declared)."),
     aggregator: str = typer.Option("fedavg", "--aggregator", help="fedavg (weighted mean), median (coordinate-wise) or trimmed-mean (coordinate-wise, --trim-fraction from each end): the latter two for fleets that expect misbehaving devices."),
     trim_fraction: float = typer.Option(0.2, "--trim-fraction", help="Share of the values dropped from each end per coordinate by --aggregator trimmed-mean."),
@@ -117,6 +117,8 @@ def simulate(
                                 f"{DISTILL_PRECISION} {SERVE_PRECISION}"),
     engine: str = typer.Option("processes", "--engine", help="processes: N real `fedpft-edge` processes over MQTT (the deployment path). virtual: the same edge agents and ORT trainer on threads of this process over an in-memory hub (same protocol, aggregation, alignment and metrics; no broker, no process start-up; for research sweeps)."),
     virtual_parallel: Optional[int] = typer.Option(None, "--virtual-parallel", min=1, help="--engine virtual: clients training at once, the cores split evenly among them (default: one per core, one thread each); the largest shards start first. On a machine other jobs share, more slots get more of its cores. Where they train: --virtual-trainer."),
+    norm_bound_factor: float = NORM_BOUND_OPT,
+    weight_cap_factor: float = WEIGHT_CAP_OPT,
     virtual_trainer: str = typer.Option("auto", "--virtual-trainer", help="--engine virtual: what trains the clients. ort: the edge's own ORT trainer on the lowered graph (what devices run; the parity path). torch: the bundle's proxy in torch with the same parameters, batches, loss, statistics and the devices' AdamW (on a GPU it needs nothing beyond torch, whose wheel brings its CUDA libraries; bf16 with --virtual-precision). auto: ort on CPU in fp32, torch on a GPU or for bf16."),
     virtual_precision: str = typer.Option("fp32", "--virtual-precision", help="--engine virtual with the torch trainer: fp32, or bf16 autocast of forward and backward (faster on CPUs with AMX/AVX512-BF16 and on GPUs; the adapters, optimizer and loss stay fp32; not what devices compute, so a research speed setting)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

@@ -275,6 +275,8 @@ class SimulateConfig(PrivacyOptions):
     device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
     engine: SimEngine = Field(default="processes", description="processes: real edge processes over MQTT; virtual: the same edge agents on threads of the cloud process, over an in-memory hub")
     virtual_parallel: int | None = Field(default=None, ge=1, description="virtual engine: clients training at once, the cores split among them (None = one per core)")
+    norm_bound_factor: float = Field(default=3.0, ge=0, description="serve's --norm-bound-factor: clip changes above this multiple of the round's typical norm; 0 = off")
+    weight_cap_factor: float = Field(default=3.0, ge=0, description="serve's --weight-cap-factor: cap FedAvg weights at this multiple of the round's typical weight; 0 = off")
     virtual_trainer: VirtualTrainer = Field(default="auto", description="virtual engine: ort (the edge's own trainer), torch (the bundle's proxy in torch, same loss and optimizer), auto (ort on CPU, torch on a GPU)")
     virtual_precision: VirtualPrecision = Field(default="fp32", description="virtual engine, torch trainer: fp32, or bf16 autocast of the forward and backward (adapters, optimizer and loss stay fp32)")
     align_objective: AlignObjective = Field(default="hidden-mse", description="what alignment minimises: " + ", ".join(ALIGN_OBJECTIVES))

@@ -175,6 +175,7 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
         local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
         align_every=cfg.resolved_align_every(), align_steps=cfg.align_steps, align_fraction=cfg.align_fraction,
         align_objective=cfg.align_objective, public_data=public if public.is_file() else None, eval_data=eval_path, seed=cfg.seed, device=cfg.device,
+        norm_bound_factor=cfg.norm_bound_factor, weight_cap_factor=cfg.weight_cap_factor,
         **cfg.privacy_fields(),
     )
     if cfg.engine == "virtual":

@@ -94,6 +94,13 @@ def test_virtual_engine_matches_real_processes(sim_inputs, tmp_path):
         assert "round 1:" in log and "accepted" in log, log[-2000:]
 
 
+def test_simulate_passes_the_influence_bounds_to_serve(sim_inputs, tmp_path):
+    """--weight-cap-factor 0 --norm-bound-factor 0 on simulate: plain sample-weighted FedAvg in the run."""
+    run_engine(sim_inputs, tmp_path / "plain", "virtual", weight_cap_factor=0.0, norm_bound_factor=0.0)
+    served = json.loads((tmp_path / "plain" / "federation" / "serve_config.json").read_text())
+    assert served["weight_cap_factor"] == 0.0 and served["norm_bound_factor"] == 0.0
+
+
 def test_virtual_trainer_options(tmp_path):
     with pytest.raises(ValueError, match="only apply to --engine virtual"):
         SimulateConfig(out=tmp_path, virtual_trainer="torch")
