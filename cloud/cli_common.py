@@ -76,6 +76,16 @@ NORM_BOUND_OPT = typer.Option(3.0, "--norm-bound-factor", help="Clip a device's 
 WEIGHT_CAP_OPT = typer.Option(3.0, "--weight-cap-factor", help="Cap a device's FedAvg weight (its sample count) at this multiple of the round's typical weight; 0 = off (plain sample-weighted FedAvg: on skewed partitions the cap also holds back honest large devices).")
 
 
+# --frozen-dtype of prepare and simulate (PrepareConfig validates the name).
+FROZEN_DTYPE_OPT = typer.Option(
+    "float32", "--frozen-dtype",
+    help="Storage of the proxy's frozen weight matrices in the device bundle: float32, or float16, which halves what "
+         "devices download and store (devices upcast on load and train in float32 as before; the cloud rounds its own "
+         "proxy to the same values, so cloud and devices compute with identical weights). Adapters, biases and "
+         "LayerNorm stay float32. Devices need a fedpft with float16 bundle support (this one).",
+)
+
+
 # --align-objective of serve and simulate (one Option serves both; ServeConfig validates the name).
 ALIGN_OBJECTIVE_OPT = typer.Option(
     "hidden-mse", "--align-objective",

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .cli_common import DISTILL_PRECISION, _validated, check_device, device_option, fail, parse_layers, read_labels
+from .cli_common import DISTILL_PRECISION, FROZEN_DTYPE_OPT, _validated, check_device, device_option, fail, parse_layers, read_labels
 
 
 def prepare(
@@ -27,6 +27,7 @@ def prepare(
     max_length: int = typer.Option(128, "--max-length", help="Token limit for text models."),
     batch_size: int = typer.Option(16, "--batch-size", help="Distillation batch size."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Override the FM's dropout in the training graph (0 gives deterministic steps)."),
+    frozen_dtype: str = FROZEN_DTYPE_OPT,
     seed: int = typer.Option(0, "--seed", help="Seed for the head, adapters and data order."),
     bundle_version: int = typer.Option(1, "--bundle-version", help="Version number written to the manifest (fleet rollouts install and roll back by it)."),
     signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key (from `keygen`) that signs the manifest; devices check it with --trust-key."),
@@ -41,7 +42,7 @@ def prepare(
         proxy=proxy, distill_steps=distill_steps, distill_lr=distill_lr, distill_alpha=distill_alpha,
         keep_layers=parse_layers(keep_layers), ffn_keep=ffn_keep, lora_rank=lora_rank, lora_alpha=lora_alpha,
         max_length=max_length, batch_size=batch_size, dropout=dropout, seed=seed, bundle_version=bundle_version,
-        signing_key=signing_key, device=device,
+        signing_key=signing_key, device=device, frozen_dtype=frozen_dtype,
     )
     check_device(cfg.device)
     from fedpft.modeling.families import ModelError

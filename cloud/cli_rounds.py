@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .cli_common import (ALIGN_OBJECTIVE_OPT, CA_OPT, CERT_OPT, DISTILL_PRECISION, KEY_OPT, NORM_BOUND_OPT, PASSWORD_OPT, PRIVACY_OPTIONS,
+from .cli_common import (ALIGN_OBJECTIVE_OPT, CA_OPT, FROZEN_DTYPE_OPT, CERT_OPT, DISTILL_PRECISION, KEY_OPT, NORM_BOUND_OPT, PASSWORD_OPT, PRIVACY_OPTIONS,
                          SERVE_PRECISION, WEIGHT_CAP_OPT, check_device, device_option, fail, from_options, with_options)
 
 
@@ -105,6 +105,7 @@ def simulate(
     align_every: Optional[int] = typer.Option(None, "--align-every", help="Alignment period for fedpft (default: halfway through the run)."),
     align_steps: int = typer.Option(30, "--align-steps", help="Distillation steps per alignment."),
     align_objective: str = ALIGN_OBJECTIVE_OPT,
+    frozen_dtype: str = FROZEN_DTYPE_OPT,
     local_epochs: int = typer.Option(2, "--local-epochs", help="Local epochs per round."),
     lr: float = typer.Option(3e-3, "--lr", help="Devices' learning rate."),
     batch_size: int = typer.Option(16, "--batch-size", help="Devices' batch size."),

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from fedpft.shared.config import BrokerConfig, safe_id
 from fedpft.shared.manifest import ROLE_PREPARE_CONFIG, BundleError, BundleManifest
 from fedpft.shared.methods import METHODS, proxies
+from fedpft.shared.precision import FrozenDtype
 
 # names from the one method table (shared/methods.py)
 ProxyMethod = Literal[proxies()]  # type: ignore[valid-type]
@@ -38,6 +39,10 @@ TorchDevice = Annotated[str, AfterValidator(parse_device)]
 DEVICE_DESCRIPTION = "torch device of the FM and proxy work: auto (first CUDA GPU, else MPS, else CPU), cpu, cuda, cuda:N, mps"
 
 
+FROZEN_DTYPE_DESCRIPTION = ("storage of the proxy's frozen weight matrices in the device bundle: float16 halves the "
+                            "download (devices upcast on load and compute in float32; the cloud's proxy is rounded to the same values)")
+
+
 class PrepareConfig(BaseModel):
     """Everything `fedpft-cloud prepare` needs; saved as prepare_config.json in each bundle."""
 
@@ -60,6 +65,7 @@ class PrepareConfig(BaseModel):
     max_length: int = Field(default=128, ge=8)
     batch_size: int = Field(default=16, ge=1)
     dropout: float | None = Field(default=None, ge=0, lt=1, description="override the FM's dropout in the training graph")
+    frozen_dtype: FrozenDtype = Field(default="float32", description=FROZEN_DTYPE_DESCRIPTION)
     seed: int = 0
     bundle_version: int = Field(default=1, ge=1, description="version number in the manifest (fleet rollouts install by it)")
     # Ed25519 private key (fedpft-cloud keygen) that signs the manifest; a local path, so it is
@@ -199,6 +205,7 @@ class ServeConfig(BrokerConfig, PrivacyOptions):
     signing_key: Path | None = Field(default=None, description="Ed25519 private key that signs every Task")
     device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
     align_objective: AlignObjective = Field(default="hidden-mse", description="what alignment minimises: " + ", ".join(ALIGN_OBJECTIVES))
+    frozen_dtype: FrozenDtype = Field(default="float32", description=FROZEN_DTYPE_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":

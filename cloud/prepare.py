@@ -130,5 +130,6 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> PrepareResult:
         Path(cfg.out), proxy, spec, labels, fm_id=cfg.model, fm_source=model_id,
         prepare_config=cfg.model_dump(mode="json", exclude={"signing_key", "device"}), max_length=cfg.max_length,
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=cfg.seed, bundle_version=cfg.bundle_version, sign=sign,
+        frozen_dtype=cfg.frozen_dtype,
     )
     return PrepareResult(manifest, spec, result, count_params(fm), proxy_params, time.perf_counter() - t0)

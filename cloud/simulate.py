@@ -52,7 +52,7 @@ def bundle_config(cfg: SimulateConfig, data: Path, bundle: Path) -> PrepareConfi
     return PrepareConfig(
         model=cfg.model, out=bundle, labels=read_labels(data), public_data=public if public.is_file() else None,
         proxy=row.proxy, distill_steps=cfg.distill_steps if row.distill else 0, ffn_keep=cfg.ffn_keep,
-        max_length=cfg.max_length, seed=cfg.seed, device=cfg.device,
+        max_length=cfg.max_length, seed=cfg.seed, device=cfg.device, frozen_dtype=cfg.frozen_dtype,
     )
 
 

@@ -18,6 +18,7 @@ from fedpft.shared.codec import check_tensors, decode_tensors, encode_tensors
 from fedpft.shared.fsio import atomic_write
 from fedpft.shared.manifest import GRAD_SUFFIX, ROLE_EVAL, ROLE_PARAMETERS, ROLE_TRAINING, BundleManifest, TensorSpec, verify_bundle
 from fedpft.shared.messages import ProtocolError
+from fedpft.shared.precision import for_compute
 from fedpft.shared.records import Batch
 from fedpft.shared.update import STATS_PREFIX
 
@@ -50,14 +51,15 @@ def load_tensor_file(path: Path) -> dict[str, np.ndarray]:
 
 def load_parameters(path: Path) -> dict[str, np.ndarray]:
     """A bundle's parameter file, tensor by tensor from the file (no whole-file copy in memory:
-    a ViT-base proxy is 200 MB). safetensors checks the header and offsets; BundleError if bad."""
+    a ViT-base proxy is 200 MB), frozen weights stored as float16 upcast to the float32 the graphs
+    compute in. safetensors checks the header and offsets; BundleError if bad."""
     from safetensors import safe_open
 
     from fedpft.shared.manifest import BundleError
 
     try:
         with safe_open(str(path), framework="np") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: for_compute(f.get_tensor(k)) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise BundleError(f"{path}: unreadable parameters ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 

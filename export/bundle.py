@@ -39,6 +39,7 @@ from fedpft.shared.manifest import (
     file_entry,
 )
 from fedpft.shared.methods import method
+from fedpft.shared.precision import FrozenDtype
 
 from .training import (
     EVAL_MODEL,
@@ -125,20 +126,24 @@ def write_bundle(
     seed: int = 0,
     bundle_version: int = 1,
     sign: Callable[[BundleManifest], BundleManifest] | None = None,
+    frozen_dtype: FrozenDtype = "float32",
 ) -> BundleManifest:
     """Add fresh adapters to `proxy` (in place), export it and write the bundle to `out` atomically.
 
-    `sign` (e.g. `lambda m: signing.sign(m, key)`) signs the manifest before it is saved."""
+    `sign` (e.g. `lambda m: signing.sign(m, key)`) signs the manifest before it is saved.
+    `frozen_dtype` float16 rounds the proxy's frozen matrices (in place) and stores them so."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty")
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
+        if frozen_dtype == "float16":
+            round_frozen_(proxy)
         proxy_state = {k: v.detach().clone().contiguous() for k, v in proxy.state_dict().items()}
         save_file(proxy_state, str(tmp / PROXY_WEIGHTS))
         peft_proxy = add_adapters(proxy, lora_rank, lora_alpha, seed)
-        manifest = _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_length, bundle_version)
+        manifest = _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_length, bundle_version, frozen_dtype)
         if sign is not None:
             manifest = sign(manifest)
             manifest.save(tmp)
@@ -151,13 +156,33 @@ def write_bundle(
         raise
 
 
-def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_length, bundle_version) -> BundleManifest:
+def round_frozen_(model: torch.nn.Module) -> list[str]:
+    """Round every weight matrix of `model` to the nearest float16 value, in place, keeping fp32
+    storage: what a float16 bundle's devices will compute with, so the cloud's copy of the proxy
+    (proxy.safetensors, alignment, evaluation) is the devices' exactly. A matrix with values
+    float16 cannot hold (beyond +-65504) is left as it is, and stays float32 in the bundle. Vectors
+    (biases, LayerNorm) are left too: tiny, and the most sensitive to rounding. Returns the names of
+    the matrices left unrounded."""
+    kept = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim < 2 or p.dtype != torch.float32:
+                continue
+            half = p.to(torch.float16)
+            if not bool(torch.isfinite(half).all()):
+                kept.append(name)
+                continue
+            p.copy_(half.to(torch.float32))
+    return kept
+
+
+def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_length, bundle_version, frozen_dtype) -> BundleManifest:
     base = unwrap(peft_proxy)
     config = base.config
     fam = family_of(config)
     stat_layers = spec.compressed if method(spec.method).stats else []
     graph = TrainingGraph(peft_proxy, stat_layers)
-    info = generate_training_artifacts(graph, example_inputs(fam.kind, config), tmp)
+    info = generate_training_artifacts(graph, example_inputs(fam.kind, config), tmp, frozen_dtype)
 
     keys = trainable_keys(peft_proxy, spec.layer_map)
     params = dict(peft_proxy.named_parameters())

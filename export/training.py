@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fedpft.modeling.families import encoder_layers, ffn_linears, family_of, unwrap
+from fedpft.shared.precision import FrozenDtype, for_storage
 
 OPSET = 16
 LOGITS = "logits"
@@ -153,9 +154,11 @@ def _export(graph, example, buf, inputs, outputs, dyn) -> None:
     )
 
 
-def generate_training_artifacts(graph: TrainingGraph, example: tuple[torch.Tensor, ...], out_dir: Path) -> ArtifactInfo:
+def generate_training_artifacts(graph: TrainingGraph, example: tuple[torch.Tensor, ...], out_dir: Path,
+                                frozen_dtype: FrozenDtype = "float32") -> ArtifactInfo:
     """Write the device graphs (training graph lowered to standard ops, eval graph), the parameters
-    and, under `ort/`, onnxruntime-training's own artifacts into out_dir."""
+    (frozen matrices in `frozen_dtype` where that is exact, fedpft.shared.precision) and, under
+    `ort/`, onnxruntime-training's own artifacts into out_dir."""
     import onnx
     import onnxruntime
     from onnxruntime.training import artifacts
@@ -178,11 +181,12 @@ def generate_training_artifacts(graph: TrainingGraph, example: tuple[torch.Tenso
     ort_dir.mkdir(exist_ok=True)
     with _native_stderr_captured():
         _generate(artifacts, model, trainable, frozen, ort_dir, outputs)
-    lowered, optimizer = write_device_graphs(model, trainable, ort_dir, out_dir, inputs)
+    lowered, optimizer = write_device_graphs(model, trainable, ort_dir, out_dir, inputs, frozen_dtype)
     return ArtifactInfo(inputs, outputs, trainable, frozen, lowered.loss_output, optimizer, lowered.rewritten)
 
 
-def write_device_graphs(exported, trainable: list[str], ort_dir: Path, out_dir: Path, inputs: list[str]):
+def write_device_graphs(exported, trainable: list[str], ort_dir: Path, out_dir: Path, inputs: list[str],
+                        frozen_dtype: FrozenDtype = "float32"):
     """ORT artifacts in ort_dir -> the plain-onnxruntime device files in out_dir: the lowered
     training graph, the eval graph (checked against the same allow-list) and every parameter the
     graphs take as an input, as safetensors (the ORT checkpoint format needs the training build)."""
@@ -203,7 +207,8 @@ def write_device_graphs(exported, trainable: list[str], ort_dir: Path, out_dir: 
     absent = [n for n in names if n not in values]
     if absent:
         raise RuntimeError(f"graph inputs with no exported value: {absent[:3]}")
-    save_file({n: numpy_helper.to_array(values[n]) for n in names}, str(out_dir / PARAMETERS))
+    params = {n: numpy_helper.to_array(values[n]) for n in names}
+    save_file(for_storage(params, set(names) - set(trainable), frozen_dtype), str(out_dir / PARAMETERS))
     return lowered, optimizer_spec(onnx.load(str(ort_dir / ORT_FILES["ort_optimizer_model"])))
 
 

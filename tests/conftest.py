@@ -124,6 +124,12 @@ def tiny_bert_bundle(tmp_path_factory, tiny_bert_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_f16_bundle(tmp_path_factory, tiny_bert_dir) -> Path:
+    """Frozen weight matrices stored as float16 (--frozen-dtype float16)."""
+    return make_bundle(str(tiny_bert_dir), tmp_path_factory.mktemp("bundles") / "tiny-bert-f16", frozen_dtype="float16")
+
+
+@pytest.fixture(scope="session")
 def tiny_vit_bundle(tmp_path_factory, tiny_vit_dir) -> Path:
     return make_bundle(str(tiny_vit_dir), tmp_path_factory.mktemp("bundles") / "tiny-vit")
 

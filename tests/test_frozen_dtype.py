@@ -1,0 +1,100 @@
+"""--frozen-dtype float16: frozen weight matrices stored in half precision, computed in float32.
+
+The pure storage rule, then a real tiny-BERT bundle prepared both ways: what the device reads is
+exactly the cloud's (rounded) proxy, only the frozen matrices shrink, and trainable tensors stay
+float32. Training parity of the float16 bundle with torch is in test_export_parity (tiny_bert_f16).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from fedpft.cloud.bundle_model import load_proxy
+from fedpft.edge.session import load_parameters
+from fedpft.export.bundle import GRAPH_PREFIX, round_frozen_
+from fedpft.shared.manifest import ROLE_PARAMETERS, BundleManifest
+from fedpft.shared.precision import for_compute, for_storage, half_exact
+
+
+def test_only_frozen_matrices_that_float16_holds_exactly_are_stored_as_float16():
+    rng = np.random.default_rng(0)
+    exact = rng.standard_normal((4, 3)).astype(np.float16).astype(np.float32)
+    params = {
+        "emb": exact,
+        "lora": exact.copy(),  # trainable: never rounded
+        "bias": exact[0].copy(),  # a vector: stays float32
+        "fine": rng.standard_normal((4, 3)).astype(np.float32),  # not rounded by the cloud
+        "huge": np.full((2, 2), 1e5, np.float32),  # beyond float16's range
+    }
+    out = for_storage(params, ["emb", "bias", "fine", "huge"], "float16")
+    assert {n: str(a.dtype) for n, a in out.items()} == {
+        "emb": "float16", "lora": "float32", "bias": "float32", "fine": "float32", "huge": "float32"}
+    np.testing.assert_array_equal(for_compute(out["emb"]), exact)
+    assert for_compute(out["emb"]).dtype == np.float32
+    assert all(out[n].dtype == np.float32 for n in out if n != "emb")
+    assert for_storage(params, ["emb"], "float32")["emb"].dtype == np.float32
+    with pytest.raises(ValueError, match="frozen dtype"):
+        for_storage(params, ["emb"], "int8")
+
+
+def test_half_exact_refuses_non_matrices_and_other_dtypes():
+    assert not half_exact(np.zeros(3, np.float32))
+    assert not half_exact(np.zeros((2, 2), np.float64))
+    assert half_exact(np.zeros((2, 2), np.float32))
+
+
+def test_round_frozen_rounds_matrices_and_leaves_vectors_and_out_of_range_matrices():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 5)
+    big = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        big.weight.fill_(1e5)
+    model = torch.nn.Sequential(lin, big)
+    bias = lin.bias.detach().clone()
+    kept = round_frozen_(model)
+    assert kept == ["1.weight"]
+    w = lin.weight.detach()
+    assert torch.equal(w, w.half().float()) and w.dtype == torch.float32
+    assert torch.equal(lin.bias.detach(), bias)
+    assert bool((big.weight == 1e5).all())
+
+
+def _tensor_dtypes(bundle) -> dict[str, str]:
+    m = BundleManifest.load(bundle)
+    with safe_open(str(bundle / m.files[ROLE_PARAMETERS].path), framework="np") as f:
+        return {k: str(f.get_tensor(k).dtype) for k in f.keys()}
+
+
+def test_float16_bundle_halves_the_frozen_matrices_and_nothing_else(tiny_bert_bundle, tiny_bert_f16_bundle):
+    m = BundleManifest.load(tiny_bert_f16_bundle)
+    assert m.config["frozen_dtype"] == "float16"
+    f32, f16 = _tensor_dtypes(tiny_bert_bundle), _tensor_dtypes(tiny_bert_f16_bundle)
+    assert set(f32) == set(f16) and set(f32.values()) == {"float32"}
+    trainable = {t.name for t in m.trainable}
+    assert all(f16[n] == "float32" for n in trainable)
+    halved = {n for n, d in f16.items() if d == "float16"}
+    assert halved and not halved & trainable
+    assert {t.name for t in m.ffn if len(t.shape) == 2} <= halved  # re-aligned FFN weights are frozen matrices too
+    device = load_parameters(tiny_bert_f16_bundle / m.files[ROLE_PARAMETERS].path)
+    assert {str(a.dtype) for a in device.values()} == {"float32"}
+    saved = sum(a.nbytes for n, a in device.items() if n in halved) // 2
+    size = {b: (b / BundleManifest.load(b).files[ROLE_PARAMETERS].path).stat().st_size for b in (tiny_bert_bundle, tiny_bert_f16_bundle)}
+    assert abs(size[tiny_bert_bundle] - size[tiny_bert_f16_bundle] - saved) < 4096  # the rest is the JSON header
+
+
+def test_devices_compute_with_the_clouds_rounded_proxy_exactly(tiny_bert_f16_bundle):
+    """The cloud's proxy (alignment, evaluation) and the devices' upcast parameters are the same numbers."""
+    m = BundleManifest.load(tiny_bert_f16_bundle)
+    device = load_parameters(tiny_bert_f16_bundle / m.files[ROLE_PARAMETERS].path)
+    model, _ = load_proxy(tiny_bert_f16_bundle)
+    cloud = {GRAPH_PREFIX + n: p.detach().numpy() for n, p in model.named_parameters()}
+    common = [n for n in device if n in cloud]
+    assert len(common) == len(device)
+    rounded = 0
+    for n in common:
+        np.testing.assert_array_equal(device[n], cloud[n], err_msg=n)
+        rounded += cloud[n].ndim >= 2 and half_exact(cloud[n])
+    assert rounded > 0
