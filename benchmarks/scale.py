@@ -170,16 +170,18 @@ def timed_federation_class():
     class TimedFederation(Federation):
         round_ended: float | None = None
         cpu_s: float = 0.0
+        usage: dict = {}
 
         def run_round(self, state, bundle_ref):  # type: ignore[no-untyped-def]
             sampler = RssSampler()
             sampler.start()
-            cpu0 = _cpu_s()
+            cpu0, use0 = _cpu_s(), _usage()
             try:
                 return super().run_round(state, bundle_ref)
             finally:
                 self.round_ended = time.time()
                 self.cpu_s = _cpu_s() - cpu0
+                self.usage = {k: v - use0[k] for k, v in _usage().items()}
                 self.rss_peak = sampler.stop()
 
     return TimedFederation
@@ -188,6 +190,14 @@ def timed_federation_class():
 def _cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
+
+
+def _usage() -> dict:
+    """Where the cloud's CPU time goes, beyond its total: user vs system, page faults (memory first
+    touched: large buffers allocated per update), context switches (threads handing off the GIL)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": ru.ru_utime, "system_s": ru.ru_stime, "minor_faults": ru.ru_minflt,
+            "voluntary_switches": ru.ru_nvcsw, "involuntary_switches": ru.ru_nivcsw}
 
 
 def _status_kb(pid: int | str, field: str) -> int:
@@ -446,6 +456,7 @@ def run_scale(sc: ScaleConfig) -> dict:
         "cloud_rss_idle_mb": rss_idle / 2**20,
         "cloud_rss_peak_round_mb": fed.rss_peak / 2**20,
         "cloud_cpu_round_s": fed.cpu_s,
+        "cloud_usage_round": fed.usage,
         # the whole run (hellos, round, EndOfRun), not only the round as for the cloud
         "broker_cpu_s": broker_cpu,
         "fleet_cpu_s": fleet_cpu,

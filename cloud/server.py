@@ -30,6 +30,7 @@ from fedpft.shared.messages import (
 from fedpft.shared.signing import key_id, load_private_key, sign
 from fedpft.shared.transport import Transport
 
+from .allocator import reuse_large_buffers
 from .blobs import BlobServer, worth_broadcasting
 from .checks import QUEUED_RECEIPT_AFTER, EventQueue, check_pool
 from .fanout import task_deliveries
@@ -49,6 +50,7 @@ log = logging.getLogger("fedpft.serve")
 class Federation(DeviceHandlers):
     def __init__(self, cfg: ServeConfig, transport: Transport, evaluator: Evaluator | None = None, aligner: Aligner | None = None,
                  show_progress: bool = True):
+        reuse_large_buffers()  # process-wide, once: uploads' buffers reused, not re-zeroed per update
         self.cfg = cfg
         self.t = transport
         self.manifest: BundleManifest = verify_bundle(cfg.bundle)

@@ -1,0 +1,69 @@
+"""The cloud's buffer-reuse setting: applied once per process, and honest about where it cannot be."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from fedpft.cloud import allocator
+
+
+def test_reuse_large_buffers_is_applied_once_and_reports_the_same(monkeypatch):
+    monkeypatch.setattr(allocator, "_done", None)
+    first = allocator.reuse_large_buffers()
+    assert allocator.reuse_large_buffers() is first
+    if sys.platform.startswith("linux"):
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            assert first is True
+
+
+def test_reuse_large_buffers_claims_nothing_off_linux(monkeypatch):
+    monkeypatch.setattr(allocator, "_done", None)
+    monkeypatch.setattr(allocator.sys, "platform", "darwin")
+    assert allocator.reuse_large_buffers() is False
+
+
+BURSTS = """
+import resource, sys, threading
+if sys.argv[1] == "reuse":
+    from fedpft.cloud.allocator import reuse_large_buffers
+    assert reuse_large_buffers()
+SIZE = 1300 << 10  # about an update, as received and decoded
+
+def burst():  # a backlog of 20 updates held at once, then released (what a round's checks do)
+    bufs = [b"\\1" * SIZE for _ in range(20)]
+    del bufs
+
+def work():
+    burst()
+    t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        burst()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - t0)
+
+t = threading.Thread(target=work)  # a check worker's thread: glibc gives it its own arena
+t.start()
+t.join()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_backlogs_of_large_buffers_reuse_memory_instead_of_faulting_it_in_again():
+    """glibc's default gives a released backlog back to the kernel, so the next one faults (and the
+    kernel zeroes) every page again; with the setting the heap keeps it."""
+    import platform
+    import subprocess
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    pages = 5 * 20 * ((1300 << 10) // 4096)
+
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", BURSTS, mode], capture_output=True, text=True, timeout=120, check=True)
+        return int(out.stdout.strip())
+
+    assert faults("default") > pages // 2
+    assert faults("reuse") < pages // 20
