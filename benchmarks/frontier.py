@@ -38,6 +38,7 @@ from stats import summarize  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "frontier"
 PLOT = ROOT / "benchmarks" / "results" / "frontier.png"
+FLOAT16 = ROOT / "benchmarks" / "results" / "frozen_dtype.json"  # benchmarks/frozen_dtype.py
 KEEPS = [0.1, 0.25, 0.5]
 PROXIES = [(m, k) for m in ("fedpft", "fedot") for k in KEEPS] + [("full", 1.0)]
 SHAPE = {"batch": 16, "labels": 13, "tokens": 64}  # the seeds benchmark's batch and simulate's --max-length
@@ -97,12 +98,15 @@ def section(costs: list[dict], seed_rows: list[dict], rounds: int, command: str)
         "(1-min load average in the last column: times are inflated when it exceeds 2). Accuracy: "
         f"last-round FM accuracy after {rounds} rounds, mean ± sd over the seeds run by benchmarks/seeds.py "
         "(`-` where none has finished yet). FedOT's layer count comes from --ffn-keep (the FedPFT proxy's weight budget "
-        "in whole layers, rounded), so one FedOT row may stand for several --ffn-keep values.",
+        "in whole layers, rounded), so one FedOT row may stand for several --ffn-keep values. **float16 MB** = the same "
+        "bundle prepared with `--frozen-dtype float16` (benchmarks/frozen_dtype.py: same step time and peak RSS, the "
+        "proxy's predictions compared there; `-` where not measured).",
         "",
-        "| proxy | --ffn-keep | layers (of FM) / FFN neurons per layer | params (M) | bundle MB | step s, wall / CPU | peak RSS MB | "
+        "| proxy | --ffn-keep | layers (of FM) / FFN neurons per layer | params (M) | bundle MB | float16 MB | step s, wall / CPU | peak RSS MB | "
         + " | ".join(f"FM accuracy {p} (%)" for p in PARTITIONS) + " | load |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(PARTITIONS) + "---|",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(PARTITIONS) + "---|",
     ]
+    half = {r["bundle"]: r["float16"]["bundle_bytes"] for r in json.loads(FLOAT16.read_text())["rows"]} if FLOAT16.is_file() else {}
     for c in costs:
         keeps = "-" if c["ffn_keeps"] is None else ", ".join(f"{k:g}" for k in c["ffn_keeps"])
         accs = []
@@ -110,8 +114,9 @@ def section(costs: list[dict], seed_rows: list[dict], rounds: int, command: str)
             s = accuracy(seed_rows, c, p, rounds)
             accs.append("-" if s.n == 0 else f"{100 * s.mean:.1f}" + (f" ± {100 * s.sd:.1f}" if s.n > 1 else "") + f" (n={s.n})")
         ffn = "/".join(str(n) for n in c["ffn_sizes"])
+        f16 = f"{half[c['bundle']] / 1e6:.1f}" if c["bundle"] in half else "-"
         lines.append(f"| {c['method']} | {keeps} | {c['layers']} of {c['fm_layers']} / {ffn} | "
-                     f"{c['proxy_params_m']:.1f} | {c['bundle_bytes'] / 1e6:.1f} | {c['step_s']:.3f} / {c['step_cpu_s']:.3f} | {c['rss_mb']:.0f} | "
+                     f"{c['proxy_params_m']:.1f} | {c['bundle_bytes'] / 1e6:.1f} | {f16} | {c['step_s']:.3f} / {c['step_cpu_s']:.3f} | {c['rss_mb']:.0f} | "
                      + " | ".join(accs) + f" | {c['load']:.1f} |")
     lines += ["", "Costs measured by: " + ", ".join(f"`{c}`" for c in sorted({c["command"] for c in costs})) + " (with "
               "`FEDPFT_EDGE_PYTHON` a venv of `fedpft[edge]`; proxies not yet prepared by the seeds benchmark measured undistilled: "
