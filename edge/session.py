@@ -59,9 +59,16 @@ def load_parameters(path: Path) -> dict[str, np.ndarray]:
 
     try:
         with safe_open(str(path), framework="np") as f:
-            return {k: for_compute(f.get_tensor(k)) for k in f.keys()}
+            stored = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise BundleError(f"{path}: unreadable parameters ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    out = {}
+    for k, a in stored.items():
+        try:
+            out[k] = for_compute(a)
+        except ValueError as exc:
+            raise BundleError(f"{path}: parameter '{k}' {exc}") from None
+    return out
 
 
 def load_adapters(path: Path) -> dict[str, np.ndarray]:

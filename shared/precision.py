@@ -41,6 +41,12 @@ def for_storage(params: Mapping[str, np.ndarray], frozen: Iterable[str], dtype: 
 
 
 def for_compute(a: np.ndarray) -> np.ndarray:
-    """What the graphs take: float16 storage upcast to float32 (exact), anything else as stored."""
-    return a.astype(np.float32) if a.dtype == np.float16 else a
+    """What the graphs take: float16 storage upcast to float32 (exact), float32 and integer tensors
+    as stored. ValueError for any other float type (a bundle from a newer fedpft, or tampered
+    with), which would otherwise fail deep inside onnxruntime."""
+    if a.dtype == np.float16:
+        return a.astype(np.float32)
+    if a.dtype.kind in "fc" and a.dtype != np.float32:
+        raise ValueError(f"stored as {a.dtype}; this fedpft reads float32 and float16 parameters")
+    return a
 

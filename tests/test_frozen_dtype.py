@@ -40,6 +40,20 @@ def test_only_frozen_matrices_that_float16_holds_exactly_are_stored_as_float16()
         for_storage(params, ["emb"], "int8")
 
 
+def test_a_parameter_file_with_another_float_type_is_refused_in_one_line(tmp_path):
+    from safetensors.numpy import save_file
+
+    from fedpft.shared.manifest import BundleError
+
+    path = tmp_path / "parameters.safetensors"
+    save_file({"w": np.zeros((2, 2), np.float64), "ids": np.arange(3, dtype=np.int64)}, str(path))
+    with pytest.raises(BundleError, match="parameter 'w' stored as float64"):
+        load_parameters(path)
+    save_file({"w": np.ones((2, 2), np.float16), "ids": np.arange(3, dtype=np.int64)}, str(path))
+    got = load_parameters(path)
+    assert got["w"].dtype == np.float32 and got["ids"].dtype == np.int64
+
+
 def test_half_exact_refuses_non_matrices_and_other_dtypes():
     assert not half_exact(np.zeros(3, np.float32))
     assert not half_exact(np.zeros((2, 2), np.float64))
