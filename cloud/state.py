@@ -6,9 +6,10 @@ is written last, so a cloud killed at any instant resumes from the last complete
 Everything on disk is untrusted when it is read back. state.json records the sha256 of every file
 it stands on (checkpoints, and one index per finished round of the updates it counted), taken from
 the bytes as they were written; resume checks them all, and the tensors it loads for finite values,
-and refuses with one line (RunError) on any mismatch. An update of the round in progress carries a
-sha256 side file, written before it, so a half-written or altered one is asked for again rather
-than counted. Nothing a commit names is ever written again.
+and refuses with one line (RunError) on any mismatch. An update of the round in progress is one
+file whose name carries the sha256 of its bytes (`<device>.<sha256>.safetensors`), so an altered
+one is asked for again rather than counted; runs from before that layout kept the sha256 in a side
+file, which is still read. Nothing a commit names is ever written again.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class RunStore:
         self.committed: dict[str, str] = {}  # files of the last commit (never written again)
         self.pending: dict[str, str] = {}  # files written or verified since, that the next commit names
         self._folder_sync = FolderSync()  # the check workers' update writes share folder fsyncs
+        self._stored: dict[tuple[int, str], str] = {}  # (round, device) -> its update's file
 
     # -- tensors
     def write_tensors(self, rel: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> str:
@@ -93,23 +95,24 @@ class RunStore:
     def save_update(self, round_id: int, device: str, payload: bytes, digest: str | None = None) -> Path:
         """Keep every accepted update on disk before it counts (nothing accepted is ever lost).
         `digest`: the payload's sha256 when the caller has checked it already."""
-        rel = f"{UPDATES}/round_{round_id:04d}/{device}.safetensors"
         digest = digest or sha256(payload)
-        # the hash first: a cloud killed between the two writes leaves a hash without its update
-        # (ignored), never an update that cannot be checked
+        rel = f"{_round_folder(round_id)}/{update_name(device, digest)}"
         self._guard(rel)
         path = self.folder / rel
-        # both files are fsynced before their renames; one folder fsync, shared with the other
-        # check workers' writes (FolderSync), makes both renames durable before the update is acked
-        atomic_write(path.with_name(path.name + SHA_SUFFIX), (digest + "\n").encode(), sync_folder=False)
+        # One file, its sha256 in its name: fsynced under a temp name, then renamed, so it is whole
+        # under its final name or not there at all. One folder fsync, shared with the other check
+        # workers' writes (FolderSync), makes the rename durable before the update is acked. (A
+        # second, side file for the hash cost a new file and an fsync per update: about 1 s of the
+        # cloud's CPU per 1,000 updates on ext4, BENCHMARKS.md scale.)
         atomic_write(path, payload, sync_folder=False)
         self._folder_sync.sync(path.parent)
         self.pending[rel] = digest
+        self._stored[(round_id, device)] = rel
         return path
 
     def read_update(self, round_id: int, device: str) -> bytes:
         """An update this round accepted, checked against the sha256 taken when it was stored."""
-        rel = f"{UPDATES}/round_{round_id:04d}/{device}.safetensors"
+        rel = self._stored.get((round_id, device)) or f"{_round_folder(round_id)}/{device}.safetensors"
         data = self._read(self.folder / rel)
         want = self.pending.get(rel)
         if want is not None and sha256(data) != want:
@@ -150,23 +153,31 @@ class RunStore:
             except OSError:
                 pass
 
-    def stored_updates(self, round_id: int) -> list[Path]:
-        """The round's stored updates whose bytes match their sha256 side file; any other is
-        logged and left out, so its device is asked again."""
-        folder = self.folder / UPDATES / f"round_{round_id:04d}"
-        good = []
+    def stored_updates(self, round_id: int) -> dict[str, Path]:
+        """device -> file of the round's stored updates whose bytes match the sha256 their name
+        (or, in the older layout, their side file) records; any other is logged and left out, so
+        its device is asked again."""
+        folder = self.folder / _round_folder(round_id)
+        good: dict[str, Path] = {}
         for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
             rel = path.relative_to(self.folder).as_posix()
+            device, want = parse_update_name(path.name)
             try:
-                want = (self.folder / (rel + SHA_SUFFIX)).read_text().strip()
+                if want is None:  # the layout before names carried the hash
+                    want = (self.folder / (rel + SHA_SUFFIX)).read_text().strip()
                 ok = sha256(path.read_bytes()) == want
             except OSError:
                 ok = False
             if not ok:
-                log.warning("stored update %s does not match its sha256 side file; the device will be asked again", path)
+                log.warning("stored update %s does not match the sha256 recorded for it; the device will be asked again", path)
+                continue
+            if device in good:  # one accepted update per device and round: never expected
+                log.warning("round %d: device %s has two intact stored updates (%s, %s); counting the first",
+                            round_id, device, good[device].name, path.name)
                 continue
             self.pending[rel] = want
-            good.append(path)
+            self._stored[(round_id, device)] = rel
+            good[device] = path
         return good
 
     # -- state
@@ -295,6 +306,25 @@ class RunStore:
             raise RunError(f"{path}: missing") from None
         except OSError as exc:
             raise RunError(f"{path}: unreadable ({exc.strerror or exc})") from None
+
+
+def _round_folder(round_id: int) -> str:
+    return f"{UPDATES}/round_{round_id:04d}"
+
+
+def update_name(device: str, digest: str) -> str:
+    """A stored update's file name: the device and the sha256 of the file's bytes."""
+    return f"{device}.{digest}.safetensors"
+
+
+def parse_update_name(name: str) -> tuple[str, str | None]:
+    """(device, sha256) of a stored update's file name; sha256 None for the older layout,
+    `<device>.safetensors` beside a `.sha256` side file."""
+    stem = name.removesuffix(".safetensors")
+    device, _, digest = stem.rpartition(".")
+    if device and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return device, digest
+    return stem, None
 
 
 def _safe_rel(rel: str) -> bool:

@@ -104,7 +104,7 @@ class AdapterStrategy:
         """The running sum of the updates round `rnd` stored before a restart, for these devices:
         the persisted sum where it is intact, then the stored updates it does not hold yet."""
         fold = self.begin(rnd, state)
-        stored = {p.stem: p for p in self.store.stored_updates(rnd) if p.stem in devices}
+        stored = {d: p for d, p in self.store.stored_updates(rnd).items() if d in devices}
         data = self.store.load_fold(rnd)
         if data is not None:
             try:

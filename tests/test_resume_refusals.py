@@ -77,7 +77,10 @@ def test_committed_state_names_every_file_with_its_sha256(committed_run):
     for rel, digest in state["files"].items():
         assert hashlib.sha256((run / rel).read_bytes()).hexdigest() == digest, rel
     index = json.loads((run / "updates/round_0000/index.json").read_text())
-    assert list(index) == ["d0.safetensors"]
+    assert [name.split(".")[0] for name in index] == ["d0"]
+    for name, digest in index.items():  # each update's name carries the sha256 the index records
+        assert name == f"d0.{digest}.safetensors"
+        assert hashlib.sha256((run / "updates/round_0000" / name).read_bytes()).hexdigest() == digest
 
 
 def test_intact_run_resumes(committed_run, run_copy):

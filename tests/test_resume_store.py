@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from fedpft.cloud.state import RunError, RunState, RunStore
+from fedpft.cloud.state import RunError, RunState, RunStore, parse_update_name, sha256, update_name
 from fedpft.shared.codec import encode_tensors
 
 pytestmark = pytest.mark.faults
@@ -46,8 +46,31 @@ def test_a_stored_update_that_does_not_match_its_hash_is_asked_for_again(tmp_pat
     data = bytearray(bad.read_bytes())
     data[-1] ^= 1  # one flipped bit in a value: still a valid safetensors file
     bad.write_bytes(bytes(data))
-    store.save_update(3, "nohash", encode_tensors(ADAPTERS)).with_name("nohash.safetensors.sha256").unlink()
-    assert RunStore(tmp_path).stored_updates(3) == [good]
+    # the layout before names carried the hash: a side file, and without it the update is not counted
+    folder = good.parent
+    (folder / "nohash.safetensors").write_bytes(encode_tensors(ADAPTERS))
+    old = encode_tensors(ADAPTERS)
+    (folder / "old.safetensors").write_bytes(old)
+    (folder / "old.safetensors.sha256").write_text(sha256(old) + "\n")
+    # a file renamed to another device's name still carries its own hash: counted as what it says
+    assert RunStore(tmp_path).stored_updates(3) == {"good": good, "old": folder / "old.safetensors"}
+    again = RunStore(tmp_path)
+    again.stored_updates(3)
+    assert again.read_update(3, "old") == old and again.read_update(3, "good") == good.read_bytes()
+
+
+def test_an_update_is_one_file_named_by_its_sha256(tmp_path):
+    store = RunStore(tmp_path)
+    payload = encode_tensors(ADAPTERS)
+    path = store.save_update(0, "dev.1", payload)
+    assert path.name == update_name("dev.1", sha256(payload)) and parse_update_name(path.name) == ("dev.1", sha256(payload))
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no side file, no temp file
+    assert parse_update_name("dev.1.safetensors") == ("dev.1", None)
+    assert parse_update_name(f"{'a' * 64}.safetensors") == ("a" * 64, None)  # a device id may look like a hash
+    assert store.read_update(0, "dev.1") == payload
+    path.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))
+    with pytest.raises(RunError, match="sha256 does not match"):
+        store.read_update(0, "dev.1")
 
 
 def test_a_state_from_before_hashes_still_refuses_nan_checkpoints(tmp_path):
