@@ -111,7 +111,7 @@ def simulate(
     batch_size: int = typer.Option(16, "--batch-size", help="Devices' batch size."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap on local steps per round."),
     max_length: int = typer.Option(64, "--max-length", help="Token limit."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the partition, the training and test subsamples, the initial adapters (also on a --out whose bundle was prepared with another seed), device sampling and local shuffles."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the partition, the training and test subsamples, the initial adapters (also on a --out whose bundle was prepared with another seed), device sampling, local shuffles and the devices' dropout masks (each device seeds its round from the Task's seed and its id; with --engine virtual the clients training at once share one generator, so masks repeat only with --virtual-parallel 1)."),
     broker: Optional[str] = typer.Option(None, "--broker", help="Use this MQTT broker instead of the embedded one."),
     edge_python: Optional[Path] = typer.Option(None, "--edge-python", envvar="FEDPFT_EDGE_PYTHON", help="Python interpreter of the device processes, e.g. a venv with only the edge extra (plain onnxruntime, as devices install it). Default: this Python (the cloud's onnxruntime-training build, whose inference core runs the same graphs)."),
     device: str = device_option("the cloud's FM and proxy (distillation, alignment, evaluation; the device processes run ONNX Runtime on CPU)",

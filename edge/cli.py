@@ -49,7 +49,7 @@ def train(
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per training step."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (default: run all epochs)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and the shuffling."),
+    seed: int = typer.Option(0, "--seed", help="Offline: seed of the held-out split, the shuffling and the dropout masks (the same seed, data and adapters train the same update)."),
     holdout: float = typer.Option(0.1, "--holdout", help="Share of the local data held out for accuracy before/after, in [0, 1)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Offline: folder to start from and save the updated checkpoint. Online: the device's cache (bundle, downloads, updates; default .fedpft-cache)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads, offline and online (default: ORT decides; give 1 when several devices share a CPU)."),
@@ -67,7 +67,7 @@ def train(
 
     from fedpft.shared.manifest import BundleError
 
-    cfg = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, holdout_seed=seed, holdout=holdout,
+    cfg = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, holdout_seed=seed, dropout_seed=seed, holdout=holdout,
                         threads=threads, providers=eps, max_record_bytes=max_record_bytes, max_record_tokens=max_record_tokens)
     from fedpft.shared.records import DataError
     from .trainer import AdapterError, TrainError, load_adapters, summarize, train_round

@@ -152,6 +152,10 @@ class SessionWeights:
     def set_learning_rate(self, lr: float) -> None:
         self.optimizer.lr = float(lr)
 
+    def seed_dropout(self, seed: int) -> None:
+        """Seed the generator the training graph's dropout masks come from (process-wide)."""
+        raise NotImplementedError
+
     def accuracy(self, stream: Iterable[Batch]) -> float | None:
         correct = total = 0
         for b in stream:
@@ -224,6 +228,13 @@ class EdgeSession(SessionWeights):
         session.run_with_iobinding(binding)
         # copies: the bound outputs are reused (overwritten) by the next run
         return binding.copy_outputs_to_cpu()
+
+    def seed_dropout(self, seed: int) -> None:
+        # the lowered graph's Dropout nodes carry no seed attribute: they draw from onnxruntime's
+        # default generator, which set_seed resets (both the plain and the training build)
+        from . import runtime
+
+        runtime.ort.set_seed(int(seed) % (1 << 63))
 
     def _changed(self, names: Iterable[str]) -> None:
         if self.device[0] != "cpu":  # host arrays are the master copy; the device holds a mirror

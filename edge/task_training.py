@@ -6,6 +6,7 @@ same one in-process); `rough_sample_count` is what the device announces before i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,6 +30,13 @@ def rough_sample_count(path: Path) -> int:
     return max(0, n - 1) if path.suffix.lower() == ".csv" else n
 
 
+def dropout_seed(task_seed: int, device_id: str) -> int:
+    """The round's dropout seed on this device: fixed by the Task's seed, different per device
+    (with the task seed alone, every device would draw the same masks step for step)."""
+    digest = hashlib.sha256(f"{task_seed}/{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def make_trainer(cfg: AgentConfig, lease=None):
     """trainer(bundle_dir, task, adapters_bytes, ffn_bytes) -> (update bytes, Update fields).
 
@@ -40,7 +48,7 @@ def make_trainer(cfg: AgentConfig, lease=None):
     def train(bundle_dir: Path, task: Task, adapters: bytes, ffn: bytes | None):
         tc = EdgeTrainConfig(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, max_steps=task.max_steps,
                              seed=task.seed, holdout=cfg.holdout, report_stats=task.report_stats, threads=cfg.threads,
-                             providers=cfg.providers)
+                             providers=cfg.providers, dropout_seed=dropout_seed(task.seed, cfg.device_id))
         with lease(bundle_dir) if lease is not None else nullcontext() as session:
             res = train_round(bundle_dir, cfg.data, tc, adapters=decode_tensors(adapters)[0],
                               ffn=decode_tensors(ffn)[0] if ffn is not None else None, session=session)

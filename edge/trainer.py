@@ -74,6 +74,8 @@ def train_round(
         return batches(held, maker, cfg.eval_batch_size, skips)
 
     acc_before = session.accuracy(held_out()) if held else None
+    if cfg.dropout_seed is not None:
+        session.seed_dropout(cfg.dropout_seed)
     if on_start:
         on_start(planned_steps(len(train), cfg))
     losses, stats, seen = _train(session, train, maker, cfg, skips, on_step)

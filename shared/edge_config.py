@@ -15,6 +15,10 @@ class EdgeTrainConfig(BaseModel):
     lr: float = Field(default=1e-4, gt=0, description="AdamW learning rate")
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
     seed: int = Field(default=0, ge=0, description="seed of the per-epoch shuffles (the cloud sends a new one each round)")
+    # onnxruntime's dropout draws from one generator per process, seeded from the clock unless set:
+    # set, a round trains bit for bit the same from the same inputs (a device process trains one
+    # round at a time; sessions training at once in one process share the generator)
+    dropout_seed: int | None = Field(default=None, ge=0, description="seed of the dropout masks drawn this round; None = unseeded")
     # Its own seed, fixed for the device's life: were it the round's seed, samples held out in one
     # round would be trained on in the next, and acc_before/acc_after would measure memorisation.
     holdout_seed: int = Field(default=0, ge=0, description="seed of the held-out split; keep it fixed across rounds")

@@ -125,6 +125,11 @@ class TorchSession(SessionWeights):
             for n in names:
                 self._torch[n].copy_(torch.from_numpy(self.params[n]))
 
+    def seed_dropout(self, seed: int) -> None:
+        # torch's dropout draws from its global generator, shared, like onnxruntime's, by the
+        # sessions training at once in this process
+        torch.manual_seed(int(seed) % (1 << 63))
+
     def reset(self) -> None:
         """The bundle's adapters and FFN weights and a fresh optimizer, as a newly opened session."""
         self._reload()

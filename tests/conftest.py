@@ -130,6 +130,12 @@ def tiny_bert_f16_bundle(tmp_path_factory, tiny_bert_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dropout_bundle(tmp_path_factory, tiny_bert_dir) -> Path:
+    """With dropout in the training graph (the others are built with --dropout 0 for parity)."""
+    return make_bundle(str(tiny_bert_dir), tmp_path_factory.mktemp("bundles") / "tiny-bert-dropout", dropout=0.3)
+
+
+@pytest.fixture(scope="session")
 def tiny_vit_bundle(tmp_path_factory, tiny_vit_dir) -> Path:
     return make_bundle(str(tiny_vit_dir), tmp_path_factory.mktemp("bundles") / "tiny-vit")
 

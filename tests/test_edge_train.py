@@ -226,3 +226,30 @@ def test_held_out_split_stays_fixed_while_the_round_seed_changes(monkeypatch, ti
         train_round(tiny_bert_bundle, text_data, EdgeTrainConfig(seed=round_seed, holdout=0.3, max_steps=1))
     assert len(held_out_sets) == 3 and held_out_sets[0]
     assert held_out_sets[0] == held_out_sets[1] == held_out_sets[2]
+
+
+def test_a_seed_fixes_the_dropout_masks_so_a_round_repeats_exactly(tmp_path, tiny_bert_dropout_bundle, text_data):
+    """With dropout in the graph, the same seed, data and adapters train the same adapters bit for bit;
+    another seed draws other masks. (Unseeded, onnxruntime seeds its generator from the clock.)"""
+    def adapters(seed: int, dropout_seed: int | None):
+        cfg = EdgeTrainConfig(lr=1e-2, batch_size=4, seed=seed, dropout_seed=dropout_seed, threads=1)
+        return train_round(tiny_bert_dropout_bundle, text_data, cfg).adapters
+
+    first, again, other = adapters(0, 7), adapters(0, 7), adapters(0, 8)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert any(not np.array_equal(first[k], other[k]) for k in first)  # the masks matter: dropout is in the graph
+    # the CLI's --seed seeds dropout too: two offline rounds write the same tensors
+    outs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for out in outs:
+        res = train_cli(tiny_bert_dropout_bundle, text_data, out, "--lr", "1e-2", "--seed", "3")
+        assert res.exit_code == 0, res.output
+    a, b = (load_file(str(p)) for p in outs)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_each_device_draws_its_own_dropout_seed_from_the_task_seed():
+    from fedpft.edge.task_training import dropout_seed
+
+    assert dropout_seed(5, "dev1") == dropout_seed(5, "dev1")
+    assert len({dropout_seed(5, "dev1"), dropout_seed(5, "dev2"), dropout_seed(6, "dev1")}) == 3
+    assert 0 <= dropout_seed(2**40, "x" * 64) < 2**63
