@@ -119,3 +119,18 @@ def test_virtual_engine_refuses_a_broker(tmp_path):
     with pytest.raises(ValueError, match="--virtual-parallel only applies to --engine virtual"):
         SimulateConfig(out=tmp_path, virtual_parallel=2)
     assert SimulateConfig(out=tmp_path, engine="virtual", virtual_parallel=2).virtual_parallel == 2
+
+
+def test_a_seeded_virtual_run_with_dropout_repeats_bit_for_bit_with_one_slot(sim_inputs, tiny_bert_dir, tmp_path):
+    """Dropout on: each client seeds its round's masks from the Task's seed and its id, so two runs
+    training one client at a time end with identical global adapters (and moved ones)."""
+    data, _ = sim_inputs
+    bundle = make_bundle(str(tiny_bert_dir), tmp_path / "bundle-dropout", public_data=data / "public.txt", batch_size=8, dropout=0.3)
+    runs = []
+    for name in ("a", "b"):
+        run_engine((data, bundle), tmp_path / name, "virtual", virtual_parallel=1)
+        runs.append(final_adapters(tmp_path / name / "federation"))
+    a, b = runs
+    init = decode_tensors((tmp_path / "a" / "federation" / "checkpoints" / "adapters_round_init.safetensors").read_bytes())[0]
+    assert max(float(np.max(np.abs(a[k] - init[k]))) for k in a) > 1e-4
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
