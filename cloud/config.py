@@ -205,7 +205,6 @@ class ServeConfig(BrokerConfig, PrivacyOptions):
     signing_key: Path | None = Field(default=None, description="Ed25519 private key that signs every Task")
     device: TorchDevice = Field(default="auto", description=DEVICE_DESCRIPTION)
     align_objective: AlignObjective = Field(default="hidden-mse", description="what alignment minimises: " + ", ".join(ALIGN_OBJECTIVES))
-    frozen_dtype: FrozenDtype = Field(default="float32", description=FROZEN_DTYPE_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -287,6 +286,7 @@ class SimulateConfig(PrivacyOptions):
     virtual_trainer: VirtualTrainer = Field(default="auto", description="virtual engine: ort (the edge's own trainer), torch (the bundle's proxy in torch, same loss and optimizer), auto (ort on CPU, torch on a GPU)")
     virtual_precision: VirtualPrecision = Field(default="fp32", description="virtual engine, torch trainer: fp32, or bf16 autocast of the forward and backward (adapters, optimizer and loss stay fp32)")
     align_objective: AlignObjective = Field(default="hidden-mse", description="what alignment minimises: " + ", ".join(ALIGN_OBJECTIVES))
+    frozen_dtype: FrozenDtype = Field(default="float32", description=FROZEN_DTYPE_DESCRIPTION)
 
     @model_validator(mode="after")
     def _engine_options(self) -> "SimulateConfig":

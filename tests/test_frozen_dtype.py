@@ -112,3 +112,15 @@ def test_devices_compute_with_the_clouds_rounded_proxy_exactly(tiny_bert_f16_bun
         np.testing.assert_array_equal(device[n], cloud[n], err_msg=n)
         rounded += cloud[n].ndim >= 2 and half_exact(cloud[n])
     assert rounded > 0
+
+
+def test_simulate_passes_the_frozen_dtype_to_the_bundle_it_prepares(tmp_path):
+    from fedpft.cloud.config import ServeConfig, SimulateConfig
+    from fedpft.cloud.simulate import bundle_config
+    from fedpft.shared.datasets import materialize
+
+    data = materialize(tmp_path / "data")
+    cfg = SimulateConfig(out=tmp_path / "run", frozen_dtype="float16")
+    assert bundle_config(cfg, data, tmp_path / "bundle").frozen_dtype == "float16"
+    assert bundle_config(SimulateConfig(out=tmp_path / "run"), data, tmp_path / "bundle").frozen_dtype == "float32"
+    assert "frozen_dtype" not in ServeConfig.model_fields  # a bundle's storage is prepare's business
