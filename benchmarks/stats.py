@@ -81,6 +81,16 @@ def last_rounds_movement(curves: Sequence[Sequence[float]], last: int = LAST_ROU
     return max(tail) - min(tail)
 
 
+def block_drift(curves: Sequence[Sequence[float]], last: int = LAST_ROUNDS) -> float:
+    """Mean of the mean curve's last `last` rounds minus the mean of the `last` before them: the
+    drift that is left, with each round's evaluation noise averaged over a block (max - min of
+    single rounds grows with that noise even on a flat curve). nan when the curves are too short."""
+    m = mean_curve(curves)
+    if len(m) < 2 * last:
+        return math.nan
+    return sum(m[-last:]) / last - sum(m[-2 * last:-last]) / last
+
+
 def converged(curves: Sequence[Sequence[float]], points: float = CONVERGED_POINTS, last: int = LAST_ROUNDS) -> bool:
     """The issue's criterion, with curves in percent: the last rounds moved the mean by < `points`."""
     move = last_rounds_movement(curves, last)

@@ -86,6 +86,15 @@ def test_convergence_is_movement_of_the_mean_over_the_last_rounds(bench):
     assert math.isnan(stats.last_rounds_movement([[1, 2]]))
 
 
+def test_block_drift_compares_the_last_rounds_with_the_ones_before(bench):
+    stats, _ = bench
+    noisy_flat = [[80, 82, 80, 82, 80, 82]]  # max - min of the last 3 rounds is 2, the blocks agree within 0.67
+    assert stats.last_rounds_movement(noisy_flat) == pytest.approx(2.0)
+    assert stats.block_drift(noisy_flat) == pytest.approx((82 + 80 + 82) / 3 - (80 + 82 + 80) / 3)
+    assert stats.block_drift([[70, 72, 74, 76, 78, 80]]) == pytest.approx(6.0)  # still climbing: 2 points a round
+    assert math.isnan(stats.block_drift([[1, 2, 3, 4, 5]]))
+
+
 def test_plan_orders_methods_within_a_seed(bench):
     _, seeds = bench
     runs = seeds.plan(["fedpft", "fedot"], ["dirichlet:0.5"], [0, 1], rounds=12)
