@@ -4,7 +4,8 @@
 
 For each distilled bundle the seeds benchmark prepared under --work/bundles (float32), build its
 float16 twin from the very same proxy (`write_bundle(..., frozen_dtype="float16")`, what `prepare`
-does after distillation; same seed, so the same initial adapters), then measure, side by side:
+does after distillation; same seed, so the same LoRA initialisation, the head rounded with the
+proxy), then measure, side by side:
 
 - the packed bundle a device downloads (bytes), both ways;
 - one local training step of the device trainer on plain onnxruntime in a subprocess of the edge

@@ -188,8 +188,8 @@ def timed_federation_class():
 
 
 def _cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+    u = _usage()
+    return u["user_s"] + u["system_s"]
 
 
 def _usage() -> dict:

@@ -1,7 +1,7 @@
 """Update checks off the round loop's critical path (issue 13).
 
 A complete upload is checked (sha256, decode, binding, shapes, finite values), measured (its
-change norm) and written durably (fsync, with its sha256 side file) by a small thread pool; the
+change norm) and written durably (one fsynced file named by its sha256) by a small thread pool; the
 result comes back to the loop as an event, and only then does the loop fold it, count it and ack
 it. So "nothing accepted is ever lost" holds as before: an update is acked only once it is on disk.
 The loop waits for the checks in flight before it closes a round, so an update received before

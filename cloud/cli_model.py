@@ -60,9 +60,9 @@ def prepare(
     m = res.manifest
     size = sum(e.size for e in m.files.values())
     # what a device downloads and stores: the rest (the proxy in torch form, ORT's reference artifacts) stays in the cloud
-    device = sum(e.size for role, e in m.files.items() if role in DEVICE_ROLES)
+    download = sum(e.size for role, e in m.files.items() if role in DEVICE_ROLES)
     typer.echo(
-        f"bundle {m.bundle_id[:12]} v{m.bundle_version} -> {out}  ({device / 1e6:.1f} MB to each device, frozen weights "
+        f"bundle {m.bundle_id[:12]} v{m.bundle_version} -> {out}  ({download / 1e6:.1f} MB to each device, frozen weights "
         f"{cfg.frozen_dtype}; {size / 1e6:.1f} MB with the cloud's files; proxy/FM params "
         f"{res.proxy_params / 1e6:.1f}M/{res.fm_params / 1e6:.1f}M = {res.proxy_params / res.fm_params:.2f}, "
         f"{len(m.trainable)} trainable tensors, {res.seconds:.0f}s)"

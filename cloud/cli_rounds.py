@@ -44,7 +44,7 @@ def serve(
     eval_max_samples: Optional[int] = typer.Option(None, "--eval-max-samples", help="Evaluate on at most this many samples."),
     max_update_norm: Optional[float] = typer.Option(None, "--max-update-norm", help="Absolute ceiling on the L2 norm of a device's adapter change (on top of --norm-bound-factor)."),
     max_devices: int = typer.Option(100_000, "--max-devices", help="Devices the cloud keeps track of; when full, the offline device seen longest ago makes room and, with all online, new hellos are refused."),
-    seed: int = typer.Option(0, "--seed", help="Seed for device sampling and local shuffles; a seed other than the one the bundle was prepared with also draws fresh initial adapters (LoRA A, head)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for device sampling, local shuffles and the devices' dropout masks (each device mixes in its id); a seed other than the one the bundle was prepared with also draws fresh initial adapters (LoRA A, head)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out at its next round. Refused unless --out holds a committed state.json of this --run-id and --bundle whose checkpoints match their recorded sha256."),
     fresh: bool = typer.Option(False, "--fresh", help="Start a new run in --out although it holds an earlier run's files: they are moved into --out/replaced-<time>/ first, never overwritten. Without --resume or --fresh, a folder holding a run is refused."),
     ca: Optional[Path] = CA_OPT,

@@ -108,7 +108,21 @@ class RunStore:
         self._folder_sync.sync(path.parent)
         self.pending[rel] = digest
         self._stored[(round_id, device)] = rel
+        self._retire_older(path, device, rel)
         return path
+
+    def _retire_older(self, kept: Path, device: str, kept_rel: str) -> None:
+        """Remove the device's other stored updates of this open round, now that `kept` is durable.
+        A device has one accepted update per round, so an older file is one the round never
+        counted (resume found it unusable and asked again); left beside the new one, a restart
+        could count the wrong one. Should the removal not survive a crash, resume takes the newest."""
+        for old in kept.parent.glob(f"{device}.*safetensors"):
+            if old == kept or parse_update_name(old.name)[0] != device:  # "dev.*" also matches device "dev.1"
+                continue
+            old.unlink(missing_ok=True)
+            old.with_name(old.name + SHA_SUFFIX).unlink(missing_ok=True)
+            self.pending.pop(old.relative_to(self.folder).as_posix(), None)
+            log.info("stored update %s replaced by %s", old.name, kept.name)
 
     def read_update(self, round_id: int, device: str) -> bytes:
         """An update this round accepted, checked against the sha256 taken when it was stored."""
@@ -122,7 +136,7 @@ class RunStore:
     def save_fold(self, round_id: int, data: bytes) -> None:
         """Persist the open round's running sum, rewritten as the round goes on; the hash first, so a
         cloud killed between the two writes leaves a pair that does not match (refolded on resume)."""
-        rel = f"{UPDATES}/round_{round_id:04d}/{FOLD}"
+        rel = f"{_round_folder(round_id)}/{FOLD}"
         self._guard(rel)
         atomic_write(self.folder / (rel + SHA_SUFFIX), (sha256(data) + "\n").encode())
         atomic_write(self.folder / rel, data)
@@ -130,7 +144,7 @@ class RunStore:
     def load_fold(self, round_id: int) -> bytes | None:
         """The round's persisted running sum if it matches its sha256 side file; None (with a line
         when one was there) otherwise."""
-        path = self.folder / UPDATES / f"round_{round_id:04d}" / FOLD
+        path = self.folder / _round_folder(round_id) / FOLD
         try:
             data = path.read_bytes()
             want = path.with_name(FOLD + SHA_SUFFIX).read_text().strip()
@@ -146,7 +160,7 @@ class RunStore:
 
     def drop_fold(self, round_id: int) -> None:
         """A committed round's checkpoint replaces its running sum (best effort: only disk space)."""
-        folder = self.folder / UPDATES / f"round_{round_id:04d}"
+        folder = self.folder / _round_folder(round_id)
         for name in (FOLD, FOLD + SHA_SUFFIX):
             try:
                 (folder / name).unlink()
@@ -171,10 +185,13 @@ class RunStore:
             if not ok:
                 log.warning("stored update %s does not match the sha256 recorded for it; the device will be asked again", path)
                 continue
-            if device in good:  # one accepted update per device and round: never expected
-                log.warning("round %d: device %s has two intact stored updates (%s, %s); counting the first",
-                            round_id, device, good[device].name, path.name)
-                continue
+            if device in good:  # a crash between a newer update's write and the older one's removal
+                older, newer = sorted((good[device], path), key=lambda p: (p.stat().st_mtime_ns, p.name))
+                log.warning("round %d: device %s has two intact stored updates; counting the newer %s, not %s",
+                            round_id, device, newer.name, older.name)
+                self.pending.pop(older.relative_to(self.folder).as_posix(), None)
+                if newer is good[device]:
+                    continue
             self.pending[rel] = want
             self._stored[(round_id, device)] = rel
             good[device] = path
@@ -259,6 +276,7 @@ class RunStore:
         state.files = files
         atomic_write(self.folder / STATE, state.model_dump_json(indent=2).encode())
         self.committed, self.pending = dict(files), {}
+        self._stored.clear()  # committed rounds are never read back in this process
         self._rewrite_metrics(state.history)
 
     def _rewrite_metrics(self, history: list[dict]) -> None:

@@ -57,17 +57,18 @@ def load_parameters(path: Path) -> dict[str, np.ndarray]:
 
     from fedpft.shared.manifest import BundleError
 
+    out = {}
     try:
         with safe_open(str(path), framework="np") as f:
-            stored = {k: f.get_tensor(k) for k in f.keys()}
+            for k in f.keys():  # upcast one at a time: a float16 copy of every tensor at once would cost half again
+                try:
+                    out[k] = for_compute(f.get_tensor(k))
+                except ValueError as exc:
+                    raise BundleError(f"{path}: parameter '{k}' {exc}") from None
+    except BundleError:
+        raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise BundleError(f"{path}: unreadable parameters ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    out = {}
-    for k, a in stored.items():
-        try:
-            out[k] = for_compute(a)
-        except ValueError as exc:
-            raise BundleError(f"{path}: parameter '{k}' {exc}") from None
     return out
 
 

@@ -7,6 +7,7 @@ a failed prepare never leaves a half-written bundle behind.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import shutil
 import uuid
@@ -53,6 +54,8 @@ from .training import (
     generate_training_artifacts,
     stat_names,
 )
+
+log = logging.getLogger("fedpft.prepare")
 
 PROXY_WEIGHTS = "proxy.safetensors"
 PROXY_SPEC = "proxy.json"
@@ -139,7 +142,9 @@ def write_bundle(
     tmp.mkdir(parents=True)
     try:
         if frozen_dtype == "float16":
-            round_frozen_(proxy)
+            kept = round_frozen_(proxy)
+            if kept:  # they stay float32 in the bundle: say why it is larger than half
+                log.warning("%d weight matrices hold values beyond float16's range and stay float32: %s", len(kept), ", ".join(kept[:3]))
         proxy_state = {k: v.detach().clone().contiguous() for k, v in proxy.state_dict().items()}
         save_file(proxy_state, str(tmp / PROXY_WEIGHTS))
         peft_proxy = add_adapters(proxy, lora_rank, lora_alpha, seed)
@@ -220,6 +225,7 @@ def _write(tmp, peft_proxy, spec, labels, fm_id, fm_source, prepare_config, max_
         files=files,
         versions=versions(),
         config=prepare_config,
+        frozen_dtype="float16" if info.halved else None,
     )
     manifest.save(tmp)
     return manifest

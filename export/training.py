@@ -107,6 +107,7 @@ class ArtifactInfo:
     loss_output: str
     optimizer: dict  # OptimizerSpec fields, read from ORT's optimizer model
     rewritten: dict[str, int]  # training-only op -> nodes lowered
+    halved: int = 0  # parameters stored as float16 (--frozen-dtype float16)
 
 
 def example_inputs(kind: str, config, batch: int = 2, tokens: int = 16) -> tuple[torch.Tensor, ...]:
@@ -181,8 +182,8 @@ def generate_training_artifacts(graph: TrainingGraph, example: tuple[torch.Tenso
     ort_dir.mkdir(exist_ok=True)
     with _native_stderr_captured():
         _generate(artifacts, model, trainable, frozen, ort_dir, outputs)
-    lowered, optimizer = write_device_graphs(model, trainable, ort_dir, out_dir, inputs, frozen_dtype)
-    return ArtifactInfo(inputs, outputs, trainable, frozen, lowered.loss_output, optimizer, lowered.rewritten)
+    lowered, optimizer, halved = write_device_graphs(model, trainable, ort_dir, out_dir, inputs, frozen_dtype)
+    return ArtifactInfo(inputs, outputs, trainable, frozen, lowered.loss_output, optimizer, lowered.rewritten, halved)
 
 
 def write_device_graphs(exported, trainable: list[str], ort_dir: Path, out_dir: Path, inputs: list[str],
@@ -207,9 +208,10 @@ def write_device_graphs(exported, trainable: list[str], ort_dir: Path, out_dir: 
     absent = [n for n in names if n not in values]
     if absent:
         raise RuntimeError(f"graph inputs with no exported value: {absent[:3]}")
-    params = {n: numpy_helper.to_array(values[n]) for n in names}
-    save_file(for_storage(params, set(names) - set(trainable), frozen_dtype), str(out_dir / PARAMETERS))
-    return lowered, optimizer_spec(onnx.load(str(ort_dir / ORT_FILES["ort_optimizer_model"])))
+    params = for_storage({n: numpy_helper.to_array(values[n]) for n in names}, set(names) - set(trainable), frozen_dtype)
+    save_file(params, str(out_dir / PARAMETERS))
+    halved = sum(str(a.dtype) == "float16" for a in params.values())
+    return lowered, optimizer_spec(onnx.load(str(ort_dir / ORT_FILES["ort_optimizer_model"]))), halved
 
 
 def optimizer_spec(optimizer_model) -> dict:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 MANIFEST_NAME = "manifest.json"
 # 2: the device graph is lowered to standard ops (plain onnxruntime), parameters in safetensors
@@ -127,8 +127,20 @@ class BundleManifest(BaseModel):
     files: dict[str, FileEntry]
     versions: dict[str, str] = Field(default_factory=dict)
     config: dict = Field(default_factory=dict)
+    # Set only when frozen weight matrices are stored as float16 (fedpft.shared.precision), and
+    # left out of the JSON otherwise: a device older than float16 bundles knows no such field
+    # (extra="forbid") and refuses the bundle in one line instead of failing inside onnxruntime,
+    # while float32 manifests (and their signatures) stay exactly as they were.
+    frozen_dtype: Literal["float16"] | None = None
     signer: str | None = None  # key id of the Ed25519 key that signed (fedpft.shared.signing)
     signature: str | None = None  # over the canonical manifest JSON without this field
+
+    @model_serializer(mode="wrap")
+    def _absent_when_float32(self, handler):
+        data = handler(self)
+        if data.get("frozen_dtype") is None:
+            data.pop("frozen_dtype", None)
+        return data
 
     @property
     def num_labels(self) -> int:

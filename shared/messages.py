@@ -57,7 +57,9 @@ class Task(_Message):
     batch_size: int = Field(ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     report_stats: bool = False  # ask for per-neuron activation statistics (alignment rounds)
-    seed: int = Field(default=0, ge=0)  # local shuffling seed: a resumed run trains exactly as an uninterrupted one
+    # seed of the local shuffles and (mixed with the device id) of the dropout masks: a resumed run
+    # trains exactly as an uninterrupted one
+    seed: int = Field(default=0, ge=0)
     deadline: float = Field(description="unix time after which the cloud stops waiting")
     # Ed25519 over the canonical JSON of this Task without `signature` (fedpft.shared.signing):
     # covers run, round and the sha256 of the adapters and FFN blobs. None: the cloud has no key.

@@ -15,12 +15,12 @@ cannot hold exactly - the writer stores a tensor in float16 only if that loses n
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 FrozenDtype = Literal["float32", "float16"]
-FROZEN_DTYPES: tuple[str, ...] = ("float32", "float16")
+FROZEN_DTYPES: tuple[str, ...] = get_args(FrozenDtype)
 
 
 def half_exact(a: np.ndarray) -> bool:

@@ -4,7 +4,9 @@ A device process opens its bundle on onnxruntime every round and trains on howev
 machine gives it. In one process, ten clients each doing that thrash two cores (ten sessions'
 working sets, every round's session build and graph check) for no gain: a client's round is a
 pure function of the task (global adapters, FFN weights, seed) and its shard, so the order in
-which clients train and the session object they train on change nothing in the update.
+which clients train and the session object they train on change nothing in the update. (With
+dropout in the graph, only with one slot: each round seeds onnxruntime's process-wide generator,
+which clients training at once draw from in turns.)
 
 So: `Slots` lets at most `n` clients train at once, the largest shard first (longest-processing-
 time first keeps a round's wall time near total work / n; with first-come-first-served the largest

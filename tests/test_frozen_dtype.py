@@ -82,9 +82,30 @@ def _tensor_dtypes(bundle) -> dict[str, str]:
         return {k: str(f.get_tensor(k).dtype) for k in f.keys()}
 
 
+def test_a_float16_manifest_says_so_where_older_devices_refuse_it_and_float32_ones_stay_unchanged(
+        tiny_bert_bundle, tiny_bert_f16_bundle, tmp_path):
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedpft.shared.signing import sign, verify
+
+    f16 = json.loads((tiny_bert_f16_bundle / "manifest.json").read_text())
+    f32 = json.loads((tiny_bert_bundle / "manifest.json").read_text())
+    assert f16["frozen_dtype"] == "float16" and "frozen_dtype" not in f32
+    # a device from before float16 bundles validates with extra="forbid" and knows no such field
+    assert BundleManifest.model_config["extra"] == "forbid"
+    old = BundleManifest.model_validate(f32)
+    assert "frozen_dtype" not in old.model_dump(mode="json")  # and its signature covers the same bytes as before
+    key = Ed25519PrivateKey.generate()
+    for m in (old, BundleManifest.model_validate(f16)):
+        signed = sign(m, key)
+        verify(BundleManifest.model_validate_json(signed.model_dump_json()), key.public_key(), "bundle")
+
+
 def test_float16_bundle_halves_the_frozen_matrices_and_nothing_else(tiny_bert_bundle, tiny_bert_f16_bundle):
     m = BundleManifest.load(tiny_bert_f16_bundle)
-    assert m.config["frozen_dtype"] == "float16"
+    assert m.config["frozen_dtype"] == "float16" and m.frozen_dtype == "float16"
     f32, f16 = _tensor_dtypes(tiny_bert_bundle), _tensor_dtypes(tiny_bert_f16_bundle)
     assert set(f32) == set(f16) and set(f32.values()) == {"float32"}
     trainable = {t.name for t in m.trainable}
@@ -99,7 +120,7 @@ def test_float16_bundle_halves_the_frozen_matrices_and_nothing_else(tiny_bert_bu
     assert abs(size[tiny_bert_bundle] - size[tiny_bert_f16_bundle] - saved) < 4096  # the rest is the JSON header
 
 
-def test_devices_compute_with_the_clouds_rounded_proxy_exactly(tiny_bert_f16_bundle):
+def test_devices_compute_with_the_clouds_rounded_proxy_exactly(tiny_bert_bundle, tiny_bert_f16_bundle):
     """The cloud's proxy (alignment, evaluation) and the devices' upcast parameters are the same numbers."""
     m = BundleManifest.load(tiny_bert_f16_bundle)
     device = load_parameters(tiny_bert_f16_bundle / m.files[ROLE_PARAMETERS].path)
@@ -107,11 +128,12 @@ def test_devices_compute_with_the_clouds_rounded_proxy_exactly(tiny_bert_f16_bun
     cloud = {GRAPH_PREFIX + n: p.detach().numpy() for n, p in model.named_parameters()}
     common = [n for n in device if n in cloud]
     assert len(common) == len(device)
-    rounded = 0
     for n in common:
         np.testing.assert_array_equal(device[n], cloud[n], err_msg=n)
-        rounded += cloud[n].ndim >= 2 and half_exact(cloud[n])
-    assert rounded > 0
+    # and the rounding did change the weights: the float32 bundle of the same model differs
+    f32 = load_parameters(tiny_bert_bundle / m.files[ROLE_PARAMETERS].path)
+    frozen = [n for n in common if n not in {t.name for t in m.trainable} and device[n].ndim >= 2]
+    assert frozen and sum(not np.array_equal(device[n], f32[n]) for n in frozen) > len(frozen) // 2
 
 
 def test_simulate_passes_the_frozen_dtype_to_the_bundle_it_prepares(tmp_path):

@@ -52,7 +52,6 @@ def test_a_stored_update_that_does_not_match_its_hash_is_asked_for_again(tmp_pat
     old = encode_tensors(ADAPTERS)
     (folder / "old.safetensors").write_bytes(old)
     (folder / "old.safetensors.sha256").write_text(sha256(old) + "\n")
-    # a file renamed to another device's name still carries its own hash: counted as what it says
     assert RunStore(tmp_path).stored_updates(3) == {"good": good, "old": folder / "old.safetensors"}
     again = RunStore(tmp_path)
     again.stored_updates(3)
@@ -108,3 +107,28 @@ def test_a_new_run_never_starts_over_an_earlier_one(tmp_path):
     assert moved is not None and (moved / "state.json").is_file() and not store.run_files()
     assert store.begin("r", "b", resume=False) is None
     assert store.set_aside() is None  # nothing left to move
+
+
+def test_a_newer_update_of_a_device_replaces_the_older_one_and_resume_counts_the_newer(tmp_path):
+    """One accepted update per device and round: a second save (the first was found unusable and
+    the device asked again) removes the first, so a restart cannot count the wrong one; were the
+    removal lost in a crash, resume counts the newer of the two."""
+    import os
+
+    store = RunStore(tmp_path)
+    a = store.save_update(2, "dev", encode_tensors(ADAPTERS))
+    neighbour = store.save_update(2, "dev.1", encode_tensors(ADAPTERS))  # "dev.*" must not touch it
+    b = store.save_update(2, "dev", encode_tensors({"a": np.full((2, 3), 2.0, np.float32)}))
+    assert not a.exists() and b.exists() and neighbour.exists()
+    assert store.read_update(2, "dev") == b.read_bytes()
+    assert RunStore(tmp_path).stored_updates(2) == {"dev": b, "dev.1": neighbour}
+    # the older file back, as if its removal had not reached the disk before a crash
+    a.write_bytes(encode_tensors(ADAPTERS))
+    os.utime(a, ns=(b.stat().st_mtime_ns - 10**9,) * 2)
+    again = RunStore(tmp_path)
+    assert again.stored_updates(2)["dev"] == b
+    assert again.read_update(2, "dev") == b.read_bytes()
+    state = RunState(run_id="r", bundle_id="b", adapters=again.write_tensors("checkpoints/x.safetensors", ADAPTERS), next_round=3)
+    again.commit(state)
+    index = json.loads((tmp_path / "updates" / "round_0002" / "index.json").read_text())
+    assert sorted(index) == sorted([b.name, neighbour.name])  # the older file is not what the round counted
