@@ -82,7 +82,7 @@ FROZEN_DTYPE_OPT = typer.Option(
     help="Storage of the proxy's frozen weight matrices in the device bundle: float32, or float16, which halves what "
          "devices download and store (devices upcast on load and train in float32 as before; the cloud rounds its own "
          "proxy to the same values, so cloud and devices compute with identical weights). Adapters, biases and "
-         "LayerNorm stay float32. Devices need a fedpft with float16 bundle support (this one); older ones refuse the bundle in one line.",
+         "LayerNorm stay float32. Devices need a fedpft with float16 bundle support (this one); older ones refuse the bundle as an invalid manifest.",
 )
 
 

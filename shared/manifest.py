@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 MANIFEST_NAME = "manifest.json"
 # 2: the device graph is lowered to standard ops (plain onnxruntime), parameters in safetensors
@@ -169,8 +169,13 @@ class BundleManifest(BaseModel):
             raise BundleError(f"{path}: no bundle manifest here")
         try:
             return cls.model_validate_json(path.read_text())
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "manifest"
+            newer = " (a bundle from a newer fedpft? upgrade this device)" if err["type"] == "extra_forbidden" else ""
+            raise BundleError(f"{path}: invalid manifest: {where}: {err['msg']}{newer}") from None
         except ValueError as exc:
-            raise BundleError(f"{path}: invalid manifest: {exc}") from exc
+            raise BundleError(f"{path}: invalid manifest: {str(exc).splitlines()[0]}") from None
 
 
 class BundleError(Exception):

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from fedpft.cloud.bundle_model import load_proxy
 from fedpft.edge.session import load_parameters
 from fedpft.export.bundle import GRAPH_PREFIX, round_frozen_
-from fedpft.shared.manifest import ROLE_PARAMETERS, BundleManifest
+from fedpft.shared.manifest import ROLE_PARAMETERS, BundleError, BundleManifest
 from fedpft.shared.precision import for_compute, for_storage, half_exact
 
 
@@ -43,7 +43,6 @@ def test_only_frozen_matrices_that_float16_holds_exactly_are_stored_as_float16()
 def test_a_parameter_file_with_another_float_type_is_refused_in_one_line(tmp_path):
     from safetensors.numpy import save_file
 
-    from fedpft.shared.manifest import BundleError
 
     path = tmp_path / "parameters.safetensors"
     save_file({"w": np.zeros((2, 2), np.float64), "ids": np.arange(3, dtype=np.int64)}, str(path))
@@ -93,8 +92,15 @@ def test_a_float16_manifest_says_so_where_older_devices_refuse_it_and_float32_on
     f16 = json.loads((tiny_bert_f16_bundle / "manifest.json").read_text())
     f32 = json.loads((tiny_bert_bundle / "manifest.json").read_text())
     assert f16["frozen_dtype"] == "float16" and "frozen_dtype" not in f32
-    # a device from before float16 bundles validates with extra="forbid" and knows no such field
+    # a device from before float16 bundles validates with extra="forbid" and knows no such field;
+    # from this version on, a field a device does not know is refused in one line
     assert BundleManifest.model_config["extra"] == "forbid"
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    (newer / "manifest.json").write_text(json.dumps({**f16, "frozen_dtype_v2": "int4"}))
+    with pytest.raises(BundleError, match=r"invalid manifest: frozen_dtype_v2: Extra inputs are not permitted \(a bundle from a newer fedpft") as err:
+        BundleManifest.load(newer)
+    assert "\n" not in str(err.value)
     old = BundleManifest.model_validate(f32)
     assert "frozen_dtype" not in old.model_dump(mode="json")  # and its signature covers the same bytes as before
     key = Ed25519PrivateKey.generate()
