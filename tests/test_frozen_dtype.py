@@ -43,7 +43,6 @@ def test_only_frozen_matrices_that_float16_holds_exactly_are_stored_as_float16()
 def test_a_parameter_file_with_another_float_type_is_refused_in_one_line(tmp_path):
     from safetensors.numpy import save_file
 
-
     path = tmp_path / "parameters.safetensors"
     save_file({"w": np.zeros((2, 2), np.float64), "ids": np.arange(3, dtype=np.int64)}, str(path))
     with pytest.raises(BundleError, match="parameter 'w' stored as float64"):
