@@ -114,7 +114,8 @@ def section(rows: list[dict], command: str) -> str:
         "downloads. **step / RSS** = one local step of the device trainer (plain onnxruntime, one thread, batch 16 x 64 "
         "tokens) and that process's peak RSS. **Accuracy** = the proxy's own, through the device's eval graph, over the "
         "whole test set, with the adapters named (the last global adapters of a finished seeds run on that proxy); "
-        "**agree** = share of test samples whose predicted class is the same both ways.",
+        "**agree** = share of test samples whose predicted class is the same both ways. For a FedPFT proxy the "
+        "bundle's FFN weights are used, not the run's re-aligned ones: the comparison is of storage, on one model.",
         "",
         "| proxy | adapters | MB float32 → float16 | step s (CPU) f32 / f16 | peak RSS MB f32 / f16 | proxy accuracy f32 / f16 (%) | agree (%) | max / mean abs logit diff | load |",
         "|---|---|---|---|---|---|---|---|---|",
