@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpft.cloud.config import PrepareConfig, ServeConfig, SimulateConfig
+from fedpft.cloud.config import PrepareConfig, ServeConfig, SimulateConfig, load_prepare_config
 from fedpft.shared.datasets import materialize, read_labels
+from fedpft.shared.manifest import BundleError
 from fedpft.shared.methods import method
 
 from .partition import partition
@@ -54,6 +55,24 @@ def bundle_config(cfg: SimulateConfig, data: Path, bundle: Path) -> PrepareConfi
         proxy=row.proxy, distill_steps=cfg.distill_steps if row.distill else 0, ffn_keep=cfg.ffn_keep,
         max_length=cfg.max_length, seed=cfg.seed, device=cfg.device, frozen_dtype=cfg.frozen_dtype,
     )
+
+
+# what a bundle given in the run folder is used for as it is, though the options ask otherwise;
+# the seed is not among them (serve redraws the initial adapters for another seed)
+BUNDLE_FIELDS = ("proxy", "ffn_keep", "distill_steps", "max_length", "frozen_dtype")
+
+
+def warn_if_bundle_differs(bundle: Path, wanted: PrepareConfig) -> None:
+    """One line when the run folder's own bundle was prepared otherwise than these options ask: a
+    given bundle is used as it is (a benchmark shares one across seeds), never silently."""
+    try:
+        have = load_prepare_config(bundle)
+    except BundleError as exc:
+        log.warning("%s", exc)
+        return
+    diff = [f"{k}={getattr(have, k)} (asked {getattr(wanted, k)})" for k in BUNDLE_FIELDS if getattr(have, k) != getattr(wanted, k)]
+    if diff:
+        log.warning("%s was prepared with %s: using it as it is", bundle, ", ".join(diff))
 
 
 def make_shards(cfg: SimulateConfig, data: Path, run: Path) -> tuple[list[Path], Path]:
@@ -168,6 +187,8 @@ def simulate(cfg: SimulateConfig, show_progress: bool = True) -> Path:
     if not (bundle / "manifest.json").is_file():
         res = prepare(bundle_config(cfg, data, bundle), show_progress=show_progress)
         log.info("bundle ready in %.0fs (proxy/FM params %.2f)", res.seconds, res.proxy_params / res.fm_params)
+    else:
+        warn_if_bundle_differs(bundle, bundle_config(cfg, data, bundle))
     run_id = f"sim-{cfg.method}-{cfg.seed}-{int(t0) % 100000}"
     serve_cfg = ServeConfig(
         bundle=bundle, out=run / "federation", broker=cfg.broker, run_id=run_id, rounds=cfg.rounds,

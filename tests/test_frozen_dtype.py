@@ -151,3 +151,18 @@ def test_simulate_passes_the_frozen_dtype_to_the_bundle_it_prepares(tmp_path):
     assert bundle_config(cfg, data, tmp_path / "bundle").frozen_dtype == "float16"
     assert bundle_config(SimulateConfig(out=tmp_path / "run"), data, tmp_path / "bundle").frozen_dtype == "float32"
     assert "frozen_dtype" not in ServeConfig.model_fields  # a bundle's storage is prepare's business
+
+
+def test_simulate_says_when_the_bundle_it_is_given_was_prepared_otherwise(tiny_bert_bundle, caplog):
+    import logging
+
+    from fedpft.cloud.config import load_prepare_config
+    from fedpft.cloud.simulate import warn_if_bundle_differs
+
+    have = load_prepare_config(tiny_bert_bundle)
+    with caplog.at_level(logging.WARNING, logger="fedpft"):
+        warn_if_bundle_differs(tiny_bert_bundle, have)
+        assert not caplog.records
+        warn_if_bundle_differs(tiny_bert_bundle, have.model_copy(update={"frozen_dtype": "float16", "seed": 9}))
+    assert len(caplog.records) == 1
+    assert "frozen_dtype=float32 (asked float16): using it as it is" in caplog.messages[0] and "seed" not in caplog.messages[0]
