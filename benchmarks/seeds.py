@@ -342,8 +342,26 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
         lines += ["", f"Wall time per round of the {len(done)} complete runs: median {sorted(walls)[len(walls) // 2] / 60:.1f} min "
                   f"(min {min(walls) / 60:.1f}, max {max(walls) / 60:.1f}), under `nice -n 19` on a shared machine: 1-min load "
                   f"average at the runs' starts {min(loads):.1f}–{max(loads):.1f} on 2 cores, so these times are inflated."]
+        lines += ["", what_it_takes(done, rounds)]
     lines += ["", "![accuracy per round, mean over seeds with a ±1 sd band (runs still going included)](benchmarks/results/seeds.png)"]
     return "\n".join(lines)
+
+
+def what_it_takes(done: list[dict], rounds: int, seeds: int = 3) -> str:
+    """The issue's "say what it takes": the five methods x `seeds` seeds of one partition, from each
+    method's fastest complete run (the least disturbed by the machine's other work)."""
+    fastest = {m: min((r["wall_s"] * rounds / len(r["fm_accuracy"]) for r in done if r["method"] == m), default=None)
+               for m in BASE_METHODS}
+    timed = {m: t for m, t in fastest.items() if t is not None}
+    if not timed:
+        return ""
+    each = ", ".join(f"{m} {t / 60:.0f} min" for m, t in timed.items())
+    untimed = [m for m in BASE_METHODS if m not in timed]
+    total = seeds * sum(timed.values()) / 3600
+    return (f"What it takes: the fastest complete run of each method here ({rounds} rounds): {each}. So {len(timed)} "
+            f"method(s) x {seeds} seeds of one partition take {total:.1f} h of this 2-core machine"
+            + (f", plus {', '.join(untimed)} (no complete run yet; full trains the whole FM, about twice a proxy's step)" if untimed else "")
+            + ". Each partition is the same again.")
 
 
 def plot(rows: list[dict], rounds: int, path: Path) -> Path | None:

@@ -226,3 +226,15 @@ def test_the_secondary_endpoint_averages_the_last_rounds(bench):
     # per seed: 0.8133 - 0.7967 = +1.67 and 0.84 - 0.81 = +3.0 points; mean +2.3
     assert row.split(" | ")[2].startswith("2.3 [")
     assert seeds.pair_table(g, seeds.last_round)[2].startswith("| fedpft − fedot | - | 1.5 [")
+
+
+def test_what_it_takes_sums_each_methods_fastest_run_over_the_seeds(bench):
+    _, seeds = bench
+    done = [{"method": "fedot", "wall_s": 1200.0, "fm_accuracy": [0.5] * 20},
+            {"method": "fedot", "wall_s": 600.0, "fm_accuracy": [0.5] * 10},  # 10 rounds: 1200 s for 20
+            {"method": "noalign", "wall_s": 900.0, "fm_accuracy": [0.5] * 20}]
+    text = seeds.what_it_takes(done, rounds=20, seeds=3)
+    assert "fedot 20 min, noalign 15 min" in text
+    assert f"{3 * (1200 + 900) / 3600:.1f} h" in text
+    assert "plus fedpft, layeronly, full (no complete run yet" in text
+    assert seeds.what_it_takes([], rounds=20) == ""
