@@ -30,9 +30,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, command_line, machine, write_section  # noqa: E402
 from edge_speed import run_worker  # noqa: E402
+from frontier import SHAPE  # noqa: E402  (the frontier's step shape, so the two tables time the same step)
 
 RESULTS = ROOT / "benchmarks" / "results" / "frozen_dtype.json"
-SHAPE = {"batch": 16, "labels": 13, "tokens": 64}  # the seeds benchmark's batch and simulate's --max-length
 
 
 def float16_twin(src: Path, out: Path) -> Path:
