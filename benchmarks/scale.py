@@ -54,6 +54,7 @@ from simdevice import WorkerSpec, run_worker  # noqa: E402
 
 from fedpft.cloud.provision import BROKER_MAX_INFLIGHT  # noqa: E402  (light: shared only)
 from fedpft.shared import topics  # noqa: E402
+from fedpft.shared.allocator import broker_malloc_env  # noqa: E402
 from fedpft.shared.codec import encode_tensors  # noqa: E402
 from fedpft.shared.manifest import (  # noqa: E402
     RUNTIME_PLAIN,
@@ -64,6 +65,7 @@ from fedpft.shared.transport import Handler  # noqa: E402
 
 log = logging.getLogger("fedpft.bench.scale")
 
+SHARED_LINK_PER_WORKER = 250  # one connection and one dispatcher thread each: the GIL is what a process shares
 DEVICES_PER_WORKER = 25  # one MQTT connection = 2 threads; more per process and the GIL convoys (see BENCHMARKS.md)
 BEGIN, END = "<!-- scale -->", "<!-- /scale -->"
 
@@ -234,8 +236,9 @@ class RssSampler:
 class OwnBroker:
     """A private Mosquitto on a free port with our settings (the machine's broker keeps its own)."""
 
-    def __init__(self, max_queued: int, max_inflight: int = 20, binary: str = "mosquitto") -> None:
+    def __init__(self, max_queued: int, max_inflight: int = 20, binary: str = "mosquitto", reuse_buffers: bool = True) -> None:
         self.max_queued, self.max_inflight, self.binary = max_queued, max_inflight, binary
+        self.reuse_buffers = reuse_buffers
         self.proc: subprocess.Popen | None = None
         self.dir: Path | None = None
 
@@ -248,8 +251,9 @@ class OwnBroker:
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                         f"max_queued_messages {self.max_queued}\nmax_inflight_messages {self.max_inflight}\n"
                         f"log_dest file {self.dir / 'mosquitto.log'}\n")
+        env = {**os.environ, **(broker_malloc_env() if self.reuse_buffers else {})}
         self.proc = subprocess.Popen([shutil.which(self.binary) or "/usr/sbin/mosquitto", "-c", str(conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         end = time.time() + 10
         while time.time() < end:
             try:
@@ -318,6 +322,7 @@ class ScaleConfig:
     broker_pid: int | None = None  # whose RSS to report; default: the system Mosquitto's pid file
     broker_label: str = "system"
     shared_broadcast: bool = False  # see WorkerSpec.shared_broadcast
+    shared_link: bool = False  # see WorkerSpec.shared_link
     device_ack_timeout: float = 30.0  # the devices' receipt timeout (WorkerSpec.ack_timeout)
 
 
@@ -343,7 +348,7 @@ def run_scale(sc: ScaleConfig) -> dict:
     for w in range(n_workers):
         spec = WorkerSpec(broker=sc.broker, run_id=run_id, device_ids=ids[w::n_workers], expected=expected,
                           stat_layers=stat_layers, train_s=sc.train_s, jitter_s=sc.jitter_s, seed=sc.seed * 1000 + w,
-                          shared_broadcast=sc.shared_broadcast, ack_timeout=sc.device_ack_timeout)
+                          shared_broadcast=sc.shared_broadcast, shared_link=sc.shared_link, ack_timeout=sc.device_ack_timeout)
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=run_worker, args=(spec, child), name=f"simdev-{w}", daemon=True)
         proc.start()
@@ -430,7 +435,8 @@ def run_scale(sc: ScaleConfig) -> dict:
     device_to_cloud = sum(d["msgs_out"] for d in timings) - len(timings)
     res = {
         "devices": sc.devices,
-        "broker": sc.broker_label + (", shared broadcast" if sc.shared_broadcast else ""),
+        "broker": sc.broker_label + (", shared broadcast" if sc.shared_broadcast and not sc.shared_link else "")
+        + (f", one connection per {sc.per_worker} devices" if sc.shared_link else ""),
         "workers": n_workers,
         "accepted": record["clients"],
         "acked_ok": len(acked),
@@ -585,7 +591,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inflight", type=int, default=BROKER_MAX_INFLIGHT,
                     help="max_inflight_messages of a private Mosquitto: the window it grants each client (the cloud asks "
                          "for MQTT's largest); 0 = no maximum, as provision writes; 20 is Mosquitto's default")
-    ap.add_argument("--per-worker", type=int, default=DEVICES_PER_WORKER)
+    ap.add_argument("--broker-malloc", choices=["reuse", "default"], default="reuse",
+                    help="a private Mosquitto's glibc malloc: 'reuse' = large buffers kept for reuse "
+                         "(MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, as docs/deployment.md recommends); "
+                         "'default' = glibc's own thresholds")
+    ap.add_argument("--fleet", choices=["clients", "shared-link"], default="clients",
+                    help="'clients' = one real MQTT client (connection, network thread, dispatcher thread) per "
+                         "simulated device; 'shared-link' = the devices of one worker process share one connection: "
+                         "the same messages reach the cloud, at a fraction of the fleet's CPU on this machine (the "
+                         "broker then serves one connection per process, so its own CPU is not a fleet's)")
+    ap.add_argument("--per-worker", type=int, default=None,
+                    help=f"devices per worker process (default {DEVICES_PER_WORKER}; {SHARED_LINK_PER_WORKER} with --fleet shared-link)")
     ap.add_argument("--shared-broadcast", action="store_true",
                     help="one broadcast subscription per device worker process, handed to its devices: takes the "
                          "fleet's own parsing of the broadcast (and 1 - 1/per-worker of the broker's fan-out) off this "
@@ -619,14 +635,17 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.time()
                 print(f"--- {n} devices, broker: {'--broker' if queued is None else f'own, max_queued_messages {queued}'}", flush=True)
                 sc = ScaleConfig(devices=n, bundle=bundle, broker=args.broker, train_s=args.train_s, jitter_s=args.jitter_s,
-                                 per_worker=args.per_worker, round_timeout=args.round_timeout, shared_broadcast=args.shared_broadcast,
+                                 per_worker=args.per_worker or (SHARED_LINK_PER_WORKER if args.fleet == "shared-link" else DEVICES_PER_WORKER),
+                                 shared_link=args.fleet == "shared-link",
+                                 round_timeout=args.round_timeout, shared_broadcast=args.shared_broadcast,
                                  task_ack_timeout=args.task_ack_timeout, device_ack_timeout=args.device_ack_timeout)
                 if queued is None:
                     res = run_isolated(sc)
                 else:
-                    with OwnBroker(queued, max_inflight=args.inflight) as ob:
+                    with OwnBroker(queued, max_inflight=args.inflight, reuse_buffers=args.broker_malloc == "reuse") as ob:
                         sc.broker, sc.broker_pid = ob.url, ob.proc.pid
-                        sc.broker_label = f"max_queued {queued or 'unlimited'}, inflight {args.inflight or 'unlimited'}"
+                        sc.broker_label = (f"max_queued {queued or 'unlimited'}, inflight {args.inflight or 'unlimited'}"
+                                           + (", malloc reuse" if args.broker_malloc == "reuse" else ""))
                         res = run_isolated(sc)
                         res["broker_drop_lines"] = ob.drops()
                 res["train_s"], res["bench_s"] = args.train_s, time.time() - t0

@@ -25,6 +25,7 @@ dispatcher thread; timers and uploads run on one `Scheduler` shared by every dev
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import heapq
 import itertools
@@ -413,9 +414,47 @@ class WorkerSpec:
     # one subscription per process to the round's broadcast, handed to all its devices: the broker
     # and this machine's CPU then do 1/per_worker of the broadcast's fan-out and parsing
     shared_broadcast: bool = False
+    # every device of the process on one MQTT connection (`SharedLink`), not one each
+    shared_link: bool = False
     connect_threads: int = 16
     log_level: str = "WARNING"
     ack_timeout: float = 30.0  # the devices' receipt timeout (the agent's default)
+
+
+class LinkedDevice:
+    """One device's `Transport` on a connection it shares with the rest of its process (scale.py
+    `--fleet shared-link`).
+
+    1,000 real MQTT clients on the benchmark's 2 cores cost it more CPU than the cloud does (two
+    threads per client: 2,000+ threads and their switches, BENCHMARKS.md scale), which no cloud
+    with its devices elsewhere pays. Here a process's devices publish and subscribe through one
+    `MqttTransport`: each device still has its own topics, subscriptions, messages and protocol
+    state, and the cloud sees the same traffic, but the broker holds one connection per process
+    (not one per device) and a device's handlers run on its process's one dispatcher thread."""
+
+    def __init__(self, link: Transport, device_id: str) -> None:
+        self.link, self.client_id = link, device_id
+
+    def connect(self) -> None:  # the process connects the link once
+        pass
+
+    def close(self) -> None:  # the link outlives its devices; the process closes it
+        pass
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
+        self.link.publish(topic, payload, qos=qos, retain=retain, wait=wait)
+
+    def subscribe(self, pattern: str, handler) -> None:  # type: ignore[no-untyped-def]
+        self.link.subscribe(pattern, handler)
+
+    def unsubscribe(self, pattern: str) -> None:
+        raise NotImplementedError("a device on a shared link cannot drop a subscription its process shares")
+
+    def __enter__(self) -> "LinkedDevice":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 def _rss_bytes() -> int:
@@ -437,8 +476,14 @@ def _cpu_s() -> float:
 def run_worker(spec: WorkerSpec, conn) -> None:
     """Connect and start every device of `spec`, say ("ready", info), then wait for ("collect",
     timeout): answer ("results", [DeviceTiming dicts], info) and disconnect cleanly."""
+    from fedpft.shared.allocator import reuse_large_buffers
     from fedpft.shared.mqtt import MqttTransport
 
+    # The host of a simulated fleet is the benchmark's machine, not a device: its costs inflate the
+    # cloud's round on shared cores. Profiled at 1,000 devices (perf, session 9), page zeroing was
+    # 18% of the fleet's CPU (every update buffer a fresh mmap) and the cyclic GC 10% (each
+    # collection walking 25 devices' long-lived objects).
+    reuse_large_buffers()
     logging.basicConfig(level=spec.log_level, format="%(levelname)s %(name)s: %(message)s")
     sched = Scheduler()
     finished = threading.Event()
@@ -452,10 +497,17 @@ def run_worker(spec: WorkerSpec, conn) -> None:
                 finished.set()
 
     devices: list[SimDevice] = []
+    link = None
+    if spec.shared_link:
+        link = MqttTransport(spec.broker, client_id=f"link-{spec.device_ids[0]}", session_expiry=spec.session_expiry)
+        link.connect()
     for i, did in enumerate(spec.device_ids):
-        t = MqttTransport(spec.broker, client_id=did, session_expiry=spec.session_expiry,
-                          will=(topics.device_topic(spec.run_id, did, topics.PRESENCE),
-                                encode(Presence(run_id=spec.run_id, sender=did, device_id=did, status="offline", reason="connection lost"))))
+        if link is not None:
+            t = LinkedDevice(link, did)
+        else:
+            t = MqttTransport(spec.broker, client_id=did, session_expiry=spec.session_expiry,
+                              will=(topics.device_topic(spec.run_id, did, topics.PRESENCE),
+                                    encode(Presence(run_id=spec.run_id, sender=did, device_id=did, status="offline", reason="connection lost"))))
         devices.append(SimDevice(t, spec.run_id, did, spec.expected, spec.stat_layers, sched, train_s=spec.train_s,
                                  jitter_s=spec.jitter_s, num_samples=100 + i % 50, seed=spec.seed * 1_000_003 + i, on_finish=on_finish,
                                  ack_timeout=spec.ack_timeout))
@@ -464,7 +516,7 @@ def run_worker(spec: WorkerSpec, conn) -> None:
     errors: list[str] = []
 
     tap = None
-    if spec.shared_broadcast:
+    if spec.shared_broadcast and link is None:  # on a shared link, the broadcast already arrives once per process
         tap = MqttTransport(spec.broker, client_id=f"tap-{spec.device_ids[0]}", session_expiry=spec.session_expiry)
         tap.connect()
 
@@ -488,6 +540,8 @@ def run_worker(spec: WorkerSpec, conn) -> None:
 
     with ThreadPoolExecutor(spec.connect_threads) as pool:
         list(pool.map(up, devices))
+    gc.collect()
+    gc.freeze()  # what exists now lives for the run: later collections need not walk it
     conn.send(("ready", {"devices": len(devices), "errors": errors[:5], "n_errors": len(errors),
                          "connect_s": time.time() - t0, "rss": _rss_bytes()}))
     try:
@@ -510,7 +564,8 @@ def run_worker(spec: WorkerSpec, conn) -> None:
 
         with ThreadPoolExecutor(spec.connect_threads) as pool:
             list(pool.map(down, devices))
-        if tap is not None:
-            tap.close()
+        for t in (tap, link):
+            if t is not None:
+                t.close()
         sched.stop()
         conn.send(("stopped", None))

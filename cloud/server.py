@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedpft.cloud.config import ServeConfig, load_prepare_config
 from fedpft.shared import topics
+from fedpft.shared.allocator import reuse_large_buffers
 from fedpft.shared.archive import pack_bundle
 from fedpft.shared.codec import decode_tensors, encode_tensors
 from fedpft.shared.manifest import ROLE_FM_CONFIG, ROLE_PREPARE_CONFIG, BundleManifest, verify_bundle
@@ -30,7 +31,6 @@ from fedpft.shared.messages import (
 from fedpft.shared.signing import key_id, load_private_key, sign
 from fedpft.shared.transport import Transport
 
-from .allocator import reuse_large_buffers
 from .blobs import BlobServer, worth_broadcasting
 from .checks import QUEUED_RECEIPT_AFTER, EventQueue, check_pool
 from .fanout import task_deliveries

@@ -8,6 +8,7 @@ that raises is logged as one line and the loop goes on, so one bad message canno
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -86,6 +87,16 @@ def topic_matches(pattern: str, topic: str) -> bool:
     return len(pl) == len(tl)
 
 
+def bucket(pattern: str) -> tuple[int, str]:
+    """(-1, pattern) for a filter without wildcards; else (levels before its first wildcard, those
+    levels): every topic it can match starts with them."""
+    levels = pattern.split("/")
+    for i, level in enumerate(levels):
+        if level in ("+", "#"):
+            return i, "/".join(levels[:i])
+    return -1, pattern
+
+
 # ---- hand-off from the network to the handlers ----------------------------------------------------
 
 
@@ -99,7 +110,14 @@ class Dispatcher:
     def __init__(self, name: str, threaded: bool = True) -> None:
         self.name = name
         self.threaded = threaded
-        self._subs: dict[str, list[Handler]] = {}
+        self._subs: dict[str, list[Handler]] = {}  # in subscription order: handlers run in it
+        # pattern -> its bucket: a topic looks up one bucket per wildcard depth in use instead of
+        # matching every pattern (a process hosting many devices on one connection subscribes
+        # thousands: benchmarks/simdevice.py's shared link)
+        self._buckets: dict[tuple[int, str], list[str]] = {}
+        self._depths: dict[int, int] = {}  # wildcard depth -> patterns with it
+        self._order: dict[str, int] = {}
+        self._added = itertools.count()
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._idle = threading.Condition()
@@ -109,11 +127,39 @@ class Dispatcher:
     # subscriptions
     def add(self, pattern: str, handler: Handler) -> None:
         with self._lock:
-            self._subs.setdefault(check_pattern(pattern), []).append(handler)
+            if check_pattern(pattern) not in self._subs:
+                depth, key = bucket(pattern)
+                self._buckets.setdefault((depth, key), []).append(pattern)
+                self._depths[depth] = self._depths.get(depth, 0) + 1
+                self._order[pattern] = next(self._added)
+            self._subs.setdefault(pattern, []).append(handler)
 
     def remove(self, pattern: str) -> bool:
         with self._lock:
-            return self._subs.pop(pattern, None) is not None
+            if self._subs.pop(pattern, None) is None:
+                return False
+            del self._order[pattern]
+            depth, key = bucket(pattern)
+            patterns = self._buckets[depth, key]
+            patterns.remove(pattern)
+            if not patterns:
+                del self._buckets[depth, key]
+            self._depths[depth] -= 1
+            if not self._depths[depth]:
+                del self._depths[depth]
+            return True
+
+    def handlers(self, topic: str) -> list[Handler]:
+        """The handlers of every pattern matching `topic`, patterns in subscription order."""
+        levels = topic.split("/")
+        with self._lock:
+            found = list(self._buckets.get((-1, topic), ()))
+            for depth in self._depths:
+                if 0 <= depth <= len(levels):
+                    found += self._buckets.get((depth, "/".join(levels[:depth])), ())
+            if len(found) > 1:
+                found.sort(key=self._order.__getitem__)
+            return [h for p in found if topic_matches(p, topic) for h in self._subs[p]]
 
     def patterns(self) -> list[str]:
         with self._lock:
@@ -166,9 +212,7 @@ class Dispatcher:
 
     def _run(self, topic: str, payload: bytes) -> None:
         try:
-            with self._lock:
-                handlers = [h for p, hs in self._subs.items() if topic_matches(p, topic) for h in hs]
-            for handler in handlers:
+            for handler in self.handlers(topic):
                 try:
                     handler(topic, payload)
                 except ProtocolError as exc:

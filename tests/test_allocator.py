@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fedpft.cloud import allocator
+from fedpft.shared import allocator
 
 
 def test_reuse_large_buffers_takes_effect_on_glibc_once_per_process(monkeypatch):
@@ -33,7 +33,7 @@ def test_reuse_large_buffers_claims_nothing_off_linux(monkeypatch):
 BURSTS = """
 import resource, sys, threading
 if sys.argv[1] == "reuse":
-    from fedpft.cloud.allocator import reuse_large_buffers
+    from fedpft.shared.allocator import reuse_large_buffers
     assert reuse_large_buffers()
 SIZE = 1300 << 10  # about an update, as received and decoded
 

@@ -161,3 +161,30 @@ def test_dispatcher_join_and_stop():
         d.deliver("a", bytes([i]))
     assert d.join(5) and len(got) == 100
     d.stop()
+
+
+def test_dispatcher_finds_the_same_handlers_as_matching_every_pattern():
+    """The index by literal prefix is only a shortcut: for any subscriptions and topic it must
+    return what a scan of every pattern returns, in subscription order, and forget removed ones."""
+    import random
+
+    rng = random.Random(7)
+    words = ["a", "b", "fedpft", "$SYS", "dev1", "dev2"]
+    d = Dispatcher("idx", threaded=False)
+    subs: dict[str, list] = {}
+    for i in range(400):
+        n = rng.randint(1, 4)
+        levels = [rng.choice(words + ["+"]) for _ in range(n)]
+        if rng.random() < 0.2:
+            levels[-1] = "#"
+        pattern = "/".join(levels)
+        h = (lambda i: lambda topic, payload: i)(i)
+        d.add(pattern, h)
+        subs.setdefault(pattern, []).append(h)
+    for pattern in list(subs)[::5]:
+        assert d.remove(pattern)
+        del subs[pattern]
+    assert not d.remove("never/subscribed")
+    for _ in range(2000):
+        topic = "/".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
+        assert d.handlers(topic) == [h for p, hs in subs.items() if topic_matches(p, topic) for h in hs], topic
