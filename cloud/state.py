@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +71,10 @@ class RunStore:
         self.pending: dict[str, str] = {}  # files written or verified since, that the next commit names
         self._folder_sync = FolderSync()  # the check workers' update writes share folder fsyncs
         self._stored: dict[tuple[int, str], str] = {}  # (round, device) -> its update's file
+        # round -> device -> its update files in the round's folder: the folder is listed once per
+        # round, not per update (a listing per update made 1,000 updates cost O(n^2) directory reads)
+        self._on_disk: dict[int, dict[str, set[str]]] = {}
+        self._on_disk_lock = threading.Lock()  # the check workers store updates concurrently
 
     # -- tensors
     def write_tensors(self, rel: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> str:
@@ -104,25 +109,42 @@ class RunStore:
         # workers' writes (FolderSync), makes the rename durable before the update is acked. (A
         # second, side file for the hash cost a new file and an fsync per update: about 1 s of the
         # cloud's CPU per 1,000 updates on ext4, BENCHMARKS.md scale.)
+        self._update_files(round_id)  # before this write, so the listing holds only earlier files
         atomic_write(path, payload, sync_folder=False)
         self._folder_sync.sync(path.parent)
         self.pending[rel] = digest
         self._stored[(round_id, device)] = rel
-        self._retire_older(path, device, rel)
+        self._retire_older(round_id, device, rel)
         return path
 
-    def _retire_older(self, kept: Path, device: str, kept_rel: str) -> None:
-        """Remove the device's other stored updates of this open round, now that `kept` is durable.
-        A device has one accepted update per round, so an older file is one the round never
-        counted (resume found it unusable and asked again); left beside the new one, a restart
-        could count the wrong one. Should the removal not survive a crash, resume takes the newest."""
-        for old in kept.parent.glob(f"{device}.*safetensors"):
-            if old == kept or parse_update_name(old.name)[0] != device:  # "dev.*" also matches device "dev.1"
-                continue
+    def _update_files(self, round_id: int) -> dict[str, set[str]]:
+        """device -> update files in the round's folder, listed on first use in this process and
+        kept up to date by save_update since."""
+        with self._on_disk_lock:
+            known = self._on_disk.get(round_id)
+            if known is None:
+                known = self._on_disk[round_id] = {}
+                folder = self.folder / _round_folder(round_id)
+                for old in folder.glob("*.safetensors") if folder.is_dir() else []:
+                    known.setdefault(parse_update_name(old.name)[0], set()).add(old.relative_to(self.folder).as_posix())
+            return known
+
+    def _retire_older(self, round_id: int, device: str, kept_rel: str) -> None:
+        """Remove the device's other stored updates of this open round, now that `kept_rel` is
+        durable. A device has one accepted update per round, so an older file is one the round
+        never counted (resume found it unusable and asked again); left beside the new one, a
+        restart could count the wrong one. Should the removal not survive a crash, resume takes
+        the newest."""
+        files = self._update_files(round_id)
+        with self._on_disk_lock:
+            older = files.get(device, set()) - {kept_rel}
+            files[device] = {kept_rel}
+        for rel in sorted(older):
+            old = self.folder / rel
             old.unlink(missing_ok=True)
             old.with_name(old.name + SHA_SUFFIX).unlink(missing_ok=True)
-            self.pending.pop(old.relative_to(self.folder).as_posix(), None)
-            log.info("stored update %s replaced by %s", old.name, kept.name)
+            self.pending.pop(rel, None)
+            log.info("stored update %s replaced by %s", old.name, Path(kept_rel).name)
 
     def read_update(self, round_id: int, device: str) -> bytes:
         """An update this round accepted, checked against the sha256 taken when it was stored."""
@@ -277,6 +299,8 @@ class RunStore:
         atomic_write(self.folder / STATE, state.model_dump_json(indent=2).encode())
         self.committed, self.pending = dict(files), {}
         self._stored.clear()  # committed rounds are never read back in this process
+        with self._on_disk_lock:
+            self._on_disk.clear()
         self._rewrite_metrics(state.history)
 
     def _rewrite_metrics(self, history: list[dict]) -> None:
