@@ -17,9 +17,11 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 # Durable writes dominate a check and fsync releases the GIL: on this project's 2-core VM, 400
 # updates of 0.62 MB (two atomic writes each) took 5.8 s on 1 thread, 1.7 s on 2, 0.63 s on 8 and
-# 0.69 s on 16 (the journal commits concurrent fsyncs together), so the pool is sized for the disk,
-# not for the cores.
-CHECK_WORKERS = 8
+# 0.69 s on 16 (the journal commits concurrent fsyncs together). But the checks' Python work
+# contends for the GIL, and each worker more is more hand-offs: a 1,000-device round (scale.py
+# --fleet shared-link, session 9) made 45-48k context switches with 2 workers, 66-68k with 4 and
+# 114-127k with 8, and the round's overhead was 8.7-10.1 s, 7.2-8.3 s and 9.6-10.3 s.
+CHECK_WORKERS = 4
 # An update whose check has not ended this many seconds after it arrived gets a "queued" receipt:
 # well inside a device's default 30 s receipt timeout, so a backlog does not bring every waiting
 # device's 0.6 MB back as a re-upload (5,000 devices made 4,937 of them, BENCHMARKS.md scale).

@@ -89,7 +89,8 @@ class RoundFold:
     def _flatten(self, tensors: Tensors) -> np.ndarray:
         if not self._slices:
             return np.zeros(0, np.float64)
-        return np.concatenate([np.asarray(tensors[k]).reshape(-1) for k in self._slices]).astype(np.float64)
+        # cast while concatenating: one pass and one new buffer per update, not two
+        return np.concatenate([np.asarray(tensors[k]).reshape(-1) for k in self._slices], dtype=np.float64)
 
     def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         return {k: flat[sl].reshape(shape) for k, (sl, shape) in self._slices.items()}

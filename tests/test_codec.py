@@ -1,3 +1,5 @@
+import json
+import random
 import struct
 
 import numpy as np
@@ -120,3 +122,65 @@ def test_decode_garbage_with_valid_length_prefix(body):
         decode_tensors(struct.pack("<Q", len(body)) + body)
     except ProtocolError:
         pass
+
+
+def _mutated(blob: bytes, rnd: random.Random) -> bytes:
+    """One header field or the byte buffer changed the way a hostile or broken sender might."""
+    n = struct.unpack("<Q", blob[:8])[0]
+    header, body = json.loads(blob[8 : 8 + n]), blob[8 + n :]
+    name = rnd.choice([k for k in header if k != "__metadata__"])
+    entry, how = header[name], rnd.randrange(9)
+    if how == 0:
+        entry["data_offsets"][rnd.randrange(2)] += rnd.choice([-8, -1, 1, 2, 8])
+    elif how == 1:
+        entry["shape"] = entry["shape"] + [rnd.choice([0, 1, 2])] if rnd.random() < 0.5 else entry["shape"][:-1]
+    elif how == 2:
+        entry["dtype"] = rnd.choice(["F32", "F16", "I64", "U8", "BOOL", "F64", "BF16", "U16", "X"])
+    elif how == 3:
+        body = body[: -rnd.randint(1, 4)] if body else b"x"
+    elif how == 4:
+        body += b"\0" * rnd.randint(1, 8)
+    elif how == 5:
+        entry["shape"] = [-1]
+    elif how == 6:
+        entry["data_offsets"] = entry["data_offsets"][::-1]
+    elif how == 7:
+        entry["extra"] = 1
+    else:
+        header[name + "2"] = dict(entry)  # a second tensor over the same bytes
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def test_decode_agrees_with_the_safetensors_library():
+    """decode_tensors reads the format itself (views, no copies): on sound and on damaged blobs it
+    must accept nothing the safetensors library refuses, and return the same arrays where both
+    accept. It may refuse more: a tensor entry with unknown fields, dtypes we never send (U16)."""
+    from safetensors.numpy import load
+
+    rng, rnd = np.random.default_rng(0), random.Random(1)
+    accepted = refused = 0
+    for trial in range(1500):
+        tensors = {f"t{rng.integers(0, 1000)}": np.asarray(rng.random(tuple(int(d) for d in rng.integers(0, 4, rng.integers(0, 3)))) * 10)
+                   .astype(rng.choice(["float32", "float16", "int64", "uint8", "bool", "float64"])) for _ in range(rng.integers(1, 5))}
+        blob = encode_tensors(tensors, {"k": "v"})
+        if trial % 3:
+            blob = _mutated(blob, rnd)
+        try:
+            want = load(blob)
+        except Exception:
+            want = None
+        try:
+            got = decode_tensors(blob)[0]
+        except ProtocolError:
+            got = None
+        if want is None:
+            assert got is None, f"trial {trial}: accepted a blob safetensors refuses"
+            refused += 1
+        elif got is not None:
+            assert set(got) == set(want)
+            for k, arr in want.items():
+                assert got[k].dtype == arr.dtype and got[k].shape == arr.shape and np.array_equal(got[k], arr)
+                assert not got[k].flags.writeable  # views of the received bytes: nobody writes into them
+            accepted += 1
+    assert accepted > 500 and refused > 500  # both sides of the check were exercised
