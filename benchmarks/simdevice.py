@@ -442,7 +442,11 @@ class LinkedDevice:
         pass
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
-        self.link.publish(topic, payload, qos=qos, retain=retain, wait=wait)
+        # Never waiting for the PUBACK: the process's devices share one dispatcher thread, and a
+        # device answering its Task would hold up every device after it by a broker round trip (a
+        # device's own process waits for its own only). QoS 1 still delivers; a lost message is
+        # the protocol's to recover, as on a real link.
+        self.link.publish(topic, payload, qos=qos, retain=retain, wait=False)
 
     def subscribe(self, pattern: str, handler) -> None:  # type: ignore[no-untyped-def]
         self.link.subscribe(pattern, handler)
