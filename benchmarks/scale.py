@@ -323,6 +323,7 @@ class ScaleConfig:
     broker_label: str = "system"
     shared_broadcast: bool = False  # see WorkerSpec.shared_broadcast
     shared_link: bool = False  # see WorkerSpec.shared_link
+    fleet_nice: int = 0  # see WorkerSpec.nice
     device_ack_timeout: float = 30.0  # the devices' receipt timeout (WorkerSpec.ack_timeout)
 
 
@@ -348,7 +349,8 @@ def run_scale(sc: ScaleConfig) -> dict:
     for w in range(n_workers):
         spec = WorkerSpec(broker=sc.broker, run_id=run_id, device_ids=ids[w::n_workers], expected=expected,
                           stat_layers=stat_layers, train_s=sc.train_s, jitter_s=sc.jitter_s, seed=sc.seed * 1000 + w,
-                          shared_broadcast=sc.shared_broadcast, shared_link=sc.shared_link, ack_timeout=sc.device_ack_timeout)
+                          shared_broadcast=sc.shared_broadcast, shared_link=sc.shared_link, nice=sc.fleet_nice,
+                          ack_timeout=sc.device_ack_timeout)
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=run_worker, args=(spec, child), name=f"simdev-{w}", daemon=True)
         proc.start()
@@ -436,7 +438,8 @@ def run_scale(sc: ScaleConfig) -> dict:
     res = {
         "devices": sc.devices,
         "broker": sc.broker_label + (", shared broadcast" if sc.shared_broadcast and not sc.shared_link else "")
-        + (f", one connection per {sc.per_worker} devices" if sc.shared_link else ""),
+        + (f", one connection per {sc.per_worker} devices" if sc.shared_link else "")
+        + (f", fleet nice {sc.fleet_nice}" if sc.fleet_nice else ""),
         "workers": n_workers,
         "accepted": record["clients"],
         "acked_ok": len(acked),
@@ -600,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
                          "simulated device; 'shared-link' = the devices of one worker process share one connection: "
                          "the same messages reach the cloud, at a fraction of the fleet's CPU on this machine (the "
                          "broker then serves one connection per process, so its own CPU is not a fleet's)")
+    ap.add_argument("--fleet-nice", type=int, default=0,
+                    help="nice value added to the simulated devices' processes: the cloud gets a core first when "
+                         "both want one, as a cloud whose devices run elsewhere would (0 = same priority)")
     ap.add_argument("--per-worker", type=int, default=None,
                     help=f"devices per worker process (default {DEVICES_PER_WORKER}; {SHARED_LINK_PER_WORKER} with --fleet shared-link)")
     ap.add_argument("--shared-broadcast", action="store_true",
@@ -636,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- {n} devices, broker: {'--broker' if queued is None else f'own, max_queued_messages {queued}'}", flush=True)
                 sc = ScaleConfig(devices=n, bundle=bundle, broker=args.broker, train_s=args.train_s, jitter_s=args.jitter_s,
                                  per_worker=args.per_worker or (SHARED_LINK_PER_WORKER if args.fleet == "shared-link" else DEVICES_PER_WORKER),
-                                 shared_link=args.fleet == "shared-link",
+                                 shared_link=args.fleet == "shared-link", fleet_nice=args.fleet_nice,
                                  round_timeout=args.round_timeout, shared_broadcast=args.shared_broadcast,
                                  task_ack_timeout=args.task_ack_timeout, device_ack_timeout=args.device_ack_timeout)
                 if queued is None:

@@ -30,6 +30,7 @@ import hashlib
 import heapq
 import itertools
 import logging
+import os
 import random
 import resource
 import threading
@@ -416,6 +417,7 @@ class WorkerSpec:
     shared_broadcast: bool = False
     # every device of the process on one MQTT connection (`SharedLink`), not one each
     shared_link: bool = False
+    nice: int = 0  # added to the worker's nice value: the cloud's threads first when both want a core
     connect_threads: int = 16
     log_level: str = "WARNING"
     ack_timeout: float = 30.0  # the devices' receipt timeout (the agent's default)
@@ -488,6 +490,8 @@ def run_worker(spec: WorkerSpec, conn) -> None:
     # 18% of the fleet's CPU (every update buffer a fresh mmap) and the cyclic GC 10% (each
     # collection walking 25 devices' long-lived objects).
     reuse_large_buffers()
+    if spec.nice:
+        os.nice(spec.nice)
     logging.basicConfig(level=spec.log_level, format="%(levelname)s %(name)s: %(message)s")
     sched = Scheduler()
     finished = threading.Event()

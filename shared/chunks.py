@@ -106,7 +106,9 @@ class BlobSource:
         if not 0 <= index < self.count:
             raise ProtocolError(f"blob {self.blob_id} has chunks 0..{self.count - 1}; {index} was asked for")
         data = self.data[index * self.chunk_size : (index + 1) * self.chunk_size]
-        return Chunk(self.blob_id, index, self.count, self.chunk_size, len(self.data), sha256_hex(data), self.sha256, data)
+        # a blob of one chunk (a device's update, as a rule) is its chunk: hash it once, not twice
+        digest = self.sha256 if self.count == 1 else sha256_hex(data)
+        return Chunk(self.blob_id, index, self.count, self.chunk_size, len(self.data), digest, self.sha256, data)
 
     def payloads(self, indexes: Iterable[int] | None = None) -> Iterator[bytes]:
         """Chunk payloads in order; `indexes` (from a BlobRequest, empty = all) picks a subset."""

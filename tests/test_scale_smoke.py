@@ -49,6 +49,19 @@ def test_one_round_with_five_simulated_devices(scale, tmp_path: Path) -> None:
     assert res["overhead_s"] == pytest.approx(res["round_wall_s"] - res["max_train_s"])
 
 
+def test_devices_sharing_one_connection_per_process(scale, tmp_path: Path) -> None:
+    """--fleet shared-link: 6 devices over 2 connections (3 per worker process), each still its own
+    device to the cloud: its Task, its adapters, its update, its receipt."""
+    bundle = scale.synthetic_bundle(tmp_path / "bundle")
+    res = scale.run_scale(scale.ScaleConfig(devices=6, bundle=bundle, broker="mqtt://%s:%d" % BROKER, train_s=0.3,
+                                            jitter_s=0.1, round_timeout=30.0, ready_timeout=30.0, per_worker=3,
+                                            shared_link=True, fleet_nice=5))
+    assert res["workers"] == 2 and "one connection per 3 devices" in res["broker"], res
+    assert res["accepted"] == 6 and res["acked_ok"] == 6 and res["fetched"] == 6, res
+    assert res["errors"] == [] and res["dropped_to_cloud"] == 0 and res["blob_requests"] == 0
+    assert res["bytes_up_mb"] * 1e6 >= 6 * (bundle / "adapters_init.safetensors").stat().st_size
+
+
 def test_markdown_section_is_replaced_in_place(scale, tmp_path: Path) -> None:
     md = tmp_path / "BENCHMARKS.md"
     md.write_text(f"# Benchmarks\n\nkeep me\n\n{scale.BEGIN}\nold\n{scale.END}\n\n## other\n")
