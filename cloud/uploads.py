@@ -77,6 +77,7 @@ class InCheck:
     since: float = field(default_factory=time.time)
     told: bool = False  # its device was sent a "queued" receipt
     parked: list[Update] = field(default_factory=list)  # the device's Updates that came meanwhile
+    reserved: int = 0  # its bytes, still counted against the upload buffer
 
 
 class UploadCollector:
@@ -84,7 +85,7 @@ class UploadCollector:
         self.cfg, self.open = cfg, open_round
         self.expected, self.stat_layers = expected, stat_layers
         self.uploads: dict[tuple[str, str], Upload] = {}
-        self.upload_bytes = 0  # reserved by unfinished uploads, at most cfg.max_upload_buffer
+        self.upload_bytes = 0  # reserved by unfinished uploads and those in their checks, at most cfg.max_upload_buffer
         self.waiting: dict[tuple[str, str], Update] = {}  # update messages whose blob is still arriving
         self.bytes_up = 0
         # devices whose complete update is being checked off the loop -> that check (and their Updates that came meanwhile)
@@ -130,8 +131,8 @@ class UploadCollector:
         for k in mine[: max(0, len(mine) - MAX_UPLOADS_PER_DEVICE + 1)]:
             self.drop(k, f"{device} started another upload ({chunk.blob_id})")
         if self.upload_bytes + chunk.total_size > cfg.max_upload_buffer:
-            raise ProtocolError(f"upload from {device} dropped: unfinished uploads hold {self.upload_bytes} bytes, "
-                                f"the buffer is {cfg.max_upload_buffer} bytes")
+            raise ProtocolError(f"upload from {device} dropped: unfinished and unchecked uploads hold {self.upload_bytes} "
+                                f"bytes, the buffer is {cfg.max_upload_buffer} bytes (--max-upload-buffer)")
         key = (device, chunk.blob_id)
         waiting = self.waiting.get(key)
         asm = (Reassembler.for_ref(waiting.blob, max_bytes=cfg.max_update_bytes) if waiting is not None and waiting.blob
@@ -183,15 +184,19 @@ class UploadCollector:
             self.waiting[key] = msg
             return None
         self.uploads.pop(key)
-        self.upload_bytes -= up.reserved
-        self.checking[msg.device_id] = InCheck(msg, ref.blob_id)
+        # the bytes stay reserved until the check ends: a cloud whose checks fall behind a flood of
+        # uploads otherwise held every waiting blob (1.7 GB at 5,000 devices, BENCHMARKS.md scale)
+        self.checking[msg.device_id] = InCheck(msg, ref.blob_id, reserved=up.reserved)
         data = up.asm.result()
         return Verdict(msg, "check", data=data, digest=up.asm.verified_sha256)
 
     def checked(self, device: str) -> list[Update]:
         """The check of `device`'s update ended: the Updates it sent meanwhile, to handle now."""
         c = self.checking.pop(device, None)
-        return c.parked if c is not None else []
+        if c is None:
+            return []
+        self.upload_bytes -= c.reserved
+        return c.parked
 
     def overdue(self, now: float, after: float) -> list[Update]:
         """Updates whose check has waited `after` seconds or more (behind others), each returned once:

@@ -56,10 +56,13 @@ def test_ack_follows_the_durable_write_and_a_redelivery_counts_once(tiny_bert_bu
             fed._on_upload(topics.upload_topic(RUN, "d1", src.blob_id), payload)
         with held_checks(fed) as release:
             fed.pump(0.3)
-            assert fed.collector.uploads == {} and fed.collector.upload_bytes == 0 and "d1" in fed.collector.checking
+            # reassembled and in its check: no longer an upload, but its bytes still count against the buffer
+            assert fed.collector.uploads == {} and "d1" in fed.collector.checking
+            assert fed.collector.upload_bytes == src.ref.size
             release()
         while not fed.events.empty():
             fed.pump(0.01)
+        assert fed.collector.upload_bytes == 0 and fed.collector.checking == {}
     # the copy that came during the check is told at once that its update is queued, not a verdict
     assert [(a.acked, a.ok, a.reason) for a, _ in acks][0] == ("queued", True, "queued behind other updates' checks")
     assert [(a.acked, a.ok, a.reason, on_disk) for a, on_disk in acks[1:]] == [
@@ -107,3 +110,38 @@ def test_a_round_completes_with_every_update_checked_and_folded(tiny_bert_bundle
     assert rec["clients"] == 3 and rec["devices"] == ["good0", "good1", "good2"], rec
     assert fed.collector.checking == {} and fed.events.in_flight == 0 and time.time() - t0 < 60
     assert not (tmp_path / "run" / "updates" / "round_0000" / "running-sum.bin").exists()  # the checkpoint replaced it
+
+
+def test_updates_in_their_checks_count_against_the_upload_buffer(tiny_bert_bundle, tmp_path, caplog):
+    """A cloud whose checks fall behind must not hold every waiting blob: bytes stay reserved until
+    the check ends, so with room for one update, a second device's upload is refused (one line)
+    while the first is checked, and fits once that check is done."""
+    manifest = BundleManifest.load(tiny_bert_bundle)
+    blobs = {d: BlobSource(f"upd-{d}", encode_tensors(good_tensors(manifest, i), binding(RUN, 0, d, "t0")), 1 << 20)
+             for i, d in enumerate(("d1", "d2"))}
+    fed = open_round(tiny_bert_bundle, tmp_path, max_upload_buffer=blobs["d1"].ref.size + 1024)
+
+    def upload(d: str) -> None:
+        src = blobs[d]
+        uid = make_update_id(RUN, 0, d, "t0", src.sha256)
+        for payload in src.payloads():
+            fed._on_upload(topics.upload_topic(RUN, d, src.blob_id), payload)
+        fed._on_json(topics.device_topic(RUN, d, topics.UPDATE),
+                     encode(Update(run_id=RUN, round_id=0, sender=d, device_id=d, blob=src.ref, num_samples=5, task_id="t0", update_id=uid)))
+
+    with caplog.at_level(logging.WARNING, logger="fedpft"), held_checks(fed) as release:
+        upload("d1")
+        fed.pump(0.3)
+        assert "d1" in fed.collector.checking
+        upload("d2")
+        fed.pump(0.3)
+        assert "d2" not in fed.collector.checking and not fed.collector.uploads
+        assert any("upload from d2 dropped: unfinished and unchecked uploads hold" in r.getMessage() for r in caplog.records)
+        release()
+        while not fed.events.empty():
+            fed.pump(0.01)
+    assert fed.collector.upload_bytes == 0 and "d1" in fed.tracker.accepted
+    upload("d2")  # the device's retry, once there is room
+    while not fed.events.empty() or fed.collector.checking:
+        fed.pump(0.05)
+    assert "d2" in fed.tracker.accepted and fed.collector.upload_bytes == 0
