@@ -28,8 +28,8 @@ CHECK_WORKERS = 4
 QUEUED_RECEIPT_AFTER = 10.0
 
 
-def check_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="fedpft-check")
+def check_pool(workers: int = CHECK_WORKERS) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="fedpft-check")
 
 
 class EventQueue(queue.Queue):

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .checks import CHECK_WORKERS
 from .cli_common import (ALIGN_OBJECTIVE_OPT, CA_OPT, FROZEN_DTYPE_OPT, CERT_OPT, DISTILL_PRECISION, KEY_OPT, NORM_BOUND_OPT, PASSWORD_OPT, PRIVACY_OPTIONS,
                          SERVE_PRECISION, WEIGHT_CAP_OPT, check_device, device_option, fail, from_options, with_options)
 
@@ -33,7 +34,8 @@ def serve(
     aggregator: str = typer.Option("fedavg", "--aggregator", help="fedavg (weighted mean), median (coordinate-wise) or trimmed-mean (coordinate-wise, --trim-fraction from each end): the latter two for fleets that expect misbehaving devices."),
     trim_fraction: float = typer.Option(0.2, "--trim-fraction", help="Share of the values dropped from each end per coordinate by --aggregator trimmed-mean."),
     upload_timeout: float = typer.Option(120.0, "--upload-timeout", help="Drop a device's unfinished upload after this many seconds without a new chunk (uploads are also dropped when their round ends)."),
-    max_upload_buffer: int = typer.Option(1 << 30, "--max-upload-buffer", help="Bytes that all unfinished uploads together may hold; further uploads are refused until room is made."),
+    max_upload_buffer: int = typer.Option(1 << 30, "--max-upload-buffer", help="Bytes that all uploads not yet checked (still arriving, or complete and waiting for their checks) may hold together; further uploads are refused, one line each, and their devices upload again later. The cloud's peak memory is about this plus 100 MB."),
+    check_workers: int = typer.Option(CHECK_WORKERS, "--check-workers", help="Threads that check uploads and write them durably before they count. More overlap more fsyncs (a network disk's latency), fewer hand the GIL around less: on a 2-core machine with a local disk 4 beat 2 and 8 (BENCHMARKS.md, scale)."),
     task_ack_timeout: float = typer.Option(30.0, "--task-ack-timeout", help="Seconds a selected device has to ack the round's task; the round does not wait for devices that did not."),
     align_every: int = typer.Option(0, "--align-every", help="Neuron-level alignment every T rounds (0 = never)."),
     align_fraction: float = typer.Option(0.5, "--align-fraction", help="Share of neurons frozen (the most used) during alignment."),

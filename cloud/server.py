@@ -56,7 +56,7 @@ class Federation(DeviceHandlers):
         self.manifest: BundleManifest = verify_bundle(cfg.bundle)
         self.store = RunStore(cfg.out)
         self.events = EventQueue()
-        self.pool = check_pool()
+        self.pool = check_pool(cfg.check_workers)
         self.fold_saver = ThreadPoolExecutor(1, thread_name_prefix="fedpft-fold-saver")
         self._fold_saving: Future | None = None
         self.devices = DeviceRegistry(cfg.max_devices)

@@ -145,3 +145,11 @@ def test_updates_in_their_checks_count_against_the_upload_buffer(tiny_bert_bundl
     while not fed.events.empty() or fed.collector.checking:
         fed.pump(0.05)
     assert "d2" in fed.tracker.accepted and fed.collector.upload_bytes == 0
+
+
+def test_check_workers_come_from_the_config(tiny_bert_bundle, tmp_path):
+    fed = open_round(tiny_bert_bundle, tmp_path, check_workers=2)
+    assert fed.pool._max_workers == 2
+    from fedpft.cloud.checks import CHECK_WORKERS
+
+    assert open_round(tiny_bert_bundle, tmp_path / "b").pool._max_workers == CHECK_WORKERS
