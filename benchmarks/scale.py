@@ -236,9 +236,10 @@ class RssSampler:
 class OwnBroker:
     """A private Mosquitto on a free port with our settings (the machine's broker keeps its own)."""
 
-    def __init__(self, max_queued: int, max_inflight: int = 20, binary: str = "mosquitto", reuse_buffers: bool = True) -> None:
+    def __init__(self, max_queued: int, max_inflight: int = 20, binary: str = "mosquitto", reuse_buffers: bool = True,
+                 cpus: tuple[int, ...] = ()) -> None:
         self.max_queued, self.max_inflight, self.binary = max_queued, max_inflight, binary
-        self.reuse_buffers = reuse_buffers
+        self.reuse_buffers, self.cpus = reuse_buffers, cpus
         self.proc: subprocess.Popen | None = None
         self.dir: Path | None = None
 
@@ -254,6 +255,8 @@ class OwnBroker:
         env = {**os.environ, **(broker_malloc_env() if self.reuse_buffers else {})}
         self.proc = subprocess.Popen([shutil.which(self.binary) or "/usr/sbin/mosquitto", "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        if self.cpus:
+            os.sched_setaffinity(self.proc.pid, self.cpus)
         end = time.time() + 10
         while time.time() < end:
             try:
@@ -324,6 +327,9 @@ class ScaleConfig:
     shared_broadcast: bool = False  # see WorkerSpec.shared_broadcast
     shared_link: bool = False  # see WorkerSpec.shared_link
     fleet_nice: int = 0  # see WorkerSpec.nice
+    # CPUs of the cloud process, and of the device workers (empty: wherever the kernel puts them)
+    cloud_cpus: tuple[int, ...] = ()
+    fleet_cpus: tuple[int, ...] = ()
     device_ack_timeout: float = 30.0  # the devices' receipt timeout (WorkerSpec.ack_timeout)
 
 
@@ -349,7 +355,7 @@ def run_scale(sc: ScaleConfig) -> dict:
     for w in range(n_workers):
         spec = WorkerSpec(broker=sc.broker, run_id=run_id, device_ids=ids[w::n_workers], expected=expected,
                           stat_layers=stat_layers, train_s=sc.train_s, jitter_s=sc.jitter_s, seed=sc.seed * 1000 + w,
-                          shared_broadcast=sc.shared_broadcast, shared_link=sc.shared_link, nice=sc.fleet_nice,
+                          shared_broadcast=sc.shared_broadcast, shared_link=sc.shared_link, nice=sc.fleet_nice, cpus=sc.fleet_cpus,
                           ack_timeout=sc.device_ack_timeout)
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=run_worker, args=(spec, child), name=f"simdev-{w}", daemon=True)
@@ -439,7 +445,8 @@ def run_scale(sc: ScaleConfig) -> dict:
         "devices": sc.devices,
         "broker": sc.broker_label + (", shared broadcast" if sc.shared_broadcast and not sc.shared_link else "")
         + (f", one connection per {sc.per_worker} devices" if sc.shared_link else "")
-        + (f", fleet nice {sc.fleet_nice}" if sc.fleet_nice else ""),
+        + (f", fleet nice {sc.fleet_nice}" if sc.fleet_nice else "")
+        + (f", cloud on CPU {','.join(map(str, sc.cloud_cpus))}" if sc.cloud_cpus else ""),
         "workers": n_workers,
         "accepted": record["clients"],
         "acked_ok": len(acked),
@@ -486,6 +493,8 @@ def run_scale(sc: ScaleConfig) -> dict:
 
 def _isolated_child(sc: ScaleConfig, conn) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if sc.cloud_cpus:  # this process is the cloud's alone (its device workers pin themselves elsewhere)
+        os.sched_setaffinity(0, sc.cloud_cpus)
     try:
         conn.send(("ok", run_scale(sc)))
     except Exception as exc:
@@ -606,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fleet-nice", type=int, default=0,
                     help="nice value added to the simulated devices' processes: the cloud gets a core first when "
                          "both want one, as a cloud whose devices run elsewhere would (0 = same priority)")
+    ap.add_argument("--pin-cloud", type=int, default=0, metavar="N",
+                    help="the cloud process on this machine's first N CPUs, a private broker and the simulated devices "
+                         "on the others: the cloud then has cores of its own, as beside a real fleet (0 = no pinning)")
     ap.add_argument("--per-worker", type=int, default=None,
                     help=f"devices per worker process (default {DEVICES_PER_WORKER}; {SHARED_LINK_PER_WORKER} with --fleet shared-link)")
     ap.add_argument("--shared-broadcast", action="store_true",
@@ -636,6 +648,15 @@ def main(argv: list[str] | None = None) -> int:
         note = f"`{bundle}` ({m.fm_id}, {len(m.trainable)} trainable tensors, adapters blob {(bundle / m.files['adapters_init'].path).stat().st_size / 1e6:.2f} MB)"
     results = []
     try:
+        cloud_cpus: tuple[int, ...] = ()
+        fleet_cpus: tuple[int, ...] = ()
+        if args.pin_cloud:
+            cpus = sorted(os.sched_getaffinity(0))
+            if not 0 < args.pin_cloud < len(cpus):
+                ap.error(f"--pin-cloud {args.pin_cloud}: this process may run on {len(cpus)} CPUs; leave the devices at least one")
+            if "system" in args.brokers:
+                ap.error("--pin-cloud needs a private broker (--brokers MAX_QUEUED): the system's is not ours to move")
+            cloud_cpus, fleet_cpus = tuple(cpus[: args.pin_cloud]), tuple(cpus[args.pin_cloud :])
         for queued in [None if b == "system" else int(b) for b in args.brokers]:
             for n in args.devices:
                 t0 = time.time()
@@ -643,12 +664,13 @@ def main(argv: list[str] | None = None) -> int:
                 sc = ScaleConfig(devices=n, bundle=bundle, broker=args.broker, train_s=args.train_s, jitter_s=args.jitter_s,
                                  per_worker=args.per_worker or (SHARED_LINK_PER_WORKER if args.fleet == "shared-link" else DEVICES_PER_WORKER),
                                  shared_link=args.fleet == "shared-link", fleet_nice=args.fleet_nice,
+                                 cloud_cpus=cloud_cpus, fleet_cpus=fleet_cpus,
                                  round_timeout=args.round_timeout, shared_broadcast=args.shared_broadcast,
                                  task_ack_timeout=args.task_ack_timeout, device_ack_timeout=args.device_ack_timeout)
                 if queued is None:
                     res = run_isolated(sc)
                 else:
-                    with OwnBroker(queued, max_inflight=args.inflight, reuse_buffers=args.broker_malloc == "reuse") as ob:
+                    with OwnBroker(queued, max_inflight=args.inflight, reuse_buffers=args.broker_malloc == "reuse", cpus=fleet_cpus) as ob:
                         sc.broker, sc.broker_pid = ob.url, ob.proc.pid
                         sc.broker_label = (f"max_queued {queued or 'unlimited'}, inflight {args.inflight or 'unlimited'}"
                                            + (", malloc reuse" if args.broker_malloc == "reuse" else ""))

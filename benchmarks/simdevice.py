@@ -418,6 +418,7 @@ class WorkerSpec:
     # every device of the process on one MQTT connection (`SharedLink`), not one each
     shared_link: bool = False
     nice: int = 0  # added to the worker's nice value: the cloud's threads first when both want a core
+    cpus: tuple[int, ...] = ()  # CPUs the worker may run on (empty: any)
     connect_threads: int = 16
     log_level: str = "WARNING"
     ack_timeout: float = 30.0  # the devices' receipt timeout (the agent's default)
@@ -492,6 +493,8 @@ def run_worker(spec: WorkerSpec, conn) -> None:
     reuse_large_buffers()
     if spec.nice:
         os.nice(spec.nice)
+    if spec.cpus:
+        os.sched_setaffinity(0, spec.cpus)
     logging.basicConfig(level=spec.log_level, format="%(levelname)s %(name)s: %(message)s")
     sched = Scheduler()
     finished = threading.Event()
