@@ -50,9 +50,12 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str
 
 
 def decode_tensors(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Parse safetensors bytes into (arrays, metadata); ProtocolError on anything malformed."""
+    """Parse safetensors bytes into (arrays, metadata); ProtocolError on anything malformed. The
+    arrays are read-only views of `data` (copied first unless it is immutable bytes)."""
     if len(data) > max_bytes:
         raise ProtocolError(f"tensor blob of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    if not isinstance(data, bytes):  # a bytearray or memoryview could change under the arrays
+        data = bytes(data)
     header = _read_header(data)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):

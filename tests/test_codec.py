@@ -184,3 +184,10 @@ def test_decode_agrees_with_the_safetensors_library():
                 assert not got[k].flags.writeable  # views of the received bytes: nobody writes into them
             accepted += 1
     assert accepted > 500 and refused > 500  # both sides of the check were exercised
+
+
+def test_decoded_arrays_never_alias_a_mutable_buffer():
+    blob = bytearray(encode_tensors({"w": np.ones(4, np.float32)}))
+    got = decode_tensors(blob)[0]["w"]
+    blob[-4:] = np.float32(7).tobytes()
+    assert not got.flags.writeable and got.tolist() == [1.0, 1.0, 1.0, 1.0]
