@@ -415,7 +415,7 @@ class WorkerSpec:
     # one subscription per process to the round's broadcast, handed to all its devices: the broker
     # and this machine's CPU then do 1/per_worker of the broadcast's fan-out and parsing
     shared_broadcast: bool = False
-    # every device of the process on one MQTT connection (`SharedLink`), not one each
+    # every device of the process on one MQTT connection (`LinkedDevice`), not one each
     shared_link: bool = False
     nice: int = 0  # added to the worker's nice value: the cloud's threads first when both want a core
     cpus: tuple[int, ...] = ()  # CPUs the worker may run on (empty: any)
@@ -489,7 +489,8 @@ def run_worker(spec: WorkerSpec, conn) -> None:
     # The host of a simulated fleet is the benchmark's machine, not a device: its costs inflate the
     # cloud's round on shared cores. Profiled at 1,000 devices (perf, session 9), page zeroing was
     # 18% of the fleet's CPU (every update buffer a fresh mmap) and the cyclic GC 10% (each
-    # collection walking 25 devices' long-lived objects).
+    # collection walking 25 devices' long-lived objects). Cheap to avoid, though the round's
+    # overhead did not measurably change with it alone (the shared link is what did).
     reuse_large_buffers()
     if spec.nice:
         os.nice(spec.nice)
