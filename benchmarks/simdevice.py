@@ -121,7 +121,7 @@ class DeviceTiming:
     task_at: float | None = None  # Task received
     fetched_at: float | None = None  # adapters blob complete and verified
     trained_at: float | None = None  # simulated training over, upload starts
-    update_sent_at: float | None = None  # last chunk and Update PUBACKed
+    update_sent_at: float | None = None  # last chunk and Update PUBACKed (on a shared link: handed to the link)
     acked_at: float | None = None  # Ack(update) received
     train_s: float = 0.0  # simulated training time drawn for this device
     ack_ok: bool | None = None
@@ -445,11 +445,13 @@ class LinkedDevice:
         pass
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
-        # Never waiting for the PUBACK: the process's devices share one dispatcher thread, and a
-        # device answering its Task would hold up every device after it by a broker round trip (a
-        # device's own process waits for its own only). QoS 1 still delivers; a lost message is
-        # the protocol's to recover, as on a real link.
-        self.link.publish(topic, payload, qos=qos, retain=retain, wait=False)
+        # Not waiting for the PUBACK in a round: the process's devices share one dispatcher thread,
+        # and a device answering its Task would hold up every device after it by a broker round
+        # trip (a device's own process waits for its own only). QoS 1 still delivers; a lost
+        # message is the protocol's to recover, as on a real link. Retained ones (presence, set at
+        # connect and cleared at the end) are waited for, so that none outlives the run on a
+        # shared broker when the link disconnects.
+        self.link.publish(topic, payload, qos=qos, retain=retain, wait=wait and retain)
 
     def subscribe(self, pattern: str, handler) -> None:  # type: ignore[no-untyped-def]
         self.link.subscribe(pattern, handler)
@@ -511,7 +513,11 @@ def run_worker(spec: WorkerSpec, conn) -> None:
     devices: list[SimDevice] = []
     link = None
     if spec.shared_link:
-        link = MqttTransport(spec.broker, client_id=f"link-{spec.device_ids[0]}", session_expiry=spec.session_expiry)
+        # each device's own window (MqttTransport's default, 20 unacknowledged messages), summed:
+        # one shared window of 20 would queue the process's uploads behind each other and spare
+        # the cloud the bursts a real fleet sends it
+        link = MqttTransport(spec.broker, client_id=f"link-{spec.device_ids[0]}", session_expiry=spec.session_expiry,
+                             max_inflight=min(65535, 20 * len(spec.device_ids)))
         link.connect()
     for i, did in enumerate(spec.device_ids):
         if link is not None:

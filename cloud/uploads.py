@@ -219,6 +219,10 @@ class UploadCollector:
             adapters, stats = split_update(tensors, self.expected, self.stat_layers)
         except ProtocolError as exc:
             return _reject(msg, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - parsing a device's bytes: a fault we did not foresee
+            # is that device's problem, never the cloud's (re-raised, it would stop the run)
+            log.error("update from %s: unexpected %s while checking it: %s", msg.device_id, type(exc).__name__, exc)
+            return _reject(msg, f"malformed update ({type(exc).__name__})")
         return Verdict(msg, "accept", data=data, adapters=adapters, stats=stats, digest=digest)
 
     def _refuse(self, msg: Update, reason: str) -> Verdict:

@@ -22,6 +22,7 @@ _MAX_HEADER = 16 * 1024 * 1024
 # dtypes numpy can hold that safetensors knows; bf16 has no numpy dtype, so it is not on the wire.
 DTYPES = frozenset({"float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"})
 
+MAX_DIMS = 32  # of one tensor; ours have at most 4, numpy allows 64
 # safetensors' dtype names of those, little-endian as its format is
 _WIRE_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I64": np.dtype("<i8"),
                 "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"),
@@ -57,7 +58,7 @@ def decode_tensors(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[dic
     if not isinstance(data, bytes):  # a bytearray or memoryview could change under the arrays
         data = bytes(data)
     header = _read_header(data)
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise ProtocolError("safetensors metadata must map str to str")
     return _views(data, header, 8 + _header_len(data)), dict(meta)
@@ -77,8 +78,11 @@ def _views(data: bytes, header: dict, start: int) -> dict[str, np.ndarray]:
         if dtype is None:
             raise ProtocolError(f"malformed safetensors: tensor {name!r} has dtype {entry['dtype']!r}, not one of {sorted(_WIRE_DTYPES)}")
         shape, offsets = entry["shape"], entry["data_offsets"]
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise ProtocolError(f"malformed safetensors: tensor {name!r} has shape {shape!r}")
+        # each dimension at most the payload's size, and few of them: the element count below then
+        # stays a small product (a header of huge dimensions made it cost minutes of big-int work)
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+                or not all(type(d) is int and 0 <= d <= len(data) for d in shape)):
+            raise ProtocolError(f"malformed safetensors: tensor {name!r} has shape {str(shape)[:80]}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
             raise ProtocolError(f"malformed safetensors: tensor {name!r} has data_offsets {offsets!r}")
@@ -96,8 +100,11 @@ def _views(data: bytes, header: dict, start: int) -> dict[str, np.ndarray]:
         end = stop
     if start + end != len(data):
         raise ProtocolError(f"malformed safetensors: tensors cover {end} bytes of a {len(data) - start}-byte buffer")
-    return {name: np.frombuffer(data, dtype, count, start + begin).reshape(tuple(shape))
-            for begin, _, name, dtype, shape, count in spans}  # header order, as safetensors gives them
+    try:
+        return {name: np.frombuffer(data, dtype, count, start + begin).reshape(tuple(shape))
+                for begin, _, name, dtype, shape, count in spans}  # header order, as safetensors gives them
+    except ValueError as exc:  # numpy's own limits; the checks above should leave none
+        raise ProtocolError(f"malformed safetensors: {exc}") from None
 
 
 def _header_len(data: bytes) -> int:
@@ -112,8 +119,8 @@ def _header_len(data: bytes) -> int:
 def _read_header(data: bytes) -> dict:
     n = _header_len(data)
     try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, ValueError) as exc:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))  # the format's encoding, not json's guess
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise ProtocolError(f"malformed safetensors header: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("malformed safetensors header: not a JSON object")

@@ -26,7 +26,7 @@ FORMAT = "fedpft-update"
 FORMAT_VERSION = "1"
 
 STATS_PREFIX = "__stats__."
-_STAT = re.compile(r"^__stats__\.layer\.(\d+)\.(off_counts|positions)$")
+_STAT = re.compile(r"^__stats__\.layer\.(\d{1,9})\.(off_counts|positions)$")  # int() of 5,000 digits raises
 
 
 def stat_key(layer: int, what: str) -> str:

@@ -191,3 +191,45 @@ def test_decoded_arrays_never_alias_a_mutable_buffer():
     got = decode_tensors(blob)[0]["w"]
     blob[-4:] = np.float32(7).tobytes()
     assert not got.flags.writeable and got.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def _blob(header: dict | str | bytes, body: bytes = b"") -> bytes:
+    text = header if isinstance(header, bytes) else (header if isinstance(header, str) else json.dumps(header)).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+@pytest.mark.parametrize("blob", [
+    _blob({"x": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, b"\0" * 4),  # more dims than numpy has
+    _blob({"x": {"dtype": "F32", "shape": [0, 2**62], "data_offsets": [0, 0]}}),  # "array is too big" in numpy
+    _blob({"x": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, b"\0" * 4),  # a float is not a dimension
+    _blob({"x": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4),  # nor is a bool
+    _blob("[" * 100_000 + "]" * 100_000),  # nesting deep enough to exhaust the parser's recursion
+    _blob(json.dumps({"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}).encode("utf-16"), b"\0"),
+    _blob({"__metadata__": 0, "x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
+])
+def test_hostile_headers_are_one_protocol_error(blob):
+    """Every fault in a header is a ProtocolError (the cloud rejects the update and goes on); any
+    other exception would escape the update checks."""
+    with pytest.raises(ProtocolError, match="safetensors"):
+        decode_tensors(blob)
+
+
+def test_a_header_of_huge_dimensions_is_refused_before_any_big_arithmetic():
+    """100k dimensions of 2**63-1 made the element count a product of huge integers (about 20 s
+    of CPU per upload, quadratic in the header); each dimension is bounded first now."""
+    import time
+
+    blob = _blob({"x": {"dtype": "U8", "shape": [2**63 - 1] * 100_000, "data_offsets": [0, 1]}}, b"\0")
+    t0 = time.process_time()
+    with pytest.raises(ProtocolError, match="shape"):
+        decode_tensors(blob)
+    assert time.process_time() - t0 < 5.0
+
+
+def test_a_statistics_key_with_an_absurd_layer_number_is_an_unexpected_tensor():
+    """int() of a 5,000-digit layer number raises ValueError (Python's digit limit): the key
+    pattern takes at most 9 digits, so such a key is just a tensor the manifest does not name."""
+    from fedpft.shared.update import split_update
+
+    with pytest.raises(ProtocolError, match="unexpected tensor"):
+        split_update({f"__stats__.layer.{'9' * 5000}.positions": np.zeros(1, np.float32)}, {}, {1: 4})

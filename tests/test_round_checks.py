@@ -153,3 +153,32 @@ def test_check_workers_come_from_the_config(tiny_bert_bundle, tmp_path):
     from fedpft.cloud.checks import CHECK_WORKERS
 
     assert open_round(tiny_bert_bundle, tmp_path / "b").pool._max_workers == CHECK_WORKERS
+
+
+def test_an_unforeseen_fault_in_a_device_update_rejects_it_and_the_cloud_goes_on(tiny_bert_bundle, tmp_path, caplog, monkeypatch):
+    """Parsing is the device's bytes: an exception other than ProtocolError (a parser bug we have
+    not found yet) must reject that update in one line, not stop the run."""
+    import fedpft.cloud.uploads as uploads
+
+    def broken(*args, **kwargs):
+        raise ValueError("a parser bug")
+
+    monkeypatch.setattr(uploads, "split_update", broken)
+    fed = open_round(tiny_bert_bundle, tmp_path)
+    acks = []
+    listener = fed.t.hub.transport("d1")
+    listener.connect()
+    listener.subscribe(topics.device_topic(RUN, "d1", topics.INBOX), lambda t, p: acks.append(decode(p)))
+    manifest = BundleManifest.load(tiny_bert_bundle)
+    src = BlobSource("upd-d1", encode_tensors(good_tensors(manifest, 0), binding(RUN, 0, "d1", "t0")), 1 << 20)
+    uid = make_update_id(RUN, 0, "d1", "t0", src.sha256)
+    with caplog.at_level(logging.WARNING, logger="fedpft"):
+        for payload in src.payloads():
+            fed._on_upload(topics.upload_topic(RUN, "d1", src.blob_id), payload)
+        fed._on_json(topics.device_topic(RUN, "d1", topics.UPDATE),
+                     encode(Update(run_id=RUN, round_id=0, sender="d1", device_id="d1", blob=src.ref, num_samples=5, task_id="t0", update_id=uid)))
+        while not fed.events.empty() or fed.collector.checking:
+            fed.pump(0.05)
+    assert [(a.acked, a.ok, a.reason) for a in acks] == [("update", False, "malformed update (ValueError)")]
+    assert "d1" not in fed.tracker.accepted and fed.collector.upload_bytes == 0
+    assert any("unexpected ValueError while checking it: a parser bug" in r.getMessage() for r in caplog.records)
