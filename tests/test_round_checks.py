@@ -35,6 +35,23 @@ def held_checks(fed):
         fed._check = check
 
 
+def receipts(fed, device: str = "d1") -> list:
+    """The messages the cloud sends to `device`'s inbox, as they arrive."""
+    got: list = []
+    listener = fed.t.hub.transport(device)
+    listener.connect()
+    listener.subscribe(topics.device_topic(RUN, device, topics.INBOX), lambda t, p: got.append(decode(p)))
+    return got
+
+
+def device_update(bundle, device: str = "d1", seed: int = 0, chunk_size: int = 8192) -> tuple[BlobSource, bytes]:
+    """A sound update of `device` for task t0 of round 0: its blob, and its Update message."""
+    src = BlobSource(f"upd-{device}", encode_tensors(good_tensors(BundleManifest.load(bundle), seed), binding(RUN, 0, device, "t0")), chunk_size)
+    uid = make_update_id(RUN, 0, device, "t0", src.sha256)
+    return src, encode(Update(run_id=RUN, round_id=0, sender=device, device_id=device, blob=src.ref, num_samples=5,
+                              task_id="t0", update_id=uid))
+
+
 def test_ack_follows_the_durable_write_and_a_redelivery_counts_once(tiny_bert_bundle, tmp_path, caplog):
     fed = open_round(tiny_bert_bundle, tmp_path)
     stored = tmp_path / "run" / "updates" / "round_0000"
@@ -79,15 +96,9 @@ def test_a_device_whose_check_waits_is_told_once_that_it_is_queued(tiny_bert_bun
 
     monkeypatch.setattr(server, "QUEUED_RECEIPT_AFTER", 0.0)
     fed = open_round(tiny_bert_bundle, tmp_path)
-    acks = []
-    listener = fed.t.hub.transport("d1")
-    listener.connect()
-    listener.subscribe(topics.device_topic(RUN, "d1", topics.INBOX), lambda t, p: acks.append(decode(p)))
-    manifest = BundleManifest.load(tiny_bert_bundle)
-    src = BlobSource("upd-d1", encode_tensors(good_tensors(manifest, 0), binding(RUN, 0, "d1", "t0")), 8192)
-    uid = make_update_id(RUN, 0, "d1", "t0", src.sha256)
-    fed._on_json(topics.device_topic(RUN, "d1", topics.UPDATE),
-                 encode(Update(run_id=RUN, round_id=0, sender="d1", device_id="d1", blob=src.ref, num_samples=5, task_id="t0", update_id=uid)))
+    acks = receipts(fed)
+    src, msg = device_update(tiny_bert_bundle)
+    fed._on_json(topics.device_topic(RUN, "d1", topics.UPDATE), msg)
     for payload in src.payloads():
         fed._on_upload(topics.upload_topic(RUN, "d1", src.blob_id), payload)
     with held_checks(fed) as release:
@@ -98,6 +109,7 @@ def test_a_device_whose_check_waits_is_told_once_that_it_is_queued(tiny_bert_bun
         release()
     while not fed.events.empty():
         fed.pump(0.01)
+    uid = decode(msg).update_id
     assert [(a.acked, a.update_id) for a in acks] == [("queued", uid), ("update", uid)] and acks[1].ok
 
 
@@ -116,18 +128,14 @@ def test_updates_in_their_checks_count_against_the_upload_buffer(tiny_bert_bundl
     """A cloud whose checks fall behind must not hold every waiting blob: bytes stay reserved until
     the check ends, so with room for one update, a second device's upload is refused (one line)
     while the first is checked, and fits once that check is done."""
-    manifest = BundleManifest.load(tiny_bert_bundle)
-    blobs = {d: BlobSource(f"upd-{d}", encode_tensors(good_tensors(manifest, i), binding(RUN, 0, d, "t0")), 1 << 20)
-             for i, d in enumerate(("d1", "d2"))}
-    fed = open_round(tiny_bert_bundle, tmp_path, max_upload_buffer=blobs["d1"].ref.size + 1024)
+    updates = {d: device_update(tiny_bert_bundle, d, i, 1 << 20) for i, d in enumerate(("d1", "d2"))}
+    fed = open_round(tiny_bert_bundle, tmp_path, max_upload_buffer=updates["d1"][0].ref.size + 1024)
 
     def upload(d: str) -> None:
-        src = blobs[d]
-        uid = make_update_id(RUN, 0, d, "t0", src.sha256)
+        src, msg = updates[d]
         for payload in src.payloads():
             fed._on_upload(topics.upload_topic(RUN, d, src.blob_id), payload)
-        fed._on_json(topics.device_topic(RUN, d, topics.UPDATE),
-                     encode(Update(run_id=RUN, round_id=0, sender=d, device_id=d, blob=src.ref, num_samples=5, task_id="t0", update_id=uid)))
+        fed._on_json(topics.device_topic(RUN, d, topics.UPDATE), msg)
 
     with caplog.at_level(logging.WARNING, logger="fedpft"), held_checks(fed) as release:
         upload("d1")
@@ -165,18 +173,12 @@ def test_an_unforeseen_fault_in_a_device_update_rejects_it_and_the_cloud_goes_on
 
     monkeypatch.setattr(uploads, "split_update", broken)
     fed = open_round(tiny_bert_bundle, tmp_path)
-    acks = []
-    listener = fed.t.hub.transport("d1")
-    listener.connect()
-    listener.subscribe(topics.device_topic(RUN, "d1", topics.INBOX), lambda t, p: acks.append(decode(p)))
-    manifest = BundleManifest.load(tiny_bert_bundle)
-    src = BlobSource("upd-d1", encode_tensors(good_tensors(manifest, 0), binding(RUN, 0, "d1", "t0")), 1 << 20)
-    uid = make_update_id(RUN, 0, "d1", "t0", src.sha256)
+    acks = receipts(fed)
+    src, msg = device_update(tiny_bert_bundle, chunk_size=1 << 20)
     with caplog.at_level(logging.WARNING, logger="fedpft"):
         for payload in src.payloads():
             fed._on_upload(topics.upload_topic(RUN, "d1", src.blob_id), payload)
-        fed._on_json(topics.device_topic(RUN, "d1", topics.UPDATE),
-                     encode(Update(run_id=RUN, round_id=0, sender="d1", device_id="d1", blob=src.ref, num_samples=5, task_id="t0", update_id=uid)))
+        fed._on_json(topics.device_topic(RUN, "d1", topics.UPDATE), msg)
         while not fed.events.empty() or fed.collector.checking:
             fed.pump(0.05)
     assert [(a.acked, a.ok, a.reason) for a in acks] == [("update", False, "malformed update (ValueError)")]
