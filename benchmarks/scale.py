@@ -637,6 +637,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    cloud_cpus: tuple[int, ...] = ()
+    fleet_cpus: tuple[int, ...] = ()
+    if args.pin_cloud:
+        cpus = sorted(os.sched_getaffinity(0))
+        if not 0 < args.pin_cloud < len(cpus):
+            ap.error(f"--pin-cloud {args.pin_cloud}: this process may run on {len(cpus)} CPUs; leave the devices at least one")
+        if "system" in args.brokers:
+            ap.error("--pin-cloud needs a private broker (--brokers MAX_QUEUED): the system's is not ours to move")
+        cloud_cpus, fleet_cpus = tuple(cpus[: args.pin_cloud]), tuple(cpus[args.pin_cloud :])
     tmp = None
     bundle = args.bundle
     if bundle is None:
@@ -648,15 +657,6 @@ def main(argv: list[str] | None = None) -> int:
         note = f"`{bundle}` ({m.fm_id}, {len(m.trainable)} trainable tensors, adapters blob {(bundle / m.files['adapters_init'].path).stat().st_size / 1e6:.2f} MB)"
     results = []
     try:
-        cloud_cpus: tuple[int, ...] = ()
-        fleet_cpus: tuple[int, ...] = ()
-        if args.pin_cloud:
-            cpus = sorted(os.sched_getaffinity(0))
-            if not 0 < args.pin_cloud < len(cpus):
-                ap.error(f"--pin-cloud {args.pin_cloud}: this process may run on {len(cpus)} CPUs; leave the devices at least one")
-            if "system" in args.brokers:
-                ap.error("--pin-cloud needs a private broker (--brokers MAX_QUEUED): the system's is not ours to move")
-            cloud_cpus, fleet_cpus = tuple(cpus[: args.pin_cloud]), tuple(cpus[args.pin_cloud :])
         for queued in [None if b == "system" else int(b) for b in args.brokers]:
             for n in args.devices:
                 t0 = time.time()

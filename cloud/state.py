@@ -109,12 +109,12 @@ class RunStore:
         # workers' writes (FolderSync), makes the rename durable before the update is acked. (A
         # second, side file for the hash cost a new file and an fsync per update: about 1 s of the
         # cloud's CPU per 1,000 updates on ext4, BENCHMARKS.md scale.)
-        self._update_files(round_id)  # before this write, so the listing holds only earlier files
+        files = self._update_files(round_id)  # before this write, so the listing holds only earlier files
         atomic_write(path, payload, sync_folder=False)
         self._folder_sync.sync(path.parent)
         self.pending[rel] = digest
         self._stored[(round_id, device)] = rel
-        self._retire_older(round_id, device, rel)
+        self._retire_older(files, device, rel)
         return path
 
     def _update_files(self, round_id: int) -> dict[str, set[str]]:
@@ -129,13 +129,12 @@ class RunStore:
                     known.setdefault(parse_update_name(old.name)[0], set()).add(old.relative_to(self.folder).as_posix())
             return known
 
-    def _retire_older(self, round_id: int, device: str, kept_rel: str) -> None:
+    def _retire_older(self, files: dict[str, set[str]], device: str, kept_rel: str) -> None:
         """Remove the device's other stored updates of this open round, now that `kept_rel` is
         durable. A device has one accepted update per round, so an older file is one the round
         never counted (resume found it unusable and asked again); left beside the new one, a
         restart could count the wrong one. Should the removal not survive a crash, resume takes
-        the newest."""
-        files = self._update_files(round_id)
+        the newest. `files`: the round's listing (`_update_files`)."""
         with self._on_disk_lock:
             older = files.get(device, set()) - {kept_rel}
             files[device] = {kept_rel}

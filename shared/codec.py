@@ -19,14 +19,13 @@ from .messages import ProtocolError
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 _MAX_HEADER = 16 * 1024 * 1024
-# dtypes numpy can hold that safetensors knows; bf16 has no numpy dtype, so it is not on the wire.
-DTYPES = frozenset({"float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"})
-
-MAX_DIMS = 32  # of one tensor; ours have at most 4, numpy allows 64
-# safetensors' dtype names of those, little-endian as its format is
+# What travels: safetensors' dtype names -> numpy's, little-endian as the format is. bf16 has no
+# numpy dtype, so it is not on the wire.
 _WIRE_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I64": np.dtype("<i8"),
                 "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"),
                 "BOOL": np.dtype("bool")}
+DTYPES = frozenset(d.name for d in _WIRE_DTYPES.values())
+MAX_DIMS = 32  # of one tensor; ours have at most 4, numpy allows 64
 
 # name -> (shape, dtype name)
 TensorSpecs = Mapping[str, tuple[Sequence[int], str]]
