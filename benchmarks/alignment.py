@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 
 from common import command_line, machine, write_section
 
-VARIANTS = ["prepared", "run", "align300", "alignall300", "kl", "kl300", "klall300", "fm"]
+VARIANTS = ["prepared", "run", "align300", "alignall300", "kl", "kl300", "klall300", "grad", "fm"]
 LABEL = {
     "prepared": "proxy as prepared (layer-level distillation only)",
     "run": "the run's own alignment (its objective, 50% most-used neurons frozen, run's steps)",
@@ -34,12 +35,13 @@ LABEL = {
     "kl": "re-aligned, logit-kl: 50% frozen, the run's steps",
     "kl300": "re-aligned, logit-kl: 50% frozen, 300 steps",
     "klall300": "re-aligned, logit-kl: nothing frozen, 300 steps",
+    "grad": "re-aligned, lora-grad: 50% frozen, the run's steps",
     "fm": "adapters trained on the FM itself (bound)",
 }
 # re-alignments done here: variant -> (objective, share frozen, steps; None = the run's --align-steps)
 REALIGN = {
     "align300": ("hidden-mse", 0.5, 300), "alignall300": ("hidden-mse", 0.0, 300),
-    "kl": ("logit-kl", 0.5, None), "kl300": ("logit-kl", 0.5, 300), "klall300": ("logit-kl", 0.0, 300),
+    "kl": ("logit-kl", 0.5, None), "grad": ("lora-grad", 0.5, None), "kl300": ("logit-kl", 0.5, 300), "klall300": ("logit-kl", 0.0, 300),
 }
 
 
@@ -120,6 +122,7 @@ def main() -> None:
     from fedpft.cloud.bundle_model import load_proxy, set_ffn_state
     from fedpft.cloud.distill import evaluate_layer_loss
     from fedpft.cloud.evaluate import PluggedFM, evaluate_model
+    from fedpft.cloud.grad_match import evaluate_grad_gap
     from fedpft.cloud.logit_distill import evaluate_logit_kl
     from fedpft.modeling.families import encoder_layers, resolve_model_id
     from fedpft.cloud.public_data import batch_stream, hold_out, list_public_samples, make_encoder
@@ -146,6 +149,7 @@ def main() -> None:
     start_acc = fm.evaluate(test)[0]
     print(f"round {r + 1} adapters on the FM: {100 * start_acc:.1f}% ({len(rows)} rounds in the run)", flush=True)
 
+    align_seconds: dict[str, float] = {}  # variant -> wall s of its re-alignment here
     aligned_ffn: dict[str, dict] = {}  # variant -> FFN tensors, so each alignment runs once for all orders
 
     def proxy_variant(v: str):
@@ -164,10 +168,11 @@ def main() -> None:
             t0 = time.time()
             align(fm.model, proxy, spec, adapters, stats, stream, fraction, steps or sc["align_steps"], sc["align_lr"],
                   objective=objective)
-            print(f"{v}: aligned in {time.time() - t0:.0f}s", flush=True)
+            align_seconds[v] = time.time() - t0
+            print(f"{v}: aligned in {align_seconds[v]:.0f}s (load {os.getloadavg()[0]:.1f})", flush=True)
             aligned_ffn[v] = {n: torch.from_numpy(t) for n, t in ffn_state(proxy, spec).items()}
         gap = evaluate_layer_loss(fm.model, proxy, spec, held) if spec.compressed else 0.0
-        return proxy, spec, gap, evaluate_logit_kl(fm.model, proxy, held)
+        return proxy, spec, gap, evaluate_logit_kl(fm.model, proxy, held), evaluate_grad_gap(fm.model, proxy, spec, held)
 
     def write(done: list[str]) -> None:
         """The section for the variants finished so far (written after each, so a cut-short run still reports)."""
@@ -180,14 +185,16 @@ def main() -> None:
             f"devices reported that round; FM with these adapters: {100 * start_acc:.1f}%. Each variant then trains the same "
             f"adapters {args.steps} steps (batch {args.batch_size}, AdamW lr {lr}) on the pooled client data in the same order "
             f"with the same dropout seed; FM accuracy on all {sum(len(b[1]) for b in test)} test samples. Layer gap = relative "
-            "MSE of the compressed layers' outputs, logit KL = KL(FM || proxy) of the classifier outputs; both proxy vs FM "
+            "MSE of the compressed layers' outputs, logit KL = KL(FM || proxy) of the classifier outputs, gradient gap = mean "
+            "over adapter tensors of the relative squared gap between proxy and FM gradients of the cross-entropy on FM-labelled "
+            "batches (cloud/grad_match.py); all proxy vs FM "
             f"with the starting adapters, on {len(held)} held-out public batches. The run aligned with "
             f"{sc.get('align_objective', 'hidden-mse')}. Δ = FM accuracy minus that of the layer-only proxy trained in the "
             "same order (paired): its spread over orders is the noise a difference must beat.",
             "",
-            f"| proxy the adapters were trained on | layer gap | logit KL | FM accuracy after training, per order | mean "
+            f"| proxy the adapters were trained on | layer gap | logit KL | gradient gap | alignment s | FM accuracy after training, per order | mean "
             f"| Δ vs layer-only, per order (mean) | that model's own accuracy ({sum(len(b[1]) for b in small)} of the test samples) |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         base = {x["order"]: x["fm"] for x in results if x["variant"] == "prepared"}
         for v in done:
@@ -196,7 +203,8 @@ def main() -> None:
             own = ", ".join(f"{100 * x['own']:.1f}" for x in rs)
             deltas = [100 * (x["fm"] - base[x["order"]]) for x in rs if x["order"] in base]
             delta = f"{', '.join(f'{d:+.1f}' for d in deltas)} ({np.mean(deltas):+.1f})" if deltas and v != "prepared" else "-"
-            lines.append(f"| {LABEL[v]} | {rs[0]['gap']:.4f} | {rs[0]['kl']:.4f} | {fm_accs}% | {100 * np.mean([x['fm'] for x in rs]):.1f}% "
+            secs = f"{align_seconds[v]:.0f}" if v in align_seconds else "-"
+            lines.append(f"| {LABEL[v]} | {rs[0]['gap']:.4f} | {rs[0]['kl']:.4f} | {rs[0]['grad']:.4f} | {secs} | {fm_accs}% | {100 * np.mean([x['fm'] for x in rs]):.1f}% "
                          f"| {delta} | {own}% |")
         write_section(args.section, "\n".join(lines))
         print("\n".join(lines))
@@ -208,19 +216,19 @@ def main() -> None:
             train = encoded(pooled, bundle, manifest, args.batch_size, order_seed=1000 + order)
             if v == "fm":
                 fm.plug(adapters)
-                model, spec, gap, kl = fm.model, None, 0.0, 0.0
+                model, spec, gap, kl, grad = fm.model, None, 0.0, 0.0, 0.0
             else:
                 fm.plug(adapters)
-                model, spec, gap, kl = proxy_variant(v)
+                model, spec, gap, kl, grad = proxy_variant(v)
             losses = train_adapters(model, train, args.steps, lr, seed=order)
             layer_map = spec.layer_map if spec else list(range(len(encoder_layers(model))))
             trained = {kk: vv.numpy() for kk, vv in adapter_state(model, layer_map).items()}
             own = evaluate_model(model, small)[0]
             fm.plug(trained)
             acc = fm.evaluate(test)[0]
-            results.append({"variant": v, "order": order, "gap": gap, "kl": kl, "fm": acc, "own": own, "loss": float(np.mean(losses[-20:])),
+            results.append({"variant": v, "order": order, "gap": gap, "kl": kl, "grad": grad, "fm": acc, "own": own, "loss": float(np.mean(losses[-20:])),
                             "seconds": time.time() - t0})
-            print(f"{v} order {order}: layer gap {gap:.4f}, logit KL {kl:.4f}, FM {100 * acc:.1f}%, own {100 * own:.1f}%, "
+            print(f"{v} order {order}: layer gap {gap:.4f}, logit KL {kl:.4f}, gradient gap {grad:.4f}, FM {100 * acc:.1f}%, own {100 * own:.1f}%, "
                   f"final loss {results[-1]['loss']:.3f} ({results[-1]['seconds']:.0f}s)", flush=True)
         write(args.variants[: args.variants.index(v) + 1])
 

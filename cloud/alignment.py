@@ -5,9 +5,10 @@ re-distil the rest with teacher = FM + aggregated adapters, student = proxy + th
 The result is the compressed layers' FFN tensors, shipped to devices under their ORT names.
 
 Objectives (`--align-objective`): hidden-mse, the relative MSE of the compressed layers' outputs
-(the paper's; cloud/distill.py), and logit-kl, KL(FM || proxy) of the classifier outputs
-(cloud/logit_distill.py). Both are measured on held-out public batches before and after, whichever
-one is optimised.
+(the paper's; cloud/distill.py), logit-kl, KL(FM || proxy) of the classifier outputs
+(cloud/logit_distill.py), and lora-grad, the relative gap between the two models' gradients with
+respect to the adapters (cloud/grad_match.py). All three are measured on held-out public batches
+before and after, whichever one is optimised.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ from fedpft.modeling.proxy import ProxySpec
 from .aggregate import apoz, most_used
 from .config import ALIGN_OBJECTIVES
 from .distill import DistillResult, distill, evaluate_layer_loss
+from .grad_match import evaluate_grad_gap, grad_distill
 from .logit_distill import evaluate_logit_kl, logit_distill
 
 log = logging.getLogger("fedpft.alignment")
+
+# --align-objective -> what trains the unfrozen FFN neurons (same signature, same parameters)
+TRAIN = {"hidden-mse": distill, "logit-kl": logit_distill, "lora-grad": grad_distill}
 
 
 @dataclass
@@ -47,6 +52,9 @@ class AlignmentResult:
     # KL(FM || proxy) of the classifier outputs on the same held-out batches (NaN without them)
     kl_before: float = float("nan")
     kl_after: float = float("nan")
+    # relative gap between proxy and FM gradients w.r.t. the shared adapters, same batches (cloud/grad_match.py)
+    grad_before: float = float("nan")
+    grad_after: float = float("nan")
 
     def summary(self) -> dict:
         """JSON-ready facts for the round's metrics record."""
@@ -56,6 +64,7 @@ class AlignmentResult:
             "steps": len(self.distill.losses), "loss_first": self.distill.first, "loss_last": self.distill.last,
             "objective": self.objective, "gap_before": self.gap_before, "gap_after": self.gap_after,
             "kl_before": self.kl_before, "kl_after": self.kl_after,
+            "grad_before": self.grad_before, "grad_after": self.grad_after,
             "proxy_accuracy_before": self.score_before, "proxy_accuracy_after": self.score_after,
         }
 
@@ -113,17 +122,17 @@ def align(
     masks = frozen_masks(stats, spec, fraction)
     gap = (lambda: evaluate_layer_loss(fm, proxy, spec, held_out)) if held_out else (lambda: float("nan"))
     kl = (lambda: evaluate_logit_kl(fm, proxy, held_out)) if held_out else (lambda: float("nan"))
-    before, kl_before, score_before = gap(), kl(), score(proxy) if score else None
-    train = logit_distill if objective == "logit-kl" else distill
-    result = train(fm, proxy, spec, public, steps, lr=lr, frozen=masks)
-    after, kl_after, score_after = gap(), kl(), score(proxy) if score else None
+    grad = (lambda: evaluate_grad_gap(fm, proxy, spec, held_out)) if held_out else (lambda: float("nan"))
+    before, kl_before, grad_before, score_before = gap(), kl(), grad(), score(proxy) if score else None
+    result = TRAIN[objective](fm, proxy, spec, public, steps, lr=lr, frozen=masks)
+    after, kl_after, grad_after, score_after = gap(), kl(), grad(), score(proxy) if score else None
     mean = {spec.layer_map[p]: float(apoz(*stats[spec.layer_map[p]]).mean()) for p in masks}
     log.info(
         "alignment (%s): froze %s neurons, %d steps (loss %.4f -> %.4f; held-out layer loss %.4f -> %.4f, "
-        "logit KL %.4f -> %.4f), mean APoZ %s", objective,
+        "logit KL %.4f -> %.4f, adapter-gradient gap %.4f -> %.4f), mean APoZ %s", objective,
         {spec.layer_map[p]: int(m.sum()) for p, m in masks.items()}, len(result.losses), result.first, result.last,
-        before, after, kl_before, kl_after, {k: round(v, 3) for k, v in mean.items()},
+        before, after, kl_before, kl_after, grad_before, grad_after, {k: round(v, 3) for k, v in mean.items()},
     )
     frozen = {spec.layer_map[p]: int(m.sum()) for p, m in masks.items()}
     return AlignmentResult(ffn_state(proxy, spec), frozen, result, mean, before, after, score_before, score_after,
-                           objective, kl_before, kl_after)
+                           objective, kl_before, kl_after, grad_before, grad_after)

@@ -91,9 +91,12 @@ ALIGN_OBJECTIVE_OPT = typer.Option(
     "hidden-mse", "--align-objective",
     help="What neuron-level alignment trains the proxy's unfrozen FFN neurons to minimise, with the FM + the round's "
          "adapters as teacher, on public data: hidden-mse (relative MSE of the compressed layers' outputs, the paper's; "
-         "the default) or logit-kl (KL(FM || proxy) of the classifier outputs, aimed at adapter transfer). "
-         "Not the default: in the isolated test (4 training orders from a round-3 state) its adapters served the FM "
-         "0.2 points worse than layer-only distillation's, 95% interval [-1.6, +1.3] (BENCHMARKS.md, alignment_objective_r3).",
+         "the default), logit-kl (KL(FM || proxy) of the classifier outputs) or lora-grad (the gap between the proxy's and "
+         "the FM's gradients w.r.t. the adapters on FM-labelled public batches, the quantity FedPFT's convergence bound is "
+         "about; each step a double backward, several times a hidden-mse step). The last two aim at adapter transfer and are "
+         "not the default: in the isolated test (4 training orders from a round-3 state) logit-kl's adapters served the FM "
+         "0.2 points worse than layer-only distillation's, 95% interval [-1.6, +1.3] (BENCHMARKS.md, alignment_objective_r3); "
+         "lora-grad: BENCHMARKS.md, alignment_grad.",
 )
 
 

@@ -152,7 +152,8 @@ class PrivacyOptions(BaseModel):
 # What neuron-level alignment trains the proxy's unfrozen FFN neurons to minimise (cloud/alignment.py).
 # hidden-mse: relative MSE of the compressed layers' outputs, proxy vs FM (the paper's; the default).
 # logit-kl: KL(FM || proxy) of the classifier outputs, both with the round's adapters.
-ALIGN_OBJECTIVES = ("hidden-mse", "logit-kl")
+# lora-grad: relative gap between proxy and FM gradients w.r.t. the adapters, on FM-labelled public batches.
+ALIGN_OBJECTIVES = ("hidden-mse", "logit-kl", "lora-grad")
 AlignObjective = Literal[ALIGN_OBJECTIVES]  # type: ignore[valid-type]
 
 

@@ -63,7 +63,9 @@ def distill_params(student: nn.Module, spec: ProxySpec) -> list[nn.Parameter]:
 
 
 @contextmanager
-def _only_trainable(model: nn.Module, params: list[nn.Parameter]):
+def only_trainable(model: nn.Module, params: list[nn.Parameter]):
+    """Gradients for `params` only while inside (backward skips every other weight's gradient);
+    the flags come back as they were."""
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     keep = {id(p) for p in params}
     for p in model.parameters():
@@ -98,6 +100,7 @@ def fit_ffns(
     loss_fn: Callable[[Batch], torch.Tensor],
     frozen: dict[int, torch.Tensor] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    differentiable: list[nn.Parameter] = (),
 ) -> DistillResult:
     """Train the student's compressed FFNs to minimise `loss_fn(batch)` (run under the device's
     "training" autocast, batch already on the device) for `steps` batches; the objectives of
@@ -106,6 +109,8 @@ def fit_ffns(
     frozen: proxy layer -> bool mask (neurons,) of neurons that keep their current weights.
     Teacher and student must be on one device; batches may be anywhere (they are moved there).
     Parameters stay fp32; both models run in eval mode (deterministic outputs to match).
+    differentiable: student parameters `loss_fn` differentiates with respect to (the adapters, for
+    a gradient-matching loss) without training them.
     """
     result = DistillResult()
     if steps <= 0 or not spec.compressed:
@@ -125,13 +130,13 @@ def fit_ffns(
     teacher.eval()
     student.eval()  # no dropout: distillation matches deterministic outputs
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    with _only_trainable(student, params):
+    with only_trainable(student, [*params, *differentiable]):
         for step in range(steps):
             batch = to_device(next(batches), device)
             with autocast(device, "training"):
                 loss = loss_fn(batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward(inputs=params)  # the FFNs only, whatever else the loss depends on
             opt.step()
             if frozen:
                 _restore_frozen(student, frozen, snapshot)

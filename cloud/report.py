@@ -94,17 +94,18 @@ def alignment_lines(rows: list[dict]) -> list[str]:
         return f"{a.get(name + '_before', float('nan')):.4f} -> {a.get(name + '_after', float('nan')):.4f}"
 
     lines = ["", "Neuron-level alignments (objective = what it minimised; layer loss = relative MSE of the compressed "
-             "layers' outputs, logit KL = KL(FM || proxy) of the classifier outputs; proxy vs FM, both with the round's "
-             "adapters, on held-out public batches):", "",
+             "layers' outputs, logit KL = KL(FM || proxy) of the classifier outputs, gradient gap = relative gap between the "
+             "two models' gradients w.r.t. the adapters; proxy vs FM, both with the round's adapters, on held-out public "
+             "batches):", "",
              "| after round | objective | neurons frozen | mean APoZ | layer loss before -> after | logit KL before -> after "
-             "| proxy accuracy before -> after | FM accuracy |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| gradient gap before -> after | proxy accuracy before -> after | FM accuracy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in aligned:
         a = r["alignment"]
         frozen = ", ".join(f"L{k}: {v}" for k, v in a.get("frozen", {}).items())
         apz = ", ".join(f"{v:.2f}" for v in a.get("mean_apoz", {}).values())
         # runs recorded before the objective was a choice all minimised the layer loss
-        lines.append(f"| {shown_round(r)} | {a.get('objective', 'hidden-mse')} | {frozen} | {apz} | {loss(a, 'gap')} | {loss(a, 'kl')} | "
+        lines.append(f"| {shown_round(r)} | {a.get('objective', 'hidden-mse')} | {frozen} | {apz} | {loss(a, 'gap')} | {loss(a, 'kl')} | {loss(a, 'grad')} | "
                      f"{pct(a.get('proxy_accuracy_before'))} -> {pct(a.get('proxy_accuracy_after'))} | {pct(r.get('fm_accuracy'))} |")
     return lines
 

@@ -75,14 +75,23 @@ def unmap_layers(key: str, layer_map: list[int]) -> str | None:
     return None if p is None else _LAYER.sub(f"encoder.layer.{p}.", key, count=1)
 
 
-def trainable_keys(peft_model: nn.Module, layer_map: list[int]) -> dict[str, str]:
-    """named_parameters() name -> FM PEFT state-dict key, for every trainable parameter.
-
-    Matched by tensor identity against peft's own state dict so we never re-implement its naming.
-    """
+def _keys_by_storage(peft_model: nn.Module) -> dict[int, str]:
+    """data_ptr -> PEFT state-dict key: parameters matched by tensor identity against peft's own
+    state dict, so we never re-implement its naming."""
     from peft import get_peft_model_state_dict
 
-    by_ptr = {t.data_ptr(): k for k, t in get_peft_model_state_dict(peft_model).items()}
+    return {t.data_ptr(): k for k, t in get_peft_model_state_dict(peft_model).items()}
+
+
+def adapter_parameters(peft_model: nn.Module, layer_map: list[int]) -> dict[str, nn.Parameter]:
+    """FM PEFT state-dict key -> the parameter holding that adapter tensor, trainable or not."""
+    by_ptr = _keys_by_storage(peft_model)
+    return {remap_layers(by_ptr[p.data_ptr()], layer_map): p for _, p in peft_model.named_parameters() if p.data_ptr() in by_ptr}
+
+
+def trainable_keys(peft_model: nn.Module, layer_map: list[int]) -> dict[str, str]:
+    """named_parameters() name -> FM PEFT state-dict key, for every trainable parameter."""
+    by_ptr = _keys_by_storage(peft_model)
     out = {}
     for name, p in peft_model.named_parameters():
         if p.requires_grad:

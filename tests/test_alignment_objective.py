@@ -93,16 +93,17 @@ def test_align_records_its_objective_and_both_gaps():
     info = res.summary()
     assert info["objective"] == "logit-kl" and info["steps"] == 20
     assert np.isfinite(info["gap_after"]) and info["kl_after"] < info["kl_before"]
-    with pytest.raises(ValueError, match="hidden-mse, logit-kl"):
+    with pytest.raises(ValueError, match="hidden-mse, logit-kl, lora-grad"):
         align(fm, copy.deepcopy(proxy), spec, adapters, stats, stream(), 0.5, steps=1, lr=1e-3, objective="kl")
 
 
 def test_the_option_validates(tmp_path):
     assert ServeConfig(bundle=tmp_path, out=tmp_path).align_objective == "hidden-mse"
     assert SimulateConfig(out=tmp_path, align_objective="logit-kl").align_objective == "logit-kl"
+    assert ServeConfig(bundle=tmp_path, out=tmp_path, align_objective="lora-grad").align_objective == "lora-grad"
     for cls, kw in ((ServeConfig, dict(bundle=tmp_path, out=tmp_path)), (SimulateConfig, dict(out=tmp_path))):
         with pytest.raises(ValidationError, match="align_objective"):
-            cls(**kw, align_objective="lora-grad")
+            cls(**kw, align_objective="gradient")
 
 
 def test_simulate_and_serve_offer_the_option():
