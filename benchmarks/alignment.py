@@ -149,7 +149,7 @@ def main() -> None:
     start_acc = fm.evaluate(test)[0]
     print(f"round {r + 1} adapters on the FM: {100 * start_acc:.1f}% ({len(rows)} rounds in the run)", flush=True)
 
-    align_seconds: dict[str, float] = {}  # variant -> wall s of its re-alignment here
+    align_seconds: dict[str, tuple[float, float]] = {}  # variant -> (wall, CPU) s of its re-alignment here, held-out measures included
     aligned_ffn: dict[str, dict] = {}  # variant -> FFN tensors, so each alignment runs once for all orders
 
     def proxy_variant(v: str):
@@ -165,11 +165,11 @@ def main() -> None:
             objective, fraction, steps = REALIGN[v]
             fm.plug(adapters)
             stream = batch_stream(align_pool, enc, 16, 7919 * sc["seed"] + r)  # the run's own alignment batches
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             align(fm.model, proxy, spec, adapters, stats, stream, fraction, steps or sc["align_steps"], sc["align_lr"],
                   objective=objective)
-            align_seconds[v] = time.time() - t0
-            print(f"{v}: aligned in {align_seconds[v]:.0f}s (load {os.getloadavg()[0]:.1f})", flush=True)
+            align_seconds[v] = (time.time() - t0, time.process_time() - c0)
+            print(f"{v}: aligned in {align_seconds[v][0]:.0f}s, {align_seconds[v][1]:.0f} CPU s (load {os.getloadavg()[0]:.1f})", flush=True)
             aligned_ffn[v] = {n: torch.from_numpy(t) for n, t in ffn_state(proxy, spec).items()}
         gap = evaluate_layer_loss(fm.model, proxy, spec, held) if spec.compressed else 0.0
         return proxy, spec, gap, evaluate_logit_kl(fm.model, proxy, held), evaluate_grad_gap(fm.model, proxy, spec, held)
@@ -192,7 +192,7 @@ def main() -> None:
             f"{sc.get('align_objective', 'hidden-mse')}. Δ = FM accuracy minus that of the layer-only proxy trained in the "
             "same order (paired): its spread over orders is the noise a difference must beat.",
             "",
-            f"| proxy the adapters were trained on | layer gap | logit KL | gradient gap | alignment s | FM accuracy after training, per order | mean "
+            f"| proxy the adapters were trained on | layer gap | logit KL | gradient gap | alignment s, wall / CPU | FM accuracy after training, per order | mean "
             f"| Δ vs layer-only, per order (mean) | that model's own accuracy ({sum(len(b[1]) for b in small)} of the test samples) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -203,7 +203,7 @@ def main() -> None:
             own = ", ".join(f"{100 * x['own']:.1f}" for x in rs)
             deltas = [100 * (x["fm"] - base[x["order"]]) for x in rs if x["order"] in base]
             delta = f"{', '.join(f'{d:+.1f}' for d in deltas)} ({np.mean(deltas):+.1f})" if deltas and v != "prepared" else "-"
-            secs = f"{align_seconds[v]:.0f}" if v in align_seconds else "-"
+            secs = f"{align_seconds[v][0]:.0f} / {align_seconds[v][1]:.0f}" if v in align_seconds else "-"
             lines.append(f"| {LABEL[v]} | {rs[0]['gap']:.4f} | {rs[0]['kl']:.4f} | {rs[0]['grad']:.4f} | {secs} | {fm_accs}% | {100 * np.mean([x['fm'] for x in rs]):.1f}% "
                          f"| {delta} | {own}% |")
         write_section(args.section, "\n".join(lines))

@@ -331,6 +331,7 @@ class ScaleConfig:
     cloud_cpus: tuple[int, ...] = ()
     fleet_cpus: tuple[int, ...] = ()
     device_ack_timeout: float = 30.0  # the devices' receipt timeout (WorkerSpec.ack_timeout)
+    max_upload_buffer: int | None = None  # serve's --max-upload-buffer (None: its default)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -376,8 +377,8 @@ def run_scale(sc: ScaleConfig) -> dict:
 
         cfg = ServeConfig(bundle=sc.bundle, out=out / "run", broker=sc.broker, run_id=run_id, rounds=1, min_clients=sc.devices,
                           clients_per_round=sc.devices, round_timeout=sc.round_timeout, wait_for_clients=60.0, max_round_retries=0,
-                          task_ack_timeout=sc.task_ack_timeout,
-                          seed=sc.seed)
+                          task_ack_timeout=sc.task_ack_timeout, seed=sc.seed,
+                          **({"max_upload_buffer": sc.max_upload_buffer} if sc.max_upload_buffer else {}))
         broker_pid = sc.broker_pid or _broker_pid()
         broker_rss0 = _status_kb(broker_pid, "VmRSS") * 1024 if broker_pid else 0
         cloud = CountingTransport(MqttTransport(sc.broker, client_id=f"fedpft-cloud-{run_id}", session_expiry=120,
@@ -446,7 +447,8 @@ def run_scale(sc: ScaleConfig) -> dict:
         "broker": sc.broker_label + (", shared broadcast" if sc.shared_broadcast and not sc.shared_link else "")
         + (f", one connection per {sc.per_worker} devices" if sc.shared_link else "")
         + (f", fleet nice {sc.fleet_nice}" if sc.fleet_nice else "")
-        + (f", cloud on CPU {','.join(map(str, sc.cloud_cpus))}" if sc.cloud_cpus else ""),
+        + (f", cloud on CPU {','.join(map(str, sc.cloud_cpus))}" if sc.cloud_cpus else "")
+        + (f", upload buffer {sc.max_upload_buffer / 2**20:.0f} MiB" if sc.max_upload_buffer else ""),
         "workers": n_workers,
         "accepted": record["clients"],
         "acked_ok": len(acked),
@@ -469,6 +471,7 @@ def run_scale(sc: ScaleConfig) -> dict:
         "resends_merged": fed.blobs.queue.merged,
         "uploads": sum(d["uploads"] for d in timings),
         "queued_notices": sum(d.get("queued", 0) for d in timings),
+        "busy_notices": sum(d.get("busy", 0) for d in timings),
         "cloud_rss_idle_mb": rss_idle / 2**20,
         "cloud_rss_peak_round_mb": fed.rss_peak / 2**20,
         "cloud_cpu_round_s": fed.cpu_s,
@@ -542,7 +545,8 @@ def table(results: list[dict]) -> str:
         ("up/down MB", lambda r: f"{_f(r['bytes_up_mb'], 1)}/{_f(r['bytes_down_mb'], 1)}"),
         ("cloud msgs/s", lambda r: _f(r["cloud_msgs_per_s"], 0)),
         ("fleet msgs/s", lambda r: _f(r["fleet_msgs_per_s"], 0)),
-        ("blob requests/re-sent chunks/re-uploads/queued notices", lambda r: f"{r['blob_requests']}/{r.get('resent_chunks', '-')}/{r['uploads'] - r['devices']}/{r.get('queued_notices', '-')}"),
+        ("blob requests/re-sent chunks/re-uploads/queued/busy notices",
+         lambda r: f"{r['blob_requests']}/{r.get('resent_chunks', '-')}/{r['uploads'] - r['devices']}/{r.get('queued_notices', '-')}/{r.get('busy_notices', '-')}"),
         ("msgs lost to cloud", lambda r: str(r["dropped_to_cloud"])),
     ]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
@@ -625,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
                          "fleet's own parsing of the broadcast (and 1 - 1/per-worker of the broker's fan-out) off this "
                          "machine's CPUs, which real devices would not share")
     ap.add_argument("--round-timeout", type=float, default=300.0)
+    ap.add_argument("--max-upload-buffer", type=int, default=None, metavar="BYTES",
+                    help="the cloud's serve --max-upload-buffer (default: serve's); what bounds its peak RSS under a flood")
     ap.add_argument("--device-ack-timeout", type=float, default=30.0,
                     help="the simulated devices' receipt timeout before they upload again (default 30, the agent's); "
                          "shorter makes a cloud's backlog of checks outlast it, as 5,000 devices do at 30 s")
@@ -666,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
                                  shared_link=args.fleet == "shared-link", fleet_nice=args.fleet_nice,
                                  cloud_cpus=cloud_cpus, fleet_cpus=fleet_cpus,
                                  round_timeout=args.round_timeout, shared_broadcast=args.shared_broadcast,
-                                 task_ack_timeout=args.task_ack_timeout, device_ack_timeout=args.device_ack_timeout)
+                                 task_ack_timeout=args.task_ack_timeout, device_ack_timeout=args.device_ack_timeout,
+                                 max_upload_buffer=args.max_upload_buffer)
                 if queued is None:
                     res = run_isolated(sc)
                 else:

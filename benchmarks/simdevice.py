@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from fedpft.edge.backoff import QUEUED_MAX_WAIT, receipt_wait
+from fedpft.edge.backoff import QUEUED_MAX_WAIT, busy_wait, receipt_wait
 from fedpft.shared import topics
 from fedpft.shared.chunks import BlobSource, Chunk, Reassembler
 from fedpft.shared.codec import decode_tensors, encode_tensors
@@ -130,6 +130,7 @@ class DeviceTiming:
     blob_requests: int = 0
     uploads: int = 0
     queued: int = 0  # "queued" notices received (the update arrived; its checks wait behind others)
+    busy: int = 0  # "busy" notices received (no room at the cloud: uploaded again shortly, as told)
     ended: bool = False  # EndOfRun received
     msgs_out: int = 0
     msgs_in: int = 0
@@ -234,6 +235,8 @@ class SimDevice:
             self._on_ack(msg)
         elif isinstance(msg, Ack) and msg.acked == "queued":
             self._on_queued(msg)
+        elif isinstance(msg, Ack) and msg.acked == "busy":
+            self._on_busy(msg)
         elif isinstance(msg, EndOfRun):
             self.timing.ended = True
             self._finish()
@@ -352,7 +355,7 @@ class SimDevice:
         for payload in src.payloads():
             self._publish(topics.upload_topic(self.run, self.me, src.blob_id), payload)
         self.timing.update_sent_at = time.time()
-        attempt, self._wait = self.timing.uploads, self._wait + 1
+        attempt, self._wait = self.timing.uploads - self.timing.busy, self._wait + 1  # as the agent: busy retries are not attempts
         wait = self._wait
         self.sched.at(time.time() + receipt_wait(self.ack_timeout, attempt - 1, self.retry_rng), lambda: self._check_ack(task, attempt, wait))
 
@@ -364,13 +367,26 @@ class SimDevice:
         if self._queued_attempt == self.timing.uploads:
             return  # this upload already waits the longest it may
         task, sent = self._task, self.timing.update_sent_at or time.time()
-        attempt, self._wait = self.timing.uploads, self._wait + 1
-        self._queued_attempt = attempt
+        self._queued_attempt = self.timing.uploads
+        attempt, self._wait = self.timing.uploads - self.timing.busy, self._wait + 1
         wait = self._wait
         self.sched.at(sent + QUEUED_MAX_WAIT * self.ack_timeout, lambda: self._check_ack(task, attempt, wait))
 
+    def _on_busy(self, ack: Ack) -> None:
+        """As the agent does: the cloud dropped the bytes for want of room; upload them again after
+        busy_wait, and not as a failed attempt."""
+        if self._upload is None or ack.update_id != self._upload[1].update_id or self.timing.acked_at is not None:
+            return
+        task = self._task
+        self.timing.busy += 1
+        self._wait += 1  # the pending receipt check is void: this upload has its answer
+        delay = busy_wait(ack.retry_after, self.retry_rng)
+        if task is None or time.time() + delay >= task.deadline:
+            return self._fail(task, "turned away by a busy cloud; the round ends before the update could be sent again", publish=False)
+        self.sched.at(time.time() + delay, lambda: self._send_update(task))
+
     def _check_ack(self, task: Task, attempt: int, wait: int) -> None:
-        if self.timing.acked_at is not None or self.timing.uploads != attempt or wait != self._wait:
+        if self.timing.acked_at is not None or self.timing.uploads - self.timing.busy != attempt or wait != self._wait:
             return
         if attempt > self.max_retries:
             return self._fail(task, f"no receipt for the update after {attempt} uploads", publish=False)

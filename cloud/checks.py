@@ -26,6 +26,10 @@ CHECK_WORKERS = 4
 # well inside a device's default 30 s receipt timeout, so a backlog does not bring every waiting
 # device's 0.6 MB back as a re-upload (5,000 devices made 4,937 of them, BENCHMARKS.md scale).
 QUEUED_RECEIPT_AFTER = 10.0
+# What a "busy" receipt asks a device turned away by a full upload buffer to wait before uploading
+# again (it adds up to as much again at random): a few checks' worth of a backlog, not a receipt
+# timeout (30 s, doubling: 5,000 devices against a 1 GiB buffer took 153 s that way, BENCHMARKS.md scale).
+BUSY_RETRY_AFTER = 2.0
 
 
 def check_pool(workers: int = CHECK_WORKERS) -> ThreadPoolExecutor:

@@ -32,7 +32,7 @@ from fedpft.shared.signing import key_id, load_private_key, sign
 from fedpft.shared.transport import Transport
 
 from .blobs import BlobServer, worth_broadcasting
-from .checks import QUEUED_RECEIPT_AFTER, EventQueue, check_pool
+from .checks import BUSY_RETRY_AFTER, QUEUED_RECEIPT_AFTER, EventQueue, check_pool
 from .fanout import task_deliveries
 from .fold import RoundFold
 from .handlers import DeviceHandlers
@@ -148,6 +148,10 @@ class Federation(DeviceHandlers):
             return self.events.submit(self.pool, "checked", self._check, v, self.task.task_id, fold, declared, self.tracker)
         if v.kind == "queued":
             return self._reply(msg, True, "queued behind other updates' checks", acked="queued")
+        if v.kind == "busy":
+            log.warning("round %d: update from %s turned away (%s); told to upload it again in %.0f-%.0fs",
+                        msg.round_id, msg.device_id, v.reason, BUSY_RETRY_AFTER, 2 * BUSY_RETRY_AFTER)
+            return self._reply(msg, True, v.reason, acked="busy", retry_after=BUSY_RETRY_AFTER)
         if v.kind == "reject":
             log.warning("rejected update from %s for round %d: %s", msg.device_id, msg.round_id, v.reason)
             return self._reply(msg, False, v.reason)
@@ -215,9 +219,9 @@ class Federation(DeviceHandlers):
             self.fold = self.strategy.begin(self.round_id, None)
         return self.fold
 
-    def _reply(self, msg: Update, ok: bool, reason: str | None, acked: str = "update") -> None:
+    def _reply(self, msg: Update, ok: bool, reason: str | None, acked: str = "update", retry_after: float | None = None) -> None:
         ack = Ack(run_id=self.cfg.run_id, round_id=msg.round_id, sender=CLOUD_SENDER, device_id=msg.device_id, acked=acked, ok=ok,
-                  reason=reason, update_id=msg.update_id)
+                  reason=reason, update_id=msg.update_id, retry_after=retry_after)
         # not waiting for the broker: a lost receipt is asked for again (the device uploads again and
         # gets the stored verdict), and 1,000 receipts must not wait for 1,000 round trips on the loop
         self.t.publish(topics.device_topic(self.cfg.run_id, msg.device_id, topics.INBOX), encode(ack), wait=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -44,7 +45,8 @@ class OpenRound:
 
 @dataclass
 class Upload:
-    """One device's blob arriving in chunks; `reserved` bytes count against the upload buffer."""
+    """One device's blob arriving in chunks; `reserved` bytes (the blob's, and the float64 change its
+    check will make) count against the upload buffer."""
 
     asm: Reassembler
     reserved: int
@@ -55,10 +57,11 @@ class Upload:
 class Verdict:
     """What to do about one Update: check its complete blob (off the loop: `validate`), accept (with
     its validated content), count a failure the device reported, ack a duplicate again, reject with a
-    reason the device is told, or tell it its update is queued (a retry while the first copy is checked)."""
+    reason the device is told, tell it its update is queued (a retry while the first copy is checked),
+    or that the cloud is busy (no room for its bytes now: upload again shortly)."""
 
     msg: Update
-    kind: Literal["check", "accept", "failed", "duplicate", "reject", "queued"]
+    kind: Literal["check", "accept", "failed", "duplicate", "reject", "queued", "busy"]
     reason: str | None = None
     data: bytes = b""  # accept: the blob exactly as received (what is stored)
     adapters: dict[str, np.ndarray] = field(default_factory=dict)
@@ -80,25 +83,48 @@ class InCheck:
     reserved: int = 0  # its bytes, still counted against the upload buffer
 
 
+class NoRoom(ProtocolError):
+    """An upload refused because the upload buffer is full: its device is told to come back ("busy")."""
+
+
 class UploadCollector:
     def __init__(self, cfg: ServeConfig, open_round: OpenRound, expected: dict, stat_layers: dict[int, int]):
         self.cfg, self.open = cfg, open_round
         self.expected, self.stat_layers = expected, stat_layers
+        # What a check makes beside the blob and holds until the loop folds it: the float64 change of
+        # every adapter coordinate (RoundFold.change_flat), twice the float32 adapters. Reserved with
+        # the blob, so --max-upload-buffer bounds both (not counting it let a 256 MiB buffer reach
+        # 863 MB of peak RSS at 5,000 devices, BENCHMARKS.md scale).
+        self.change_bytes = 8 * sum(math.prod(shape) for shape, _ in expected.values())
         self.uploads: dict[tuple[str, str], Upload] = {}
         self.upload_bytes = 0  # reserved by unfinished uploads and those in their checks, at most cfg.max_upload_buffer
         self.waiting: dict[tuple[str, str], Update] = {}  # update messages whose blob is still arriving
         self.bytes_up = 0
         # devices whose complete update is being checked off the loop -> that check (and their Updates that came meanwhile)
         self.checking: dict[str, InCheck] = {}
+        # device -> (blob, told): the upload most recently turned away for room, and whether its device
+        # has had its "busy" receipt; one per device, cleared when the device uploads it again
+        self.turned_away: dict[str, tuple[str, bool]] = {}
 
     # -- chunks in
     def chunk(self, device: str, chunk: Chunk, nbytes: int) -> Verdict | None:
         key = (device, chunk.blob_id)
         up = self.uploads.get(key)
         if up is None:
-            up = self._start(device, chunk)
+            try:
+                up = self._start(device, chunk)
+            except NoRoom:
+                if self.turned_away.get(device) == (chunk.blob_id, True):
+                    return None  # the rest of an upload whose device was told to come back: no line each
+                waiting = self.waiting.pop(key, None)
+                self.turned_away[device] = (chunk.blob_id, waiting is not None)
+                if waiting is not None:  # its Update came first: tell the device now
+                    return self._busy(waiting)
+                raise  # its Update, when it comes, is told (`update`)
             if up is None:
                 return None
+            if self.turned_away.get(device, ("",))[0] == chunk.blob_id:
+                del self.turned_away[device]  # there was room this time
         try:
             new = up.asm.add(chunk)
         except ProtocolError as exc:
@@ -130,15 +156,16 @@ class UploadCollector:
         mine = sorted((k for k in self.uploads if k[0] == device), key=lambda k: self.uploads[k].last)
         for k in mine[: max(0, len(mine) - MAX_UPLOADS_PER_DEVICE + 1)]:
             self.drop(k, f"{device} started another upload ({chunk.blob_id})")
-        if self.upload_bytes + chunk.total_size > cfg.max_upload_buffer:
-            raise ProtocolError(f"upload from {device} dropped: unfinished and unchecked uploads hold {self.upload_bytes} "
-                                f"bytes, the buffer is {cfg.max_upload_buffer} bytes (--max-upload-buffer)")
+        need = chunk.total_size + self.change_bytes
+        if self.upload_bytes + need > cfg.max_upload_buffer:
+            raise NoRoom(f"upload from {device} dropped: unfinished and unchecked uploads hold {self.upload_bytes} "
+                         f"bytes, this one needs {need}, the buffer is {cfg.max_upload_buffer} bytes (--max-upload-buffer)")
         key = (device, chunk.blob_id)
         waiting = self.waiting.get(key)
         asm = (Reassembler.for_ref(waiting.blob, max_bytes=cfg.max_update_bytes) if waiting is not None and waiting.blob
                else Reassembler(chunk.blob_id, max_bytes=cfg.max_update_bytes))
-        self.upload_bytes += chunk.total_size
-        up = self.uploads[key] = Upload(asm, chunk.total_size)
+        self.upload_bytes += need
+        up = self.uploads[key] = Upload(asm, need)
         return up
 
     # -- updates in, verdicts out
@@ -170,6 +197,12 @@ class UploadCollector:
             return _reject(msg, f"update of {ref.size} bytes exceeds the {self.cfg.max_update_bytes}-byte cap")
         key = (msg.device_id, ref.blob_id)
         up = self.uploads.get(key)
+        away = self.turned_away.get(msg.device_id)
+        if up is None and away is not None and away[0] == ref.blob_id:
+            if not away[1]:  # its first chunk was turned away before this Update came
+                self.turned_away[msg.device_id] = (ref.blob_id, True)
+                return self._busy(msg)
+            del self.turned_away[msg.device_id]  # the device uploads it again, as told
         if up is not None and not up.asm.done:
             try:  # chunks came first: what they declared must agree with the Update now, not at the end
                 up.asm.bind(ref.sha256, ref.size)
@@ -189,6 +222,10 @@ class UploadCollector:
         self.checking[msg.device_id] = InCheck(msg, ref.blob_id, reserved=up.reserved)
         data = up.asm.result()
         return Verdict(msg, "check", data=data, digest=up.asm.verified_sha256)
+
+    def _busy(self, msg: Update) -> Verdict:
+        return Verdict(msg, "busy", f"no room for the update's bytes now: the upload buffer holds {self.upload_bytes} of "
+                                    f"{self.cfg.max_upload_buffer} bytes (--max-upload-buffer); upload it again shortly")
 
     def checked(self, device: str) -> list[Update]:
         """The check of `device`'s update ended: the Updates it sent meanwhile, to handle now."""
@@ -255,6 +292,7 @@ class UploadCollector:
         """At a round's end no upload can count any more: free them, each with a log line."""
         for key in {*self.uploads, *self.waiting}:
             self.drop(key, f"round {round_id} ended")
+        self.turned_away.clear()
 
 
 def _reject(msg: Update, reason: str) -> Verdict:

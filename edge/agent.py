@@ -28,7 +28,7 @@ from fedpft.shared.signing import SignatureError
 from fedpft.shared.transport import Transport
 from fedpft.shared.update import bind_update
 
-from .backoff import QUEUED_MAX_WAIT, receipt_wait
+from .backoff import QUEUED_MAX_WAIT, busy_wait, receipt_wait
 from .blobs import AgentError
 from .link import Address, DeviceLink
 from .secure_task import SecureTask, clipped_update
@@ -150,13 +150,26 @@ class EdgeAgent:
         uid = make_update_id(self.run, task.round_id, self.me, task.task_id, sha)
         msg = Update(run_id=self.run, round_id=task.round_id, sender=self.me, device_id=self.me, blob=src.ref,
                      task_id=task.task_id, update_id=uid, **fields)
-        for attempt in range(self.cfg.max_retries + 1):
+        attempt = 0
+        while attempt <= self.cfg.max_retries:
             # the Update first: the cloud then checks every chunk against its hash and size on arrival
             self.link.publish(topics.UPDATE, msg)
             for payload in src.payloads():
                 self.link.t.publish(topics.upload_topic(self.run, self.me, src.blob_id), payload)
             wait = receipt_wait(self.cfg.ack_timeout, attempt, self._retry_rng)
             ack = self.wait_ack(uid, wait)
+            if ack is not None and ack.acked == "busy":
+                # the cloud dropped the bytes for want of room and asks for them again soon: not a
+                # failed attempt, so it costs no retry; the round's deadline bounds how often
+                delay = busy_wait(ack.retry_after, self._retry_rng)
+                if time.time() + delay >= task.deadline:
+                    log.warning("round %d: update %s turned away by a busy cloud, and the round ends before it could "
+                                "be sent again (%s)", task.round_id, uid[:12], ack.reason)
+                    return
+                log.info("round %d: update %s turned away by a busy cloud; uploading it again in %.1fs",
+                         task.round_id, uid[:12], delay)
+                time.sleep(delay)
+                continue
             if ack is not None:
                 if ack.ok:
                     log.info("round %d: update %s accepted%s", task.round_id, uid[:12], f" ({ack.reason})" if ack.reason else "")
@@ -164,10 +177,12 @@ class EdgeAgent:
                     log.warning("round %d: update %s refused: %s", task.round_id, uid[:12], ack.reason)
                 return
             log.warning("round %d: no receipt for update %s after %.0fs (attempt %d)", task.round_id, uid[:12], wait, attempt + 1)
+            attempt += 1
 
     def wait_ack(self, update_id: str, timeout: float) -> Ack | None:
-        """The cloud's receipt naming this update; receipts about other submissions (a replay
-        someone sent in this device's name) are logged and ignored. A "queued" notice for this
+        """The cloud's receipt naming this update, or its "busy" notice (upload it again soon);
+        receipts about other submissions (a replay someone sent in this device's name) are logged
+        and ignored. A "queued" notice for this
         update (it arrived whole; its checks wait behind others) stretches the wait to QUEUED_MAX_WAIT
         times `timeout`: the receipt is on its way, and uploading the same bytes again would only
         lengthen the queue; the cap keeps a cloud that never answers from holding the device."""
@@ -183,7 +198,7 @@ class EdgeAgent:
                         end = start + QUEUED_MAX_WAIT * timeout
                         log.info("update %s queued at the cloud (%s); waiting up to %.0fs for its receipt",
                                  update_id[:12], msg.reason or "-", end - start)
-                elif isinstance(msg, Ack) and msg.acked == "update":
+                elif isinstance(msg, Ack) and msg.acked in ("update", "busy"):
                     if msg.update_id == update_id:
                         return msg
                     log.info("ignored a receipt for update %s (not this device's current submission): %s",

@@ -20,3 +20,9 @@ def receipt_wait(base: float, attempt: int, rng: random.Random) -> float:
 # one when an update's checks have waited 10 s behind others, and one for each copy it gets while
 # checking the first; the receipt follows, so uploading the same bytes again would only add to the queue.
 QUEUED_MAX_WAIT = 8
+
+
+def busy_wait(retry_after: float | None, rng: random.Random) -> float:
+    """Seconds before uploading again after a "busy" receipt: the cloud's `retry_after` (1 s if it
+    gave none) times a draw from [1, 2), so the devices it turned away together come back spread."""
+    return (1.0 if retry_after is None else retry_after) * (1.0 + rng.random())

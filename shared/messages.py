@@ -134,9 +134,13 @@ class Ack(_Message):
     # "queued" (cloud -> device, with update_id): that update arrived whole and waits for its checks
     # behind others; its receipt ("update") follows. Not a verdict: it tells the device not to upload
     # the same bytes again meanwhile (at fleet scale those re-uploads are what keep the cloud behind).
-    acked: Literal["task", "update", "hello", "queued"]
+    # "busy" (cloud -> device, with update_id): the cloud had no room to take that update's bytes
+    # (its upload buffer was full) and dropped them; not a verdict: the device uploads the same update
+    # again after about `retry_after` seconds, instead of waiting out its receipt timeout.
+    acked: Literal["task", "update", "hello", "queued", "busy"]
     ok: bool = True
     reason: Reason | None = None
+    retry_after: float | None = Field(default=None, ge=0, le=3600)  # acked="busy": seconds before uploading again
     # For acked="update": the Update.update_id this receipt is about; a device acts only on its own.
     update_id: UpdateId | None = None
     # For acked="task": the Task.task_id acknowledged. The cloud counts only an ack of the task it

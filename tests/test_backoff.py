@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from fedpft.edge.agent import EdgeAgent
-from fedpft.edge.backoff import MAX_FACTOR, QUEUED_MAX_WAIT, receipt_wait
+from fedpft.edge.backoff import MAX_FACTOR, QUEUED_MAX_WAIT, busy_wait, receipt_wait
 from fedpft.shared import topics
 from fedpft.shared.codec import encode_tensors
 from fedpft.shared.config import AgentConfig
@@ -37,7 +37,7 @@ def test_a_device_without_receipts_uploads_again_later_each_time(tmp_path):
     assert 0.2 <= gaps[0] < 0.3 + 0.15 and 0.4 <= gaps[1] < 0.6 + 0.15, gaps  # scheduling slack on a busy machine
 
 
-def _agent_against(tmp_path, cloud, ack_timeout: float, max_retries: int = 2):
+def _agent_against(tmp_path, cloud, ack_timeout: float, max_retries: int = 2, deadline_s: float = 60.0):
     """The real agent's `upload` against `cloud(hub, update) -> None`, called on each Update it sends;
     returns (monotonic times of the Updates, the agent thread)."""
     hub = InMemoryHub(threaded=True)
@@ -58,16 +58,16 @@ def _agent_against(tmp_path, cloud, ack_timeout: float, max_retries: int = 2):
     agent.link.start()  # listen on the inbox, where receipts come
     ref = BlobRef(blob_id="b", sha256="0" * 64, size=1)
     task = Task(run_id="bo", round_id=0, sender="cloud", devices=["dev"], bundle=ref, bundle_version="v:1", adapters=ref,
-                lr=1e-3, batch_size=4, deadline=time.time() + 60)
+                lr=1e-3, batch_size=4, deadline=time.time() + deadline_s)
     data = encode_tensors({"w": np.zeros(4, np.float32)})
     th = threading.Thread(target=agent.upload, args=(task, data, {"num_samples": 4, "steps": 1, "mean_loss": 1.0}))
     th.start()
     return seen, th
 
 
-def _ack(t, update: Update, acked: str) -> None:
+def _ack(t, update: Update, acked: str, **kw) -> None:
     t.publish(topics.device_topic("bo", "dev", topics.INBOX),
-              encode(Ack(run_id="bo", round_id=0, sender="cloud", device_id="dev", acked=acked, update_id=update.update_id)))
+              encode(Ack(run_id="bo", round_id=0, sender="cloud", device_id="dev", acked=acked, update_id=update.update_id, **kw)))
 
 
 def test_a_queued_notice_holds_the_device_until_its_receipt(tmp_path):
@@ -97,3 +97,30 @@ def test_queued_notices_cannot_hold_a_device_forever(tmp_path):
     assert not th.is_alive() and len(seen) == 2, seen
     gap = seen[1] - seen[0]
     assert QUEUED_MAX_WAIT * 0.1 <= gap < QUEUED_MAX_WAIT * 0.1 + 0.5, gap
+
+
+def test_busy_waits_spread_over_one_retry_after():
+    rng = random.Random(0)
+    draws = [busy_wait(2.0, rng) for _ in range(2000)]
+    assert 2.0 <= min(draws) and max(draws) < 4.0 and max(draws) - min(draws) > 1.8
+    assert 1.0 <= busy_wait(None, rng) < 2.0
+
+
+def test_a_busy_cloud_gets_the_update_again_soon_and_it_costs_no_retry(tmp_path):
+    """Turned away twice with retry_after 0.1 s, then accepted: the device uploads 3 times within
+    about a second, though its receipt timeout is 5 s and it may retry only once."""
+    def cloud(t, update, n):
+        _ack(t, update, "busy", retry_after=0.1) if n <= 2 else _ack(t, update, "update")
+
+    seen, th = _agent_against(tmp_path, cloud, ack_timeout=5.0, max_retries=1)
+    th.join(10)
+    assert not th.is_alive() and len(seen) == 3, seen
+    assert all(0.1 <= b - a < 0.2 + 0.3 for a, b in zip(seen, seen[1:])), seen  # scheduling slack
+
+
+def test_busy_notices_end_with_the_round(tmp_path):
+    """A cloud that only ever says busy cannot keep a device past its task's deadline."""
+    seen, th = _agent_against(tmp_path, lambda t, update, n: _ack(t, update, "busy", retry_after=0.2), ack_timeout=5.0,
+                              deadline_s=1.5)
+    th.join(10)
+    assert not th.is_alive() and 3 <= len(seen) <= 6, seen

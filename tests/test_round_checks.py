@@ -8,6 +8,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 
 from fedpft.shared import topics
@@ -73,9 +74,11 @@ def test_ack_follows_the_durable_write_and_a_redelivery_counts_once(tiny_bert_bu
             fed._on_upload(topics.upload_topic(RUN, "d1", src.blob_id), payload)
         with held_checks(fed) as release:
             fed.pump(0.3)
-            # reassembled and in its check: no longer an upload, but its bytes still count against the buffer
+            # reassembled and in its check: no longer an upload, but its bytes and the float64 change the
+            # check makes still count against the buffer
             assert fed.collector.uploads == {} and "d1" in fed.collector.checking
-            assert fed.collector.upload_bytes == src.ref.size
+            coords = sum(int(np.prod(shape)) for shape, _ in fed.strategy.expected.values())
+            assert fed.collector.upload_bytes == src.ref.size + 8 * coords
             release()
         while not fed.events.empty():
             fed.pump(0.01)
@@ -130,6 +133,7 @@ def test_updates_in_their_checks_count_against_the_upload_buffer(tiny_bert_bundl
     while the first is checked, and fits once that check is done."""
     updates = {d: device_update(tiny_bert_bundle, d, i, 1 << 20) for i, d in enumerate(("d1", "d2"))}
     fed = open_round(tiny_bert_bundle, tmp_path, max_upload_buffer=updates["d1"][0].ref.size + 1024)
+    fed.cfg.max_upload_buffer += fed.collector.change_bytes  # room for one update and the change its check makes
 
     def upload(d: str) -> None:
         src, msg = updates[d]
@@ -153,6 +157,41 @@ def test_updates_in_their_checks_count_against_the_upload_buffer(tiny_bert_bundl
     while not fed.events.empty() or fed.collector.checking:
         fed.pump(0.05)
     assert "d2" in fed.tracker.accepted and fed.collector.upload_bytes == 0
+
+
+@pytest.mark.parametrize("update_first", [True, False])
+def test_a_device_turned_away_for_room_is_told_to_come_back_and_then_counts(tiny_bert_bundle, tmp_path, caplog, update_first):
+    """A full upload buffer drops a device's bytes; the device hears "busy" with a retry_after (not
+    silence until its receipt timeout, which made 5,000 devices take 153 s), whichever of its Update
+    and its first chunk came first, and its upload, made again, is accepted. One line per refusal."""
+    updates = {d: device_update(tiny_bert_bundle, d, i, 1 << 20) for i, d in enumerate(("d1", "d2"))}
+    fed = open_round(tiny_bert_bundle, tmp_path, max_upload_buffer=updates["d1"][0].ref.size + 1024)
+    fed.cfg.max_upload_buffer += fed.collector.change_bytes  # room for one update and the change its check makes
+    got = receipts(fed, "d2")
+
+    def upload(d: str) -> None:
+        src, msg = updates[d]
+        chunks = [lambda p=p: fed._on_upload(topics.upload_topic(RUN, d, src.blob_id), p) for p in src.payloads()]
+        for send in ([lambda: fed._on_json(topics.device_topic(RUN, d, topics.UPDATE), msg)] + chunks if d == "d1" or update_first
+                     else chunks + [lambda: fed._on_json(topics.device_topic(RUN, d, topics.UPDATE), msg)]):
+            send()
+
+    with caplog.at_level(logging.WARNING, logger="fedpft"), held_checks(fed) as release:
+        upload("d1")
+        fed.pump(0.3)
+        upload("d2")
+        fed.pump(0.3)
+        assert [(a.acked, a.retry_after) for a in got] == [("busy", 2.0)] and "upload buffer holds" in got[0].reason
+        assert got[0].update_id == decode(updates["d2"][1]).update_id
+        assert sum("d2" in r.getMessage() for r in caplog.records) == 1 + (not update_first), caplog.messages
+        release()
+        while not fed.events.empty():
+            fed.pump(0.01)
+    upload("d2")  # as told, once there is room
+    while not fed.events.empty() or fed.collector.checking:
+        fed.pump(0.05)
+    assert "d2" in fed.tracker.accepted and [a.acked for a in got] == ["busy", "update"] and got[1].ok
+    assert fed.collector.upload_bytes == 0 and fed.collector.turned_away == {}
 
 
 def test_check_workers_come_from_the_config(tiny_bert_bundle, tmp_path):
