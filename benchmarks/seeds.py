@@ -52,8 +52,8 @@ PARTITIONS = ["dirichlet:0.5", "iid"]
 VARIANTS = {"fedpft-kl": ("fedpft", {"align_objective": "logit-kl"}),
             "fedpft-grad": ("fedpft", {"align_objective": "lora-grad"})}
 METHODS = [*BASE_METHODS, *VARIANTS]
-# run when asked for (--methods): a lora-grad alignment step is a double backward, several times a
-# hidden-mse step, so on this machine's CPU one such run takes hours (BENCHMARKS.md alignment_grad)
+# run when asked for (--methods), not part of the plan the report counts: a lora-grad alignment step
+# is a double backward, 2.7x a hidden-mse step's CPU (BENCHMARKS.md alignment_grad), added late
 OPT_IN = ["fedpft-grad"]
 PLANNED = [m for m in METHODS if m not in OPT_IN]
 LABEL = {**METHOD_LABEL, "fedpft-kl": "FedPFT, alignment by logit KL (`--align-objective logit-kl`)",
