@@ -292,7 +292,8 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
         f"on `simulate --engine virtual`, {rounds} rounds. One bundle per proxy (prepared with seed 0); the run's seed "
         "changes the partition, the training subsample, the 800 test samples, the initial adapters, device sampling and "
         "local shuffling. Runs in: "
-        f"**{sum(r.get('complete', True) for r in used)} complete of {planned} planned**"
+        f"**{sum(r.get('complete', True) for r in used if r['method'] not in OPT_IN)} complete of {planned} planned**"
+        + "".join(f", and {n} of {m} (opt-in)" for m in OPT_IN if (n := sum(r['method'] == m and r.get('complete', True) for r in used)))
         + (f", and {sum(not r.get('complete', True) for r in used)} still going whose first {rounds} rounds are used "
            "(a run's first rounds do not depend on its length)" if not all(r.get("complete", True) for r in used) else "") + ".",
         "",
