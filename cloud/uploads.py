@@ -80,7 +80,7 @@ class InCheck:
     since: float = field(default_factory=time.time)
     told: bool = False  # its device was sent a "queued" receipt
     parked: list[Update] = field(default_factory=list)  # the device's Updates that came meanwhile
-    reserved: int = 0  # its bytes, still counted against the upload buffer
+    reserved: int = 0  # its bytes and its float64 change's, still counted against the upload buffer
 
 
 class NoRoom(ProtocolError):
@@ -123,7 +123,7 @@ class UploadCollector:
                 raise  # its Update, when it comes, is told (`update`)
             if up is None:
                 return None
-            if self.turned_away.get(device, ("",))[0] == chunk.blob_id:
+            if device in self.turned_away and self.turned_away[device][0] == chunk.blob_id:
                 del self.turned_away[device]  # there was room this time
         try:
             new = up.asm.add(chunk)
