@@ -1,9 +1,10 @@
 """Update checks off the round loop's critical path (issue 13).
 
-A complete upload is checked (sha256, decode, binding, shapes, finite values), measured (its
-change norm) and written durably (one fsynced file named by its sha256) by a small thread pool; the
-result comes back to the loop as an event, and only then does the loop fold it, count it and ack
-it. So "nothing accepted is ever lost" holds as before: an update is acked only once it is on disk.
+A complete upload is checked (sha256, decode, binding, shapes, finite values), written durably
+(one fsynced file named by its sha256), then measured (its change norm) and folded into the round's
+running sum (`RoundFold.take`) by a small thread pool; the result comes back to the loop as an
+event, and only then does the loop count it and ack it. So "nothing accepted is ever lost" holds as
+before: an update is acked only once it is on disk.
 The loop waits for the checks in flight before it closes a round, so an update received before
 the deadline counts even when its check ends after it.
 """

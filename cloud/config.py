@@ -199,7 +199,7 @@ class ServeConfig(BrokerConfig, PrivacyOptions):
     trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="share trimmed from each end by --aggregator trimmed-mean")
     # Uploads and acks: what a device that stops half-way (or never starts) may cost the cloud.
     upload_timeout: float = Field(default=120.0, gt=0, description="drop an unfinished upload after this many seconds without a chunk")
-    max_upload_buffer: int = Field(default=1 << 30, ge=1024, description="bytes all uploads not yet folded (arriving, in their checks, or waiting for the loop) may hold, with the float64 change each check makes")
+    max_upload_buffer: int = Field(default=1 << 30, ge=1024, description="bytes all uploads not yet checked and folded (arriving, or in their checks) may hold")
     check_workers: int = Field(default=CHECK_WORKERS, ge=1, le=64, description="threads that check and durably write uploads")
     task_ack_timeout: float = Field(default=30.0, gt=0, description="a selected device that has not acked the task by then is not waited for")
     max_devices: int = Field(default=100_000, ge=1, description="devices the cloud keeps track of; offline ones make room")

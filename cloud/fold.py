@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -85,19 +86,26 @@ class RoundFold:
         self.positions: dict[int, float] = {}
         self.folded: dict[str, Contribution] = {}
         self._persisted = time.monotonic()
+        # Check workers fold their accepted updates themselves (`take`), so a float64 change never
+        # waits in memory for the round loop; the lock keeps the sum and `folded` in step for a
+        # snapshot taken meanwhile.
+        self._lock = threading.Lock()
+        self._scratch = threading.local()  # each worker's change buffer, reused for every update it folds
 
-    def _flatten(self, tensors: Tensors) -> np.ndarray:
+    def _flatten(self, tensors: Tensors, out: np.ndarray | None = None) -> np.ndarray:
         if not self._slices:
             return np.zeros(0, np.float64)
-        # cast while concatenating: one pass and one new buffer per update, not two
-        return np.concatenate([np.asarray(tensors[k]).reshape(-1) for k in self._slices], dtype=np.float64)
+        # cast while concatenating: one pass, into `out` or one new buffer
+        parts = [np.asarray(tensors[k]).reshape(-1) for k in self._slices]
+        return np.concatenate(parts, out=out) if out is not None else np.concatenate(parts, dtype=np.float64)
 
     def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         return {k: flat[sl].reshape(shape) for k, (sl, shape) in self._slices.items()}
 
-    def change_flat(self, adapters: Tensors) -> np.ndarray:
-        """float64(adapters) - float64(reference), all tensors in one vector (the fold's order)."""
-        d = self._flatten(adapters)
+    def change_flat(self, adapters: Tensors, out: np.ndarray | None = None) -> np.ndarray:
+        """float64(adapters) - float64(reference), all tensors in one vector (the fold's order), in
+        `out` (a float64 vector of the sum's size) when given."""
+        d = self._flatten(adapters, out)
         d -= self._reference_flat
         return d
 
@@ -126,12 +134,27 @@ class RoundFold:
         w = float(c.limit(self.max_client_samples))
         d = self.change_flat(adapters) if change is None else change
         d *= w
-        self.flat += d
-        for layer, (off, pos) in stats.items():
-            self.off[layer] = self.off.get(layer, 0.0) + off.astype(np.float64)
-            self.positions[layer] = self.positions.get(layer, 0.0) + float(pos)
-        self.folded[c.device] = c
+        with self._lock:
+            if c.device in self.folded:
+                return False
+            self.flat += d
+            for layer, (off, pos) in stats.items():
+                self.off[layer] = self.off.get(layer, 0.0) + off.astype(np.float64)
+                self.positions[layer] = self.positions.get(layer, 0.0) + float(pos)
+            self.folded[c.device] = c
         return True
+
+    def take(self, device: str, adapters: Tensors, stats: Mapping[int, tuple[np.ndarray, float]], num_samples: int,
+             mean_loss: float | None, declared: int | None = None, update_id: str | None = None) -> Contribution:
+        """Measure and fold one accepted update on the calling thread (a check worker), through that
+        thread's own change buffer: what an update costs in memory ends with its check, whatever the
+        loop is doing (a change held for the loop was twice the update's size, BENCHMARKS.md scale)."""
+        d = getattr(self._scratch, "buf", None)
+        if d is None:
+            d = self._scratch.buf = np.empty(self.flat.size, np.float64)
+        c = self.contribution(device, adapters, num_samples, mean_loss, declared, update_id, self.change_flat(adapters, d))
+        self.add(c, adapters, stats, d)
+        return c
 
     def stats(self) -> dict[int, tuple[np.ndarray, float]]:
         """The round's summed (off_counts, positions) per layer, as `aggregate.sum_stats` gives them."""
@@ -168,9 +191,10 @@ class RoundFold:
         """A copy to encode and persist on another thread while this one goes on folding (`add`
         replaces `off` arrays rather than changing them, so sharing them is safe)."""
         snap = copy.copy(self)
-        snap.flat = self.flat.copy()
+        with self._lock:
+            snap.flat = self.flat.copy()
+            snap.off, snap.positions, snap.folded = dict(self.off), dict(self.positions), dict(self.folded)
         snap.sum = snap._views(snap.flat)
-        snap.off, snap.positions, snap.folded = dict(self.off), dict(self.positions), dict(self.folded)
         self._persisted = time.monotonic()
         return snap
 

@@ -58,7 +58,7 @@ class DeviceHandlers:
             parsed = topics.parse(topic)
             if parsed.kind != topics.UPLOAD or parsed.run != self.cfg.run_id:
                 raise ProtocolError(f"not an upload topic of run {self.cfg.run_id!r}")
-            chunk = Chunk.from_bytes(payload)
+            chunk = Chunk.from_bytes(payload, view=True)
             if chunk.blob_id != topics.blob_id_of(topic):
                 raise ProtocolError(f"chunk of blob {chunk.blob_id} on topic for {topics.blob_id_of(topic)}")
         except ProtocolError as exc:

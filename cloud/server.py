@@ -170,14 +170,15 @@ class Federation(DeviceHandlers):
         msg = v.msg
         out = self.collector.validate(msg, v.data, task_id, v.digest)
         if out.kind == "accept":
-            out.change = fold.change_flat(out.adapters)
-            out.contribution = fold.contribution(msg.device_id, out.adapters, msg.num_samples, msg.mean_loss, declared,
-                                                 msg.update_id, out.change)
             self.store.save_update(msg.round_id, msg.device_id, out.data, out.digest)
+            # folded here, once stored, rather than on the loop: the loop then only counts and acks it,
+            # and the update's float64 change never waits in memory behind other events
+            out.contribution = fold.take(msg.device_id, out.adapters, out.stats, msg.num_samples, msg.mean_loss, declared,
+                                         msg.update_id)
         return out, fold, tracker
 
     def _checked(self, status: str, result) -> None:
-        """Back on the loop: fold and count what the pool accepted, ack it; then the device's
+        """Back on the loop: count what the pool accepted (and folded), ack it; then the device's
         Updates that came during the check."""
         if status == "error":
             raise result  # as the check would have raised on the loop (a full disk stops the cloud)
@@ -189,7 +190,6 @@ class Federation(DeviceHandlers):
         elif tracker is not self.tracker:
             log.info("round %d: update from %s checked after its round closed; stored, not counted", msg.round_id, msg.device_id)
         else:
-            fold.add(v.contribution, v.adapters, v.stats, v.change)
             tracker.accept(msg.device_id, v.contribution)
             if fold.due():
                 self._persist_fold(msg.round_id, fold)

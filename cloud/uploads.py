@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -45,8 +44,7 @@ class OpenRound:
 
 @dataclass
 class Upload:
-    """One device's blob arriving in chunks; `reserved` bytes (the blob's, and the float64 change its
-    check will make) count against the upload buffer."""
+    """One device's blob arriving in chunks; its `reserved` bytes count against the upload buffer."""
 
     asm: Reassembler
     reserved: int
@@ -63,12 +61,11 @@ class Verdict:
     msg: Update
     kind: Literal["check", "accept", "failed", "duplicate", "reject", "queued", "busy"]
     reason: str | None = None
-    data: bytes = b""  # accept: the blob exactly as received (what is stored)
+    data: bytes | memoryview = b""  # check/accept: the blob exactly as received (what is stored), a read-only view
     adapters: dict[str, np.ndarray] = field(default_factory=dict)
     stats: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)
-    contribution: Contribution | None = None  # accept: the scalars the running sum keeps
+    contribution: Contribution | None = None  # accept: the scalars the running sum keeps (folded by the check)
     digest: str | None = None  # check/accept: the sha256 `data` was already verified against
-    change: np.ndarray | None = None  # accept: the flat float64 change vs the round's adapters (RoundFold.change_flat), made off the loop
 
 
 @dataclass
@@ -80,7 +77,7 @@ class InCheck:
     since: float = field(default_factory=time.time)
     told: bool = False  # its device was sent a "queued" receipt
     parked: list[Update] = field(default_factory=list)  # the device's Updates that came meanwhile
-    reserved: int = 0  # its bytes and its float64 change's, still counted against the upload buffer
+    reserved: int = 0  # its bytes, still counted against the upload buffer
 
 
 class NoRoom(ProtocolError):
@@ -91,11 +88,6 @@ class UploadCollector:
     def __init__(self, cfg: ServeConfig, open_round: OpenRound, expected: dict, stat_layers: dict[int, int]):
         self.cfg, self.open = cfg, open_round
         self.expected, self.stat_layers = expected, stat_layers
-        # What a check makes beside the blob and holds until the loop folds it: the float64 change of
-        # every adapter coordinate (RoundFold.change_flat), twice the float32 adapters. Reserved with
-        # the blob, so --max-upload-buffer bounds both (not counting it let a 256 MiB buffer reach
-        # 863 MB of peak RSS at 5,000 devices, BENCHMARKS.md scale).
-        self.change_bytes = 8 * sum(math.prod(shape) for shape, _ in expected.values())
         self.uploads: dict[tuple[str, str], Upload] = {}
         self.upload_bytes = 0  # reserved by unfinished uploads and those in their checks, at most cfg.max_upload_buffer
         self.waiting: dict[tuple[str, str], Update] = {}  # update messages whose blob is still arriving
@@ -156,7 +148,9 @@ class UploadCollector:
         mine = sorted((k for k in self.uploads if k[0] == device), key=lambda k: self.uploads[k].last)
         for k in mine[: max(0, len(mine) - MAX_UPLOADS_PER_DEVICE + 1)]:
             self.drop(k, f"{device} started another upload ({chunk.blob_id})")
-        need = chunk.total_size + self.change_bytes
+        # An upload's blob is all it holds: its check decodes views of it and folds its change through
+        # the worker's own buffer (RoundFold.take), so --max-upload-buffer bounds what uploads cost.
+        need = chunk.total_size
         if self.upload_bytes + need > cfg.max_upload_buffer:
             raise NoRoom(f"upload from {device} dropped: unfinished and unchecked uploads hold {self.upload_bytes} "
                          f"bytes, this one needs {need}, the buffer is {cfg.max_upload_buffer} bytes (--max-upload-buffer)")
@@ -220,7 +214,7 @@ class UploadCollector:
         # the bytes stay reserved until the check ends: a cloud whose checks fall behind a flood of
         # uploads otherwise held every waiting blob (1.7 GB at 5,000 devices, BENCHMARKS.md scale)
         self.checking[msg.device_id] = InCheck(msg, ref.blob_id, reserved=up.reserved)
-        data = up.asm.result()
+        data = up.asm.result(view=True)  # the received payload itself: checked, decoded and stored without a copy
         return Verdict(msg, "check", data=data, digest=up.asm.verified_sha256)
 
     def _busy(self, msg: Update) -> Verdict:

@@ -49,12 +49,12 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str
     return _st_save(arrays, metadata=meta or None)
 
 
-def decode_tensors(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def decode_tensors(data: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse safetensors bytes into (arrays, metadata); ProtocolError on anything malformed. The
-    arrays are read-only views of `data` (copied first unless it is immutable bytes)."""
+    arrays are read-only views of `data` (copied first unless it is immutable bytes, or a view of them)."""
     if len(data) > max_bytes:
         raise ProtocolError(f"tensor blob of {len(data)} bytes exceeds the {max_bytes}-byte limit")
-    if not isinstance(data, bytes):  # a bytearray or memoryview could change under the arrays
+    if not _immutable(data):  # a bytearray, or a view of one, could change under the arrays
         data = bytes(data)
     header = _read_header(data)
     meta = header.pop("__metadata__", {})
@@ -106,6 +106,11 @@ def _views(data: bytes, header: dict, start: int) -> dict[str, np.ndarray]:
         raise ProtocolError(f"malformed safetensors: {exc}") from None
 
 
+def _immutable(data: object) -> bool:
+    return isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly and isinstance(data.obj, bytes)
+                                       and data.contiguous and data.format == "B")
+
+
 def _header_len(data: bytes) -> int:
     if len(data) < 8:
         raise ProtocolError(f"malformed safetensors: {len(data)} bytes is shorter than the 8-byte header length")
@@ -118,7 +123,7 @@ def _header_len(data: bytes) -> int:
 def _read_header(data: bytes) -> dict:
     n = _header_len(data)
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))  # the format's encoding, not json's guess
+        header = json.loads(bytes(data[8 : 8 + n]).decode("utf-8"))  # the format's encoding, not json's guess
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise ProtocolError(f"malformed safetensors header: {exc}") from None
     if not isinstance(header, dict):

@@ -193,6 +193,20 @@ def test_decoded_arrays_never_alias_a_mutable_buffer():
     assert not got.flags.writeable and got.tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
+def test_a_view_of_immutable_bytes_is_decoded_in_place_and_a_view_of_a_mutable_buffer_is_copied():
+    """The cloud decodes uploads through a view of the received payload (no copy); a view of a
+    buffer that can change is copied first, as a bytearray is."""
+    blob = encode_tensors({"w": np.arange(4, dtype=np.float32)}, {"k": "v"})
+    framed = b"head" + blob
+    tensors, meta = decode_tensors(memoryview(framed)[4:])
+    assert meta == {"k": "v"} and tensors["w"].tolist() == [0, 1, 2, 3] and not tensors["w"].flags.writeable
+    assert np.shares_memory(tensors["w"], np.frombuffer(framed, np.uint8))  # no copy of the payload
+    mutable = bytearray(framed)
+    got = decode_tensors(memoryview(mutable)[4:])[0]["w"]
+    mutable[-4:] = np.float32(7).tobytes()
+    assert got.tolist() == [0, 1, 2, 3]
+
+
 def _blob(header: dict | str | bytes, body: bytes = b"") -> bytes:
     text = header if isinstance(header, bytes) else (header if isinstance(header, str) else json.dumps(header)).encode()
     return struct.pack("<Q", len(text)) + text + body

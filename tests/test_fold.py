@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -65,6 +66,49 @@ def test_folding_in_any_order_gives_the_same_sum_and_the_bounded_fedavg():
     for layer, (off, pos) in sum_stats(list(stats.values())).items():
         np.testing.assert_allclose(first.stats()[layer][0], off)
         assert first.stats()[layer][1] == pos
+
+
+def test_check_workers_folding_at_once_give_the_sequential_sum_and_consistent_snapshots():
+    """`take` is what the cloud's check threads call: four of them folding 40 updates at once, while
+    the loop snapshots the sum, end with the sequential fold's sum and counts, every snapshot's sum
+    is exactly the sequential sum of the devices it names, and each thread folds through one reused
+    change buffer (an update's change no longer outlives its check)."""
+    ref, ups, stats, samples = updates(40, seed=3)
+    names = sorted(ups)
+    want = fold_in(ref, ups, stats, samples, names)
+    fold = RoundFold(ref, label="r0")
+    buffers: dict[int, set[int]] = {}
+    snaps, go = [], threading.Barrier(5)
+
+    def worker(part):
+        go.wait()
+        for d in part:
+            c = fold.take(d, ups[d], stats[d], samples[d], 0.5)
+            assert c.device == d and c.norm > 0
+            buffers.setdefault(threading.get_ident(), set()).add(id(fold._scratch.buf))
+
+    threads = [threading.Thread(target=worker, args=(names[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    go.wait()
+    while any(t.is_alive() for t in threads):
+        snaps.append(fold.snapshot())
+    for t in threads:
+        t.join()
+    assert set(fold.folded) == set(names) and all(len(ids) == 1 for ids in buffers.values()) and len(buffers) == 4
+    for k in SHAPES:
+        np.testing.assert_allclose(fold.sum[k], want.sum[k], rtol=1e-12, atol=1e-12)
+    for layer, (off, pos) in want.stats().items():
+        got_off, got_pos = fold.stats()[layer]
+        np.testing.assert_array_equal(got_off, off)
+        assert got_pos == pytest.approx(pos)
+    before = fold.flat.copy()
+    fold.take(names[0], ups[names[0]], stats[names[0]], samples[names[0]], 0.5)  # a device's second update adds nothing
+    np.testing.assert_array_equal(fold.flat, before)
+    assert snaps
+    for snap in snaps[:: max(1, len(snaps) // 8)]:
+        part = fold_in(ref, ups, stats, samples, sorted(snap.folded))
+        np.testing.assert_allclose(snap.flat, part.flat, rtol=1e-12, atol=1e-12)
 
 
 def test_a_restored_sum_folds_the_rest_to_the_same_adapters(tmp_path):
