@@ -36,12 +36,13 @@ LABEL = {
     "kl300": "re-aligned, logit-kl: 50% frozen, 300 steps",
     "klall300": "re-aligned, logit-kl: nothing frozen, 300 steps",
     "grad": "re-aligned, lora-grad: 50% frozen, the run's steps",
+    "mix": "re-aligned, hidden-mse+lora-grad: 50% frozen, the run's steps",
     "fm": "adapters trained on the FM itself (bound)",
 }
 # re-alignments done here: variant -> (objective, share frozen, steps; None = the run's --align-steps)
 REALIGN = {
     "align300": ("hidden-mse", 0.5, 300), "alignall300": ("hidden-mse", 0.0, 300),
-    "kl": ("logit-kl", 0.5, None), "grad": ("lora-grad", 0.5, None), "kl300": ("logit-kl", 0.5, 300), "klall300": ("logit-kl", 0.0, 300),
+    "kl": ("logit-kl", 0.5, None), "grad": ("lora-grad", 0.5, None), "mix": ("hidden-mse+lora-grad", 0.5, None), "kl300": ("logit-kl", 0.5, 300), "klall300": ("logit-kl", 0.0, 300),
 }
 
 

@@ -7,8 +7,8 @@ The result is the compressed layers' FFN tensors, shipped to devices under their
 Objectives (`--align-objective`): hidden-mse, the relative MSE of the compressed layers' outputs
 (the paper's; cloud/distill.py), logit-kl, KL(FM || proxy) of the classifier outputs
 (cloud/logit_distill.py), and lora-grad, the relative gap between the two models' gradients with
-respect to the adapters (cloud/grad_match.py). All three are measured on held-out public batches
-before and after, whichever one is optimised.
+respect to the adapters (cloud/grad_match.py), and hidden-mse+lora-grad, their sum. All three
+measures are taken on held-out public batches before and after, whichever one is optimised.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ from .logit_distill import evaluate_logit_kl, logit_distill
 log = logging.getLogger("fedpft.alignment")
 
 # --align-objective -> what trains the unfrozen FFN neurons (same signature, same parameters)
-TRAIN = {"hidden-mse": distill, "logit-kl": logit_distill, "lora-grad": grad_distill}
+TRAIN = {"hidden-mse": distill, "logit-kl": logit_distill, "lora-grad": grad_distill,
+         "hidden-mse+lora-grad": partial(grad_distill, layer_weight=1.0)}
 
 
 @dataclass

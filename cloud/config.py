@@ -153,7 +153,7 @@ class PrivacyOptions(BaseModel):
 # hidden-mse: relative MSE of the compressed layers' outputs, proxy vs FM (the paper's; the default).
 # logit-kl: KL(FM || proxy) of the classifier outputs, both with the round's adapters.
 # lora-grad: relative gap between proxy and FM gradients w.r.t. the adapters, on FM-labelled public batches.
-ALIGN_OBJECTIVES = ("hidden-mse", "logit-kl", "lora-grad")
+ALIGN_OBJECTIVES = ("hidden-mse", "logit-kl", "lora-grad", "hidden-mse+lora-grad")
 AlignObjective = Literal[ALIGN_OBJECTIVES]  # type: ignore[valid-type]
 
 

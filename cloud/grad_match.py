@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpft.modeling.adapters import adapter_parameters
-from fedpft.modeling.families import encoder_layers
+from fedpft.modeling.families import encoder_layers, hidden_states
 from fedpft.modeling.proxy import ProxySpec
 
 from .device import autocast, model_device, to_device
-from .distill import Batch, DistillResult, fit_ffns, only_trainable
+from .distill import Batch, DistillResult, fit_ffns, hidden_loss, layer_pairs, only_trainable
 
 Pairs = tuple[list[nn.Parameter], list[nn.Parameter]]
 
@@ -87,15 +87,25 @@ def grad_distill(
     steps: int,
     lr: float = 5e-4,
     frozen: dict[int, torch.Tensor] | None = None,
+    layer_weight: float = 0.0,
 ) -> DistillResult:
     """Train the student's compressed FFNs (the parameters of `distill`) to minimise the relative
     gap between its and the teacher's adapter gradients for `steps` public batches; no labels needed.
-    frozen: proxy layer -> bool mask (neurons,) of neurons that keep their current weights."""
-    pairs = adapter_pairs(teacher, student, spec)
+    frozen: proxy layer -> bool mask (neurons,) of neurons that keep their current weights.
+    layer_weight: plus this times the layer loss of `distill` (`hidden-mse+lora-grad` sums the two,
+    both relative and of one order, 0.1-0.3 and 0.7-1.2 on MiniLM): lora-grad alone lowered the
+    gradient gap at each of a run's alignments while the layer gap it left alone doubled (0.127 ->
+    0.278 over 6 alignments, BENCHMARKS.md seeds, fedpft-grad). One more proxy forward per step."""
+    pairs, layers = adapter_pairs(teacher, student, spec), layer_pairs(spec)
 
     def loss_fn(batch: Batch) -> torch.Tensor:
+        loss = 0.0
+        if layer_weight:
+            with torch.no_grad():
+                t_hs = hidden_states(teacher, batch)
+            loss = layer_weight * hidden_loss(t_hs, hidden_states(student, batch), layers)
         with only_trainable(teacher, pairs[0]):
-            return grad_gap(teacher, student, pairs, batch, keep_graph=True)
+            return loss + grad_gap(teacher, student, pairs, batch, keep_graph=True)
 
     return fit_ffns(teacher, student, spec, batches, steps, lr, loss_fn, frozen, differentiable=pairs[1])
 
