@@ -187,7 +187,7 @@ class Federation(DeviceHandlers):
         parked = self.collector.checked(msg.device_id)
         if v.kind != "accept":
             self._settle(v)
-        elif tracker is not self.tracker:
+        elif tracker is not self.tracker:  # an earlier attempt's check (its sum is that attempt's, discarded)
             log.info("round %d: update from %s checked after its round closed; stored, not counted", msg.round_id, msg.device_id)
         else:
             tracker.accept(msg.device_id, v.contribution)
@@ -380,7 +380,10 @@ class Federation(DeviceHandlers):
             return self.privacy.attempt(task)
         while self._waiting():
             self.pump(1.0)
-        while self.collector.checking:  # an update received in time counts, even if its check ends later
+        # An update received in time counts, even if its check ends later. Load-bearing too: check
+        # workers fold into this attempt's sum before the loop counts an update, so no check may end
+        # after the attempt does (its update would be in the sum, not counted, not acked).
+        while self.collector.checking:
             self.pump(0.2)
         tracker, self.open.tracker = self.tracker, None
         self._close_uploads(r)

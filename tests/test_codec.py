@@ -201,10 +201,11 @@ def test_a_view_of_immutable_bytes_is_decoded_in_place_and_a_view_of_a_mutable_b
     tensors, meta = decode_tensors(memoryview(framed)[4:])
     assert meta == {"k": "v"} and tensors["w"].tolist() == [0, 1, 2, 3] and not tensors["w"].flags.writeable
     assert np.shares_memory(tensors["w"], np.frombuffer(framed, np.uint8))  # no copy of the payload
-    mutable = bytearray(framed)
-    got = decode_tensors(memoryview(mutable)[4:])[0]["w"]
-    mutable[-4:] = np.float32(7).tobytes()
-    assert got.tolist() == [0, 1, 2, 3]
+    for view in (lambda b: memoryview(b)[4:], lambda b: memoryview(b).toreadonly()[4:]):  # a read-only view of it too
+        mutable = bytearray(framed)
+        got = decode_tensors(view(mutable))[0]["w"]
+        mutable[-4:] = np.float32(7).tobytes()
+        assert got.tolist() == [0, 1, 2, 3]
 
 
 def _blob(header: dict | str | bytes, body: bytes = b"") -> bytes:

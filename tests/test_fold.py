@@ -17,9 +17,9 @@ from fedpft.cloud.state import RunStore
 SHAPES = {"a.lora_A": (4, 16), "a.lora_B": (16, 4), "head.weight": (3, 16)}
 
 
-def updates(n: int, seed: int = 0):
+def updates(n: int, seed: int = 0, shapes=SHAPES):
     rng = np.random.default_rng(seed)
-    ref = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+    ref = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
     ups = {f"d{i:02d}": {k: (v + rng.normal(scale=0.1, size=v.shape)).astype(np.float32) for k, v in ref.items()} for i in range(n)}
     ups["d00"] = {k: v + 50.0 for k, v in ref.items()}  # one far outside the norm bound
     stats = {d: {3: (rng.integers(0, 9, 8).astype(np.float32), float(rng.integers(10, 20)))} for d in ups}
@@ -72,8 +72,10 @@ def test_check_workers_folding_at_once_give_the_sequential_sum_and_consistent_sn
     """`take` is what the cloud's check threads call: four of them folding 40 updates at once, while
     the loop snapshots the sum, end with the sequential fold's sum and counts, every snapshot's sum
     is exactly the sequential sum of the devices it names, and each thread folds through one reused
-    change buffer (an update's change no longer outlives its check)."""
-    ref, ups, stats, samples = updates(40, seed=3)
+    change buffer (an update's change no longer outlives its check). MiniLM-sized updates (118k
+    coordinates): numpy's in-place add then runs long enough without the GIL for an unlocked fold to
+    lose additions or a snapshot to tear."""
+    ref, ups, stats, samples = updates(40, seed=3, shapes={"a.lora_A": (8, 4096), "a.lora_B": (4096, 8), "head.weight": (13, 4096)})
     names = sorted(ups)
     want = fold_in(ref, ups, stats, samples, names)
     fold = RoundFold(ref, label="r0")
