@@ -66,6 +66,15 @@ from fedpft.shared.transport import Handler  # noqa: E402
 log = logging.getLogger("fedpft.bench.scale")
 
 SHARED_LINK_PER_WORKER = 250  # one connection and one dispatcher thread each: the GIL is what a process shares
+MIN_SHARED_LINK_PER_WORKER = 25
+
+
+def shared_link_per_worker(devices: int, fleet_cpus: int) -> int:
+    """Devices per fleet process on a shared link: enough processes to use the fleet's CPUs (a link
+    handles its devices' Tasks and updates one after another, and on 16 cores 250 per link left the
+    fleet 4 processes: the Task reached the last device 1.2 s late, BENCHMARKS.md scale, session 11),
+    never more than SHARED_LINK_PER_WORKER (a 2-core machine keeps its 250) nor fewer than 25."""
+    return max(MIN_SHARED_LINK_PER_WORKER, min(SHARED_LINK_PER_WORKER, math.ceil(devices / max(1, fleet_cpus))))
 DEVICES_PER_WORKER = 25  # one MQTT connection = 2 threads; more per process and the GIL convoys (see BENCHMARKS.md)
 BEGIN, END = "<!-- scale -->", "<!-- /scale -->"
 
@@ -623,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the cloud process on this machine's first N CPUs, a private broker and the simulated devices "
                          "on the others: the cloud then has cores of its own, as beside a real fleet (0 = no pinning)")
     ap.add_argument("--per-worker", type=int, default=None,
-                    help=f"devices per worker process (default {DEVICES_PER_WORKER}; {SHARED_LINK_PER_WORKER} with --fleet shared-link)")
+                    help=f"devices per worker process (default {DEVICES_PER_WORKER}; with --fleet shared-link, the devices over the "
+                         f"fleet's CPUs, between {MIN_SHARED_LINK_PER_WORKER} and {SHARED_LINK_PER_WORKER})")
     ap.add_argument("--shared-broadcast", action="store_true",
                     help="one broadcast subscription per device worker process, handed to its devices: takes the "
                          "fleet's own parsing of the broadcast (and 1 - 1/per-worker of the broker's fan-out) off this "
@@ -668,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.time()
                 print(f"--- {n} devices, broker: {'--broker' if queued is None else f'own, max_queued_messages {queued}'}", flush=True)
                 sc = ScaleConfig(devices=n, bundle=bundle, broker=args.broker, train_s=args.train_s, jitter_s=args.jitter_s,
-                                 per_worker=args.per_worker or (SHARED_LINK_PER_WORKER if args.fleet == "shared-link" else DEVICES_PER_WORKER),
+                                 per_worker=args.per_worker or (shared_link_per_worker(n, len(fleet_cpus or os.sched_getaffinity(0)))
+                                                                if args.fleet == "shared-link" else DEVICES_PER_WORKER),
                                  shared_link=args.fleet == "shared-link", fleet_nice=args.fleet_nice,
                                  cloud_cpus=cloud_cpus, fleet_cpus=fleet_cpus,
                                  round_timeout=args.round_timeout, shared_broadcast=args.shared_broadcast,
