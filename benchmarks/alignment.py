@@ -26,7 +26,7 @@ import torch
 
 from common import command_line, machine, write_section
 
-VARIANTS = ["prepared", "run", "align300", "alignall300", "kl", "kl300", "klall300", "grad", "fm"]
+VARIANTS = ["prepared", "run", "align300", "alignall300", "kl", "kl300", "klall300", "grad", "mix", "fm"]
 LABEL = {
     "prepared": "proxy as prepared (layer-level distillation only)",
     "run": "the run's own alignment (its objective, 50% most-used neurons frozen, run's steps)",
