@@ -92,8 +92,9 @@ def grad_distill(
     """Train the student's compressed FFNs (the parameters of `distill`) to minimise the relative
     gap between its and the teacher's adapter gradients for `steps` public batches; no labels needed.
     frozen: proxy layer -> bool mask (neurons,) of neurons that keep their current weights.
-    layer_weight: plus this times the layer loss of `distill` (`hidden-mse+lora-grad` sums the two,
-    both relative and of one order, 0.1-0.3 and 0.7-1.2 on MiniLM): lora-grad alone lowered the
+    layer_weight: plus this times the layer loss of `distill` (`hidden-mse+lora-grad` sums the two
+    unweighted; on MiniLM the gradient gap is about 8x the layer loss, so the sum is mostly lora-grad
+    and left the layer gap where it was, BENCHMARKS.md alignment_mix): lora-grad alone lowered the
     gradient gap at each of a run's alignments while the layer gap it left alone doubled (0.127 ->
     0.278 over 6 alignments, BENCHMARKS.md seeds, fedpft-grad). One more proxy forward per step."""
     pairs, layers = adapter_pairs(teacher, student, spec), layer_pairs(spec)
