@@ -94,7 +94,7 @@ ALIGN_OBJECTIVE_OPT = typer.Option(
          "the default), logit-kl (KL(FM || proxy) of the classifier outputs) or lora-grad (the gap between the proxy's and "
          "the FM's gradients w.r.t. the adapters on FM-labelled public batches, the quantity FedPFT's convergence bound is "
          "about; each step a double backward, 2.7x a hidden-mse step's CPU), or hidden-mse+lora-grad (their sum: lora-grad alone "
-         "let the layer gap double over a run; in the isolated test, 2 orders, -1.0 point against layer-only distillation). The last three aim at adapter transfer and are "
+         "let the layer gap double over a run; in the isolated test, 4 orders, 1.2 points worse than layer-only distillation, 95% interval [-3.3, +0.9]). The last three aim at adapter transfer and are "
          "not the default, not having beaten layer-only distillation beyond the noise: in the isolated test (4 training orders "
          "from a round-3 state) logit-kl's adapters served the FM 0.2 points worse than layer-only distillation's, 95% interval "
          "[-1.6, +1.3] (BENCHMARKS.md, alignment_objective_r3), lora-grad's 1.7 points better in all 4 orders, interval "
