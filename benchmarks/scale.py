@@ -187,6 +187,8 @@ def timed_federation_class():
             sampler = RssSampler()
             sampler.start()
             cpu0, use0 = _cpu_s(), _usage()
+            checkers = [w.proc.pid for w in self.checks.workers] if self.checks is not None else []
+            check0 = sum(_proc_cpu_s(p) for p in checkers)
             try:
                 return super().run_round(state, bundle_ref)
             finally:
@@ -194,6 +196,12 @@ def timed_federation_class():
                 self.cpu_s = _cpu_s() - cpu0
                 self.usage = {k: v - use0[k] for k, v in _usage().items()}
                 self.rss_peak = sampler.stop()
+                # --check-processes: their CPU and memory are the cloud's too (counted apart, then added)
+                self.check_cpu_s = sum(_proc_cpu_s(p) for p in checkers) - check0
+                self.check_rss_peak = sum(_status_kb(p, "VmHWM") * 1024 for p in checkers)
+                self.usage["main_process_cpu_s"] = self.cpu_s
+                self.usage["check_processes_cpu_s"] = self.check_cpu_s
+                self.cpu_s += self.check_cpu_s
 
     return TimedFederation
 
@@ -341,6 +349,7 @@ class ScaleConfig:
     fleet_cpus: tuple[int, ...] = ()
     device_ack_timeout: float = 30.0  # the devices' receipt timeout (WorkerSpec.ack_timeout)
     max_upload_buffer: int | None = None  # serve's --max-upload-buffer (None: its default)
+    check_processes: int = 0  # serve's --check-processes
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -387,6 +396,7 @@ def run_scale(sc: ScaleConfig) -> dict:
         cfg = ServeConfig(bundle=sc.bundle, out=out / "run", broker=sc.broker, run_id=run_id, rounds=1, min_clients=sc.devices,
                           clients_per_round=sc.devices, round_timeout=sc.round_timeout, wait_for_clients=60.0, max_round_retries=0,
                           task_ack_timeout=sc.task_ack_timeout, seed=sc.seed,
+                          check_processes=sc.check_processes,
                           **({"max_upload_buffer": sc.max_upload_buffer} if sc.max_upload_buffer else {}))
         broker_pid = sc.broker_pid or _broker_pid()
         broker_rss0 = _status_kb(broker_pid, "VmRSS") * 1024 if broker_pid else 0
@@ -457,7 +467,8 @@ def run_scale(sc: ScaleConfig) -> dict:
         + (f", one connection per {sc.per_worker} devices" if sc.shared_link else "")
         + (f", fleet nice {sc.fleet_nice}" if sc.fleet_nice else "")
         + (f", cloud on CPU {','.join(map(str, sc.cloud_cpus))}" if sc.cloud_cpus else "")
-        + (f", upload buffer {sc.max_upload_buffer / 2**20:.0f} MiB" if sc.max_upload_buffer else ""),
+        + (f", upload buffer {sc.max_upload_buffer / 2**20:.0f} MiB" if sc.max_upload_buffer else "")
+        + (f", {sc.check_processes} check processes" if sc.check_processes else ""),
         "workers": n_workers,
         "accepted": record["clients"],
         "acked_ok": len(acked),
@@ -482,7 +493,7 @@ def run_scale(sc: ScaleConfig) -> dict:
         "queued_notices": sum(d.get("queued", 0) for d in timings),
         "busy_notices": sum(d.get("busy", 0) for d in timings),
         "cloud_rss_idle_mb": rss_idle / 2**20,
-        "cloud_rss_peak_round_mb": fed.rss_peak / 2**20,
+        "cloud_rss_peak_round_mb": (fed.rss_peak + fed.check_rss_peak) / 2**20,  # with its check processes' peaks
         "cloud_cpu_round_s": fed.cpu_s,
         "cloud_usage_round": fed.usage,
         # the whole run (hellos, round, EndOfRun), not only the round as for the cloud
@@ -638,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="one broadcast subscription per device worker process, handed to its devices: takes the "
                          "fleet's own parsing of the broadcast (and 1 - 1/per-worker of the broker's fan-out) off this "
                          "machine's CPUs, which real devices would not share")
+    ap.add_argument("--check-processes", type=int, default=0, metavar="N",
+                    help="serve's --check-processes: uploads checked in N processes (their CPU and peak RSS added to the cloud's)")
     ap.add_argument("--round-timeout", type=float, default=300.0)
     ap.add_argument("--max-upload-buffer", type=int, default=None, metavar="BYTES",
                     help="the cloud's serve --max-upload-buffer (default: serve's); what bounds its peak RSS under a flood")
@@ -684,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
                                  cloud_cpus=cloud_cpus, fleet_cpus=fleet_cpus,
                                  round_timeout=args.round_timeout, shared_broadcast=args.shared_broadcast,
                                  task_ack_timeout=args.task_ack_timeout, device_ack_timeout=args.device_ack_timeout,
-                                 max_upload_buffer=args.max_upload_buffer)
+                                 max_upload_buffer=args.max_upload_buffer, check_processes=args.check_processes)
                 if queued is None:
                     res = run_isolated(sc)
                 else:

@@ -53,18 +53,25 @@ class EventQueue(queue.Queue):
 
     def submit(self, pool: Executor, tag: str, fn: Callable, *args) -> None:
         """Run fn(*args) on `pool`; its outcome is queued as (tag, ("ok", result) | ("error", exception))."""
-        with self._jobs:
-            self.in_flight += 1
+        self.begin()
 
         def job() -> None:
             try:
                 outcome = ("ok", fn(*args))
             except BaseException as exc:  # noqa: BLE001 - handed to the loop, which raises it as a sync call would
                 outcome = ("error", exc)
-            try:
-                self.put((tag, outcome))
-            finally:
-                with self._jobs:
-                    self.in_flight -= 1
+            self.finish(tag, outcome)
 
         pool.submit(job)
+
+    def begin(self) -> None:
+        """A job whose outcome `finish` will queue (check threads, check processes)."""
+        with self._jobs:
+            self.in_flight += 1
+
+    def finish(self, tag: str, outcome: tuple) -> None:
+        try:
+            self.put((tag, outcome))
+        finally:
+            with self._jobs:
+                self.in_flight -= 1

@@ -208,14 +208,36 @@ class RoundFold:
 
     def restore(self, data: bytes) -> None:
         """Take over a persisted sum (ValueError if it is not one of this round's)."""
+        total, off, positions, folded = self._parse(data)
+        for k, v in total.items():
+            self.sum[k][...] = v
+        self.off, self.positions, self.folded = off, positions, folded
+
+    def merge(self, data: bytes) -> None:
+        """Add another sum of this round's (a check process's partial sum, `to_bytes`) into this one.
+        Their devices must be disjoint: each update is checked, and so folded, in one place."""
+        total, off, positions, folded = self._parse(data)
+        with self._lock:
+            both = self.folded.keys() & folded.keys()
+            if both:
+                raise ValueError(f"devices folded twice: {sorted(both)[:5]}")
+            for k, v in total.items():
+                self.sum[k] += v
+            for layer, v in off.items():
+                if layer in self.off and self.off[layer].shape != v.shape:
+                    raise ValueError(f"layer {layer}: neuron count {v.shape} differs from {self.off[layer].shape}")
+                self.off[layer] = self.off.get(layer, 0.0) + v
+                self.positions[layer] = self.positions.get(layer, 0.0) + positions.get(layer, 0.0)
+            self.folded.update(folded)
+
+    def _parse(self, data: bytes) -> tuple[dict, dict, dict, dict]:
         tensors, meta = decode_tensors(data, max(len(data), 1))
         if meta.get("version") != FOLD_VERSION or meta.get("label") != self.label:
             raise ValueError(f"a running sum of {meta.get('label')!r}, not of {self.label!r}")
         total = {k[4:]: v for k, v in tensors.items() if k.startswith("sum.")}
         if {k: v.shape for k, v in total.items()} != {k: v.shape for k, v in self.sum.items()}:
             raise ValueError("its tensors are not the round's adapters")
-        for k, v in total.items():
-            self.sum[k][...] = v
-        self.off = {int(k[4:]): v.astype(np.float64) for k, v in tensors.items() if k.startswith("off.")}
-        self.positions = {int(k): float(v) for k, v in json.loads(meta["positions"]).items()}
-        self.folded = {c["device"]: Contribution(**c) for c in json.loads(meta["folded"])}
+        off = {int(k[4:]): v.astype(np.float64) for k, v in tensors.items() if k.startswith("off.")}
+        positions = {int(k): float(v) for k, v in json.loads(meta["positions"]).items()}
+        folded = {c["device"]: Contribution(**c) for c in json.loads(meta["folded"])}
+        return total, off, positions, folded

@@ -32,6 +32,7 @@ from fedpft.shared.signing import key_id, load_private_key, sign
 from fedpft.shared.transport import Transport
 
 from .blobs import BlobServer, worth_broadcasting
+from .check_processes import CheckProcesses
 from .checks import BUSY_RETRY_AFTER, QUEUED_RECEIPT_AFTER, EventQueue, check_pool
 from .fanout import task_deliveries
 from .fold import RoundFold
@@ -64,6 +65,9 @@ class Federation(DeviceHandlers):
         self.strategy = make_strategy(self.manifest, cfg, self.store, evaluator, aligner)
         self.open = OpenRound()
         self.collector = UploadCollector(cfg, self.open, self.strategy.expected, self.strategy.stat_layers)
+        # started now, before the transport's threads exist, and ready while the loop waits for devices
+        self.checks = (CheckProcesses(cfg.check_processes, self.collector.limits, self.store, self.events)
+                       if cfg.check_processes else None)
         self.fold: RoundFold | None = None  # the open round's running sum
         self.privacy = PrivateRounds(self)  # --secure-agg / --dp-*: identity hooks otherwise
         self._next_expiry = 0.0
@@ -145,6 +149,8 @@ class Federation(DeviceHandlers):
         msg = v.msg
         if v.kind == "check":
             declared, fold = self.devices.declared(msg.device_id), self._fold()
+            if self.checks is not None:
+                return self.checks.submit(v, self.task.task_id, fold, declared, self.tracker)
             return self.events.submit(self.pool, "checked", self._check, v, self.task.task_id, fold, declared, self.tracker)
         if v.kind == "queued":
             return self._reply(msg, True, "queued behind other updates' checks", acked="queued")
@@ -205,7 +211,18 @@ class Federation(DeviceHandlers):
         if self._fold_saving is not None and not self._fold_saving.done():
             return  # still writing the last one; the sum stays due and goes out with a later update
         snap = fold.snapshot()
-        self._fold_saving = self.fold_saver.submit(lambda: self.store.save_fold(round_id, snap.to_bytes()))
+        # with check processes, what they folded is in their partial sums: each is asked now, in pipe
+        # order after the checks sent to it, so each names exactly the devices it holds
+        partials = self.checks.partials(fold) if self.checks is not None else []
+
+        def save() -> None:
+            for fut in partials:
+                data = fut.result()
+                if data is not None:
+                    snap.merge(data)
+            self.store.save_fold(round_id, snap.to_bytes())
+
+        self._fold_saving = self.fold_saver.submit(save)
 
     def _fold_saved(self) -> None:
         """Wait for the running-sum save in flight (before a commit replaces or drops it); its error,
@@ -317,6 +334,8 @@ class Federation(DeviceHandlers):
         self.t.publish(topics.control_topic(self.cfg.run_id), encode(end), retain=True)
         self.pool.shutdown(wait=False)
         self.fold_saver.shutdown(wait=True)
+        if self.checks is not None:
+            self.checks.close()
         self.blobs.close()
         return state
 
@@ -336,6 +355,8 @@ class Federation(DeviceHandlers):
         else:
             if tracker.failed or tracker.given_up:
                 record["failed"] = {**tracker.given_up, **tracker.failed}
+            if self.checks is not None:  # the checks have ended (_attempt): their partial sums join the loop's
+                self.checks.gather(self.fold)
             record.update(self.privacy.aggregate(r, self.fold, state))
         self.fold = None
         self._fold_saved()

@@ -101,21 +101,34 @@ class RunStore:
         """Keep every accepted update on disk before it counts (nothing accepted is ever lost).
         `digest`: the payload's sha256 when the caller has checked it already."""
         digest = digest or sha256(payload)
+        files = self._update_files(round_id)  # before this write, so the listing holds only earlier files
+        rel = self.write_update(round_id, device, payload, digest)
+        self.record_update(round_id, device, rel, digest, files)
+        return self.folder / rel
+
+    def write_update(self, round_id: int, device: str, payload: bytes | memoryview, digest: str) -> str:
+        """The durable write alone (no bookkeeping, so a check process can do it): the folder-relative
+        path it wrote. One file, its sha256 in its name: fsynced under a temp name, then renamed, so
+        it is whole under its final name or not there at all. One folder fsync, shared with the other
+        check workers' writes (FolderSync), makes the rename durable before the update is acked. (A
+        second, side file for the hash cost a new file and an fsync per update: about 1 s of the
+        cloud's CPU per 1,000 updates on ext4, BENCHMARKS.md scale.)"""
         rel = f"{_round_folder(round_id)}/{update_name(device, digest)}"
         self._guard(rel)
         path = self.folder / rel
-        # One file, its sha256 in its name: fsynced under a temp name, then renamed, so it is whole
-        # under its final name or not there at all. One folder fsync, shared with the other check
-        # workers' writes (FolderSync), makes the rename durable before the update is acked. (A
-        # second, side file for the hash cost a new file and an fsync per update: about 1 s of the
-        # cloud's CPU per 1,000 updates on ext4, BENCHMARKS.md scale.)
-        files = self._update_files(round_id)  # before this write, so the listing holds only earlier files
         atomic_write(path, payload, sync_folder=False)
         self._folder_sync.sync(path.parent)
+        return rel
+
+    def record_update(self, round_id: int, device: str, rel: str, digest: str, files: dict[str, set[str]] | None = None) -> None:
+        """Remember an update written durably (by `write_update`, here or in a check process) as the
+        device's one for the round, and retire its older ones. `files`: the round's listing taken
+        before the write, when the caller took it."""
+        self._guard(rel)
+        files = self._update_files(round_id) if files is None else files
         self.pending[rel] = digest
         self._stored[(round_id, device)] = rel
         self._retire_older(files, device, rel)
-        return path
 
     def _update_files(self, round_id: int) -> dict[str, set[str]]:
         """device -> update files in the round's folder, listed on first use in this process and

@@ -238,23 +238,12 @@ class UploadCollector:
         return [c.msg for c in late]
 
     def validate(self, msg: Update, data: bytes, task_id: str, digest: str | None = None) -> Verdict:
-        """Accept or reject a complete blob. Reads only the config and the manifest's expectations,
-        so it runs on any thread. `digest`: the sha256 the reassembler already checked `data` against
-        (hashing 0.6 MB again per update is a second of CPU per 1,000 devices)."""
-        try:
-            digest = digest or (hashlib.sha256(data).hexdigest() if data else None)
-            if data and digest != msg.blob.sha256:
-                raise ProtocolError("update blob sha256 does not match the update message")
-            tensors, meta = decode_tensors(data, self.cfg.max_update_bytes)
-            check_binding(meta, self.cfg.run_id, msg.round_id, msg.device_id, task_id)
-            adapters, stats = split_update(tensors, self.expected, self.stat_layers)
-        except ProtocolError as exc:
-            return _reject(msg, exc.reason)
-        except Exception as exc:  # noqa: BLE001 - parsing a device's bytes: a fault we did not foresee
-            # is that device's problem, never the cloud's (re-raised, it would stop the run)
-            log.error("update from %s: unexpected %s while checking it: %s", msg.device_id, type(exc).__name__, exc)
-            return _reject(msg, f"malformed update ({type(exc).__name__})")
-        return Verdict(msg, "accept", data=data, adapters=adapters, stats=stats, digest=digest)
+        """Accept or reject a complete blob (`check_update` with this run's limits and expectations)."""
+        return check_update(msg, data, task_id, digest, self.limits)
+
+    @property
+    def limits(self) -> "UpdateLimits":
+        return UpdateLimits(self.cfg.run_id, self.cfg.max_update_bytes, self.expected, self.stat_layers)
 
     def _refuse(self, msg: Update, reason: str) -> Verdict:
         self.forget(msg)
@@ -287,6 +276,36 @@ class UploadCollector:
         for key in {*self.uploads, *self.waiting}:
             self.drop(key, f"round {round_id} ended")
         self.turned_away.clear()
+
+
+@dataclass(frozen=True)
+class UpdateLimits:
+    """What an update is checked against: all a check needs, so a check process gets it once."""
+
+    run_id: str
+    max_bytes: int
+    expected: dict  # adapter name -> (shape, dtype), from the manifest
+    stat_layers: dict  # layer -> neuron count of its activation statistics
+
+
+def check_update(msg: Update, data: bytes, task_id: str, digest: str | None, limits: UpdateLimits) -> Verdict:
+    """Accept or reject a complete blob. Pure (no state, no I/O), so it runs on any thread or in a
+    check process. `digest`: the sha256 the reassembler already checked `data` against (hashing
+    0.6 MB again per update is a second of CPU per 1,000 devices)."""
+    try:
+        digest = digest or (hashlib.sha256(data).hexdigest() if data else None)
+        if data and digest != msg.blob.sha256:
+            raise ProtocolError("update blob sha256 does not match the update message")
+        tensors, meta = decode_tensors(data, limits.max_bytes)
+        check_binding(meta, limits.run_id, msg.round_id, msg.device_id, task_id)
+        adapters, stats = split_update(tensors, limits.expected, limits.stat_layers)
+    except ProtocolError as exc:
+        return _reject(msg, exc.reason)
+    except Exception as exc:  # noqa: BLE001 - parsing a device's bytes: a fault we did not foresee
+        # is that device's problem, never the cloud's (re-raised, it would stop the run)
+        log.error("update from %s: unexpected %s while checking it: %s", msg.device_id, type(exc).__name__, exc)
+        return _reject(msg, f"malformed update ({type(exc).__name__})")
+    return Verdict(msg, "accept", data=data, adapters=adapters, stats=stats, digest=digest)
 
 
 def _reject(msg: Update, reason: str) -> Verdict:

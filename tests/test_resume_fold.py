@@ -35,15 +35,17 @@ def crashed_after_accepting_good0(bundle, out, persist: bool) -> None:
         fed.store.save_fold(0, fold.to_bytes())
 
 
+@pytest.mark.parametrize("check_processes", [0, 2])  # the resumed cloud's checks: threads, or processes (partial sums)
 @pytest.mark.parametrize("persist", [True, False])
-def test_a_resumed_round_ends_with_the_adapters_of_an_uninterrupted_one(tiny_bert_bundle, tmp_path, caplog, persist):
+def test_a_resumed_round_ends_with_the_adapters_of_an_uninterrupted_one(tiny_bert_bundle, tmp_path, caplog, persist, check_processes):
     whole, hub = federation(tiny_bert_bundle, tmp_path / "whole", DEVICES, min_clients=3)
     want = whole.store.read_tensors(whole.run().adapters)
     hub.join()
 
     crashed_after_accepting_good0(tiny_bert_bundle, tmp_path / "cut" / "run", persist)  # where federation() puts it
     with caplog.at_level(logging.INFO, logger="fedpft"):
-        resumed, hub = federation(tiny_bert_bundle, tmp_path / "cut", DEVICES, min_clients=3, resume=True)
+        resumed, hub = federation(tiny_bert_bundle, tmp_path / "cut", DEVICES, min_clients=3, resume=True,
+                                    check_processes=check_processes)
         state = resumed.run()
         hub.join()
     assert state.history[-1]["devices"] == ["good0", "good1", "good2"]

@@ -1,0 +1,103 @@
+"""`serve --check-processes N` (cloud/check_processes.py): uploads checked, stored and folded in
+processes of their own end the round with the adapters the check threads give, the persisted
+running sum is exactly the sum of the devices it names, and a check process that dies stops the
+cloud with one line (its accepted updates on disk for --resume)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from fedpft.cloud import fold as fold_module
+from fedpft.cloud.check_processes import CheckProcessDied
+from fedpft.cloud.fold import RoundFold
+from fedpft.shared.codec import decode_tensors, encode_tensors
+from test_fold import fold_in, updates
+from test_robust_rounds import federation
+from test_security_hostile import honest
+
+pytestmark = pytest.mark.faults
+
+
+def test_partial_sums_merge_into_the_sequential_fold():
+    ref, ups, stats, samples = updates(9, seed=3)
+    names = sorted(ups)
+    whole = fold_in(ref, ups, stats, samples, names)
+    base = fold_in(ref, ups, stats, samples, names[:2])  # what the loop itself holds (restored on resume)
+    parts = [fold_in(ref, ups, stats, samples, names[2 + k::3]) for k in range(3)]
+    for p in parts:
+        base.merge(p.to_bytes())
+    assert base.folded.keys() == whole.folded.keys()
+    np.testing.assert_allclose(base.flat, whole.flat, rtol=1e-12, atol=1e-12)
+    assert base.positions == pytest.approx(whole.positions)
+    np.testing.assert_allclose(base.off[3], whole.off[3])
+    with pytest.raises(ValueError, match="folded twice"):  # a device in two partial sums would count twice
+        base.merge(parts[0].to_bytes())
+    with pytest.raises(ValueError, match="running sum of"):  # another round's (or attempt's adapters')
+        base.merge(fold_in(ref, ups, stats, samples, ["d01"], RoundFold(ref, label="r1")).to_bytes())
+
+
+def _bad(dev, task):
+    """An update of the wrong tensors, refused by the check (in a check process, here); then the
+    device reports a failure, so the round does not wait for it."""
+    dev.update(task.round_id, encode_tensors({"evil.weight": np.zeros(3, np.float32)}))
+    dev.error(task.round_id)
+
+
+DEVICES = [*((f"good{i}", honest(i)) for i in range(4)), ("bad", _bad)]
+
+
+def test_a_round_checked_in_processes_ends_as_one_checked_in_threads(tiny_bert_bundle, tmp_path, monkeypatch, caplog):
+    threads, hub = federation(tiny_bert_bundle, tmp_path / "threads", DEVICES, min_clients=4)
+    want = threads.store.read_tensors(threads.run().adapters)
+    hub.join()
+
+    saved: list[bytes] = []
+    monkeypatch.setattr(fold_module, "PERSIST_SECONDS", 0.0)  # persist after every counted update
+    procs, hub = federation(tiny_bert_bundle, tmp_path / "procs", DEVICES, min_clients=4, check_processes=2)
+    save = procs.store.save_fold
+    procs.store.save_fold = lambda r, data: (saved.append(data), save(r, data))[1]
+    with caplog.at_level(logging.WARNING, logger="fedpft"):
+        state = procs.run()
+    hub.join()
+    rec = state.history[-1]
+    assert rec["devices"] == [f"good{i}" for i in range(4)] and "bad" in rec["failed"]
+    assert any("rejected update from bad" in m for m in caplog.messages)
+    got = procs.store.read_tensors(state.adapters)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-8)
+    assert len(list((tmp_path / "procs" / "run" / "updates" / "round_0000").glob("good*.safetensors"))) == 4
+    assert all(not w.proc.is_alive() for w in procs.checks.workers)  # closed with the run
+
+    # every persisted sum is exactly the sum of the devices it names (what --resume relies on)
+    assert saved
+    init = "checkpoints/adapters_round_init.safetensors"
+    reference = procs.store.read_tensors(init)
+
+    def empty() -> RoundFold:
+        return RoundFold(reference, procs.cfg.max_client_samples, label=f"round 0 on {init}")
+
+    stored = procs.store.stored_updates(0)
+    for data in saved:
+        snap, check = empty(), empty()
+        snap.restore(data)
+        for d, c in snap.folded.items():
+            tensors = {k: v for k, v in decode_tensors(stored[d].read_bytes())[0].items() if k in reference}
+            check.add(c, tensors, {}, check.change_flat(tensors))
+        np.testing.assert_allclose(snap.flat, check.flat, rtol=1e-12, atol=1e-12)
+    assert len(snap.folded) == 4  # the last one holds the round
+
+
+def test_a_check_process_that_dies_stops_the_cloud_in_one_line(tiny_bert_bundle, tmp_path):
+    fed, hub = federation(tiny_bert_bundle, tmp_path, DEVICES[:2], min_clients=2, check_processes=1)
+    w = fed.checks.workers[0]
+    os.kill(w.proc.pid, signal.SIGKILL)
+    w.proc.join(10)
+    with pytest.raises(CheckProcessDied, match="check process 0 .* exited.*--resume"):
+        fed.run()
+    hub.join()
