@@ -49,10 +49,15 @@ run)
       --json /tmp/j/$tag.json 2>&1 | grep -E "^\| [0-9]|Error|Traceback" | sed "s/^/$tree $tag /" | cut -c1-400
   }
   trees="new"; [ -d .mq/old ] && trees="old new"
-  for i in 1 2; do for n in 1 4; do for t in $trees; do R $t p${n}_${t}_$i --devices 1000 --pin-cloud $n; done; done; done
-  for i in 1 2; do R new p2_new_$i --devices 1000 --pin-cloud 2; done
-  TMPDIR=/dev/shm R new p4_new_shm --devices 1000 --pin-cloud 4
-  for n in 4 1; do T=120 R new p${n}_new_5000 --devices 5000 --pin-cloud $n --round-timeout 300 --task-ack-timeout 300; done
+  # check threads on the cloud's 1 core (session 11's best) against check processes on cores of
+  # their own (serve --check-processes, session 12; they inherit the cloud's CPUs), alternating
+  for i in 1 2; do for t in $trees; do
+    R $t p1_${t}_$i --devices 1000 --pin-cloud 1
+    [ $t = new ] && R new p3c2_new_$i --devices 1000 --pin-cloud 3 --check-processes 2
+    [ $t = new ] && R new p5c4_new_$i --devices 1000 --pin-cloud 5 --check-processes 4
+  done; done
+  T=120 R new p1_new_5000 --devices 5000 --pin-cloud 1 --round-timeout 300 --task-ack-timeout 300
+  T=120 R new p5c4_new_5000 --devices 5000 --pin-cloud 5 --check-processes 4 --round-timeout 300 --task-ack-timeout 300
   python3 -c "
 import glob, json, os
 out = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob('/tmp/j/*.json'))}
