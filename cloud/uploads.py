@@ -214,7 +214,9 @@ class UploadCollector:
         # the bytes stay reserved until the check ends: a cloud whose checks fall behind a flood of
         # uploads otherwise held every waiting blob (1.7 GB at 5,000 devices, BENCHMARKS.md scale)
         self.checking[msg.device_id] = InCheck(msg, ref.blob_id, reserved=up.reserved)
-        data = up.asm.result(view=True)  # the received payload itself: checked, decoded and stored without a copy
+        # the received payload itself: checked, decoded and stored without a copy (and, with check
+        # processes, hashed there: verified_sha256 is then None and check_update hashes it)
+        data = up.asm.result(view=True, verify=not self.cfg.check_processes)
         return Verdict(msg, "check", data=data, digest=up.asm.verified_sha256)
 
     def _busy(self, msg: Update) -> Verdict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .fsio import atomic_write
@@ -49,6 +49,8 @@ class Chunk:
     chunk_sha256: str
     blob_sha256: str
     data: bytes | memoryview  # a read-only view of the received payload when parsed with view=True
+    # False only for a one-chunk blob parsed with verify=False: whoever takes its data hashes it
+    verified: bool = field(default=True, compare=False)
 
     def to_bytes(self) -> bytes:
         bid = self.blob_id.encode("ascii")
@@ -59,11 +61,14 @@ class Chunk:
         return head + bid + self.data
 
     @classmethod
-    def from_bytes(cls, payload: bytes, view: bool = False) -> "Chunk":
+    def from_bytes(cls, payload: bytes, view: bool = False, verify: bool = True) -> "Chunk":
         """Parse and check one chunk (layout and its own hash); ProtocolError if it is not sound.
         `view`: `data` is a read-only view into `payload` (when it is immutable bytes), not a copy.
         The cloud parses each update's 0.6 MB this way: the copy was the largest cost its MQTT
-        dispatcher paid under the GIL (py-spy --gil, 1,000 devices, BENCHMARKS.md scale)."""
+        dispatcher paid under the GIL (py-spy --gil, 1,000 devices, BENCHMARKS.md scale).
+        `verify=False` leaves the hash of a one-chunk blob (the blob's own hash) to whoever takes the
+        blob (`Reassembler.result(verify=False)`): the cloud's check processes hash it off the
+        dispatcher thread. A chunk of several is always verified here."""
         if len(payload) < HEADER_SIZE:
             raise ProtocolError(f"chunk of {len(payload)} bytes is shorter than its {HEADER_SIZE}-byte header")
         magic, version, id_len, index, count, chunk_size, total, csha, bsha = _HEAD.unpack_from(payload)
@@ -84,6 +89,8 @@ class Chunk:
         want = min(chunk_size, total - index * chunk_size)
         if len(data) != want:
             raise ProtocolError(f"chunk {blob_id}#{index}: {len(data)} data bytes, expected {want}")
+        if not verify and count == 1:
+            return cls(blob_id, index, count, chunk_size, total, csha.hex(), bsha.hex(), data, verified=False)
         chunk = cls(blob_id, index, count, chunk_size, total, csha.hex(), bsha.hex(), data)
         if sha256_hex(data) != chunk.chunk_sha256:
             raise ProtocolError(f"chunk {blob_id}#{index}: sha256 mismatch (corrupted in transit)")
@@ -152,6 +159,7 @@ class Reassembler:
         self.count: int | None = None
         self._layout: tuple[int, int, int, str] | None = None  # count, chunk_size, total, blob sha
         self._whole_sha: str | None = None  # a one-chunk blob: the hash its only chunk was checked against
+        self._unverified = False  # a one-chunk blob whose chunk was parsed with verify=False
         self._have: dict[int, bytes | memoryview | None] = {}  # index -> data (None when it lives on disk)
         self._dir = Path(folder) / self.blob_id if folder is not None else None
         if self._dir is not None:
@@ -187,7 +195,9 @@ class Reassembler:
         if chunk.index in self._have:
             return False
         if chunk.count == 1:
-            self._whole_sha = chunk.chunk_sha256  # its data was checked against it: the blob, if the hashes agree
+            # its data was checked against it: the blob, if the hashes agree (unless left unverified)
+            self._whole_sha = chunk.chunk_sha256 if chunk.verified else None
+            self._unverified = not chunk.verified
         if self._dir is not None:
             self._persist(chunk)
             self._have[chunk.index] = None
@@ -212,8 +222,9 @@ class Reassembler:
 
     @property
     def verified_sha256(self) -> str | None:
-        """The blob hash `result()` checks the data against (what the chunks declared)."""
-        return self._layout[3] if self._layout is not None else None
+        """The blob hash `result()` checks the data against (what the chunks declared); None for a
+        one-chunk blob left unverified (`result(verify=False)` hands it over unhashed)."""
+        return self._layout[3] if self._layout is not None and not self._unverified else None
 
     def bind(self, sha256: str, size: int) -> None:
         """Fix the expected blob hash and size after chunks arrived (their announcement came late);
@@ -225,14 +236,16 @@ class Reassembler:
 
     # ---- output --------------------------------------------------------------------------------
 
-    def result(self, view: bool = False) -> bytes | memoryview:
+    def result(self, view: bool = False, verify: bool = True) -> bytes | memoryview:
         """The whole blob, once done and its sha256 verified; a mismatch forgets every chunk.
         `view`: a one-chunk blob parsed with `Chunk.from_bytes(view=True)` comes back as that
-        read-only view, uncopied; otherwise (and always for several chunks) as bytes."""
+        read-only view, uncopied; otherwise (and always for several chunks) as bytes.
+        `verify=False`: a one-chunk blob whose chunk was parsed unverified comes back unhashed, and
+        the caller must check it against the hash it trusts (`verified_sha256` is then None)."""
         if not self.done:
             raise ProtocolError(f"blob {self.blob_id} incomplete: {self.received}/{self.count or '?'} chunks")
         assert self._layout is not None
-        if self.count == 1 and self._whole_sha == self._layout[3]:
+        if self.count == 1 and (self._whole_sha == self._layout[3] or (self._unverified and not verify)):
             data = self._data(0)  # one chunk, its hash already checked on arrival, and it is the blob's
             return data if view or isinstance(data, bytes) else bytes(data)
         data = b"".join(self._data(i) for i in range(self.count or 0))
@@ -244,7 +257,7 @@ class Reassembler:
 
     def reset(self) -> None:
         self._have.clear()
-        self._layout, self.count, self._whole_sha = None, None, None
+        self._layout, self.count, self._whole_sha, self._unverified = None, None, None, False
         self.discard()
 
     def discard(self) -> None:

@@ -15,10 +15,12 @@ import pytest
 from fedpft.cloud import fold as fold_module
 from fedpft.cloud.check_processes import CheckProcessDied
 from fedpft.cloud.fold import RoundFold
+from fedpft.shared.chunks import BlobSource
 from fedpft.shared.codec import decode_tensors, encode_tensors
+from fedpft.shared.update import bind_update
 from test_fold import fold_in, updates
 from test_robust_rounds import federation
-from test_security_hostile import honest
+from test_security_hostile import RUN, good_tensors, honest
 
 pytestmark = pytest.mark.faults
 
@@ -48,30 +50,48 @@ def _bad(dev, task):
     dev.error(task.round_id)
 
 
-DEVICES = [*((f"good{i}", honest(i)) for i in range(4)), ("bad", _bad)]
+def _one_chunk(seed: int, corrupt: bool = False):
+    """An update in one chunk, as real devices send theirs (with check processes its sha256 is taken
+    in the check process, not on arrival); `corrupt`: one byte changed after hashing."""
+    def answer(dev, task):
+        data = bind_update(encode_tensors(good_tensors(dev.manifest, seed)), RUN, task.round_id, dev.device_id, task.task_id)
+        src = BlobSource(f"one-{dev.device_id}", data, chunk_size=len(data))
+        payload = bytearray(next(src.payloads()))
+        if corrupt:
+            payload[-1] ^= 1
+            dev.update(task.round_id, data, ref=src.ref, chunks=[bytes(payload)], blob_id=src.blob_id)
+            dev.error(task.round_id)
+        else:
+            dev.update(task.round_id, data, ref=src.ref, chunks=[bytes(payload)], blob_id=src.blob_id)
+    return answer
+
+
+DEVICES = [*((f"good{i}", honest(i)) for i in range(4)), ("good4", _one_chunk(4)), ("bad", _bad),
+           ("corrupt", _one_chunk(5, corrupt=True))]
 
 
 def test_a_round_checked_in_processes_ends_as_one_checked_in_threads(tiny_bert_bundle, tmp_path, monkeypatch, caplog):
-    threads, hub = federation(tiny_bert_bundle, tmp_path / "threads", DEVICES, min_clients=4)
+    threads, hub = federation(tiny_bert_bundle, tmp_path / "threads", DEVICES, min_clients=5)
     want = threads.store.read_tensors(threads.run().adapters)
     hub.join()
 
     saved: list[bytes] = []
     monkeypatch.setattr(fold_module, "PERSIST_SECONDS", 0.0)  # persist after every counted update
-    procs, hub = federation(tiny_bert_bundle, tmp_path / "procs", DEVICES, min_clients=4, check_processes=2)
+    procs, hub = federation(tiny_bert_bundle, tmp_path / "procs", DEVICES, min_clients=5, check_processes=2)
     save = procs.store.save_fold
     procs.store.save_fold = lambda r, data: (saved.append(data), save(r, data))[1]
     with caplog.at_level(logging.WARNING, logger="fedpft"):
         state = procs.run()
     hub.join()
     rec = state.history[-1]
-    assert rec["devices"] == [f"good{i}" for i in range(4)] and "bad" in rec["failed"]
+    assert rec["devices"] == [f"good{i}" for i in range(5)] and {"bad", "corrupt"} <= rec["failed"].keys()
     assert any("rejected update from bad" in m for m in caplog.messages)
+    assert any("rejected update from corrupt" in m and "sha256 does not match" in m for m in caplog.messages)
     got = procs.store.read_tensors(state.adapters)
     assert got.keys() == want.keys()
     for k, v in want.items():
         np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-8)
-    assert len(list((tmp_path / "procs" / "run" / "updates" / "round_0000").glob("good*.safetensors"))) == 4
+    assert len(list((tmp_path / "procs" / "run" / "updates" / "round_0000").glob("good*.safetensors"))) == 5
     assert all(not w.proc.is_alive() for w in procs.checks.workers)  # closed with the run
 
     # every persisted sum is exactly the sum of the devices it names (what --resume relies on)
@@ -90,7 +110,7 @@ def test_a_round_checked_in_processes_ends_as_one_checked_in_threads(tiny_bert_b
             tensors = {k: v for k, v in decode_tensors(stored[d].read_bytes())[0].items() if k in reference}
             check.add(c, tensors, {}, check.change_flat(tensors))
         np.testing.assert_allclose(snap.flat, check.flat, rtol=1e-12, atol=1e-12)
-    assert len(snap.folded) == 4  # the last one holds the round
+    assert len(snap.folded) == 5  # the last one holds the round
 
 
 def test_a_check_process_that_dies_stops_the_cloud_in_one_line(tiny_bert_bundle, tmp_path):

@@ -187,3 +187,27 @@ def test_a_viewed_chunk_is_the_payload_itself_and_a_one_chunk_blob_comes_back_un
     for p in many.payloads():
         asm.add(Chunk.from_bytes(p, view=True))
     assert isinstance(asm.result(view=True), bytes) and asm.result(view=True) == data
+
+
+def test_an_unverified_one_chunk_blob_is_hashed_by_whoever_takes_it():
+    """verify=False (the cloud with check processes): a one-chunk blob's hash is left to the taker,
+    which result(verify=False) says by verified_sha256 None; anyone else still gets it checked."""
+    (one,) = list(BlobSource("u1", DATA, chunk_size=len(DATA)).payloads())
+    bad = one[:-1] + bytes([one[-1] ^ 1])
+    with pytest.raises(ProtocolError, match="corrupted in transit"):
+        Chunk.from_bytes(bad)
+    c = Chunk.from_bytes(bad, view=True, verify=False)
+    assert not c.verified
+    r = Reassembler("u1")
+    r.add(c)
+    assert r.verified_sha256 is None
+    assert bytes(r.result(view=True, verify=False)) == bad[-len(DATA):]  # unhashed: the caller checks it
+    with pytest.raises(ProtocolError, match="whole-blob sha256 mismatch"):
+        r.result()  # a taker that did not promise to check it is refused the corrupted bytes
+    good = Reassembler("u1")
+    good.add(Chunk.from_bytes(one, verify=False))
+    assert good.result() == DATA  # verified on the way out
+    parts = list(BlobSource("m1", DATA, chunk_size=4096).payloads())
+    broken = parts[0][:-1] + bytes([parts[0][-1] ^ 1])
+    with pytest.raises(ProtocolError, match="corrupted in transit"):
+        Chunk.from_bytes(broken, verify=False)  # a chunk of several is always checked on arrival
