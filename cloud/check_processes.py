@@ -27,6 +27,7 @@ import multiprocessing as mp
 import queue
 import signal
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +41,11 @@ from .uploads import UpdateLimits, Verdict, check_update
 
 log = logging.getLogger("fedpft.serve")
 
+# How long the loop waits for the processes' partial sums. They answer after the checks queued
+# before the request: at the round's end none is (the loop waits for the checks first), mid-round a
+# backlog of a few hundred 3 ms checks.
+PARTIAL_TIMEOUT = 300.0
+
 
 class CheckProcessDied(RuntimeError):
     """A check process exited: what it had accepted is on disk, what it had folded is lost with it."""
@@ -51,6 +57,7 @@ class CheckProcessDied(RuntimeError):
 def _serve(conn, limits: UpdateLimits, folder: str) -> None:
     """A check process: requests in pipe order, one at a time (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the cloud's to handle; the pipe's EOF ends us
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # as the CLI's
     store = RunStore(Path(folder))
     folds: dict[int, RoundFold] = {}
     while True:
@@ -79,17 +86,28 @@ def _serve(conn, limits: UpdateLimits, folder: str) -> None:
                 _, fid, drop = req
                 fold = folds.get(fid)
                 conn.send(("partial", fid, fold.to_bytes() if fold is not None and fold.folded else None))
-                if drop:  # this fold's and every earlier one's (an attempt that missed quorum) are done
-                    for k in [k for k in folds if k <= fid]:
-                        del folds[k]
+                if drop:
+                    _drop(folds, fid)
+            elif kind == "drop":
+                _drop(folds, req[1])
         except Exception as exc:  # noqa: BLE001 - reported to the loop, which stops the cloud as a thread's error would
             job = req[1] if kind == "check" else None
             conn.send(("error", job, f"{type(exc).__name__}: {exc}"))
 
 
+def _drop(folds: dict[int, RoundFold], fid: int) -> None:
+    """A round is over: its fold and every earlier one (attempts that missed quorum, skipped rounds) go."""
+    for k in [k for k in folds if k <= fid]:
+        del folds[k]
+
+
 class _Worker:
     """One check process, its pipe, and the two threads that keep the loop from ever blocking on it:
-    a sender (a pipe write of 0.6 MB waits while the process is busy) and a reader."""
+    a sender (a pipe write of 0.6 MB waits while the process is busy) and a reader.
+
+    Every job and partial-sum request is registered and queued under `_lock`, after a check that the
+    process is alive; `_died` marks it dead and fails what it holds under the same lock. So nothing
+    the loop waits for is ever left unanswered, whenever the process dies."""
 
     def __init__(self, ctx, k: int, limits: UpdateLimits, folder: Path, owner: "CheckProcesses"):
         self.k, self.owner = k, owner
@@ -97,26 +115,26 @@ class _Worker:
         self.proc = ctx.Process(target=_serve, args=(child, limits, str(folder)), name=f"fedpft-check-{k}", daemon=True)
         self.proc.start()
         child.close()
-        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # (request,) or (request, bytes); None ends the sender
         self.folds: set[int] = set()  # the fold ids this process has been given
         self.in_flight: dict[int, tuple] = {}  # job -> what the loop needs back with its verdict
         self.partials: list[Future] = []  # partial sums asked for, in pipe order
         self.dead: str | None = None
         self._lock = threading.Lock()
-        threading.Thread(target=self._send, name=f"fedpft-check-{k}-send", daemon=True).start()
-        threading.Thread(target=self._read, name=f"fedpft-check-{k}-read", daemon=True).start()
+        self.threads = [threading.Thread(target=self._send, name=f"fedpft-check-{k}-send", daemon=True),
+                        threading.Thread(target=self._read, name=f"fedpft-check-{k}-read", daemon=True)]
+        for t in self.threads:
+            t.start()
 
     def _send(self) -> None:
-        while True:
-            item = self.outbox.get()
-            if item is None:
-                return
+        while (item := self.outbox.get()) is not None:
             try:
                 self.conn.send(item[0])
                 if len(item) > 1:
                     self.conn.send_bytes(item[1])
-            except (OSError, ValueError):
-                return  # the reader sees the process gone and fails what it had
+            except BaseException as exc:  # noqa: BLE001 - a pipe we cannot write is a process we cannot use
+                self._died(f"check process {self.k} (pid {self.proc.pid}): cannot send to it ({type(exc).__name__}: {exc})")
+                return
 
     def _read(self) -> None:
         while True:
@@ -129,27 +147,40 @@ class _Worker:
                 self.owner._checked(self, *reply[1:])
             elif reply[0] == "partial":
                 with self._lock:
-                    fut = self.partials.pop(0)
-                fut.set_result(reply[2])
-            else:  # ("error", job, text): a fault of the process, not of the update
-                self._died(f"check process {self.k}: {reply[2]}", job=reply[1])
-                if reply[1] is None:  # a partial sum's request failed: its fold cannot be trusted
-                    return
+                    fut = self.partials.pop(0) if self.partials else None
+                if fut is not None:
+                    fut.set_result(reply[2])
+            elif reply[1] is not None:  # ("error", job, text): that check failed (e.g. the disk), as a thread's would
+                self.owner._failed(self, reply[1], f"check process {self.k}: {reply[2]}")
+            else:  # a fold or partial-sum request failed: this process's sums cannot be trusted
+                self._died(f"check process {self.k}: {reply[2]}")
+                return
 
-    def _died(self, why: str, job: int | None = None) -> None:
+    def _died(self, why: str) -> None:
         with self._lock:
-            if job is None:
-                self.dead = why
-                jobs, futs, self.partials = list(self.in_flight), self.partials, []
-            else:
-                jobs, futs = [job], []
+            first = self.dead is None
+            self.dead = self.dead or why
+            jobs, futs, self.partials = list(self.in_flight), self.partials, []
+        if first and self.proc.is_alive():
+            self.proc.terminate()  # its pipe is no longer in step with us; the reader then ends too
         for j in jobs:
             self.owner._failed(self, j, why)
         for f in futs:
             f.set_exception(CheckProcessDied(why))
+        if first:
+            self.owner._lost(why)
 
-    def put(self, *item) -> None:
-        self.outbox.put(item)
+    def request(self, msg: tuple, data=None, job: tuple[int, tuple] | None = None, fut: Future | None = None) -> bool:
+        """Queue one request (with its job or partial-sum future registered); False if the process is dead."""
+        with self._lock:
+            if self.dead is not None:
+                return False
+            if job is not None:
+                self.in_flight[job[0]] = job[1]
+            if fut is not None:
+                self.partials.append(fut)
+            self.outbox.put((msg,) if data is None else (msg, data))
+            return True
 
 
 class CheckProcesses:
@@ -157,6 +188,7 @@ class CheckProcesses:
 
     def __init__(self, n: int, limits: UpdateLimits, store: RunStore, events: EventQueue):
         self.store, self.events = store, events
+        self.closing = False
         ctx = mp.get_context("spawn")  # the cloud has threads (paho's) by now: fork would copy their locks
         self.workers = [_Worker(ctx, k, limits, store.folder, self) for k in range(n)]
         self._folds = 0
@@ -172,49 +204,60 @@ class CheckProcesses:
         return fid
 
     def submit(self, v: Verdict, task_id: str, fold: RoundFold, declared: int | None, tracker) -> None:
-        """Check `v`'s blob on the least busy process; its verdict comes back as a "checked" event."""
-        w = min((w for w in self.workers if w.dead is None), key=lambda w: len(w.in_flight), default=None)
+        """Check `v`'s blob on the least busy live process; its verdict comes back as a "checked" event."""
         self.events.begin()
-        if w is None:
-            self.events.finish("checked", ("error", CheckProcessDied(self.workers[0].dead or "no check process")))
-            return
         fid, msg = self._fid(fold), v.msg
-        if fid not in w.folds:
-            w.folds.add(fid)
-            w.put(("fold", fid, fold.label, encode_tensors(fold.reference), fold.max_client_samples))
-        self._jobs += 1
-        with w._lock:
-            w.in_flight[self._jobs] = (msg, fold, tracker)
-        w.put(("check", self._jobs, fid, msg, task_id, v.digest, declared), v.data)
+        given: tuple | None = None
+        while True:
+            live = [w for w in self.workers if w.dead is None]
+            if not live:
+                why = next((w.dead for w in self.workers if w.dead), "no check process")
+                self.events.finish("checked", ("error", CheckProcessDied(why)))
+                return
+            w = min(live, key=lambda w: len(w.in_flight))
+            if fid not in w.folds:
+                given = given or ("fold", fid, fold.label, encode_tensors(fold.reference), fold.max_client_samples)
+                if not w.request(given):
+                    continue
+                w.folds.add(fid)
+            self._jobs += 1
+            if w.request(("check", self._jobs, fid, msg, task_id, v.digest, declared), v.data, job=(self._jobs, (msg, fold, tracker))):
+                return
 
     def partials(self, fold: RoundFold, drop: bool = False) -> list[Future]:
         """Each process's partial sum of `fold` (bytes, or None if it folded nothing), in pipe order:
-        after every check sent to it before. `drop`: the round is over, the processes forget it."""
+        after every check sent to it before. `drop`: the round is over, every process forgets it
+        and any earlier fold it still holds."""
         fid = self._fid(fold)
         futs = []
         for w in self.workers:
-            if fid not in w.folds:
-                continue
-            fut: Future = Future()
-            with w._lock:
-                if w.dead is not None:
-                    fut.set_exception(CheckProcessDied(w.dead))
-                else:
-                    w.partials.append(fut)
-                    w.put(("partial", fid, drop))
-            futs.append(fut)
+            if fid in w.folds:
+                fut: Future = Future()
+                if not w.request(("partial", fid, drop), fut=fut):
+                    fut.set_exception(CheckProcessDied(w.dead or "check process gone"))
+                futs.append(fut)
+            elif drop and any(f <= fid for f in w.folds):
+                w.request(("drop", fid))
             if drop:
                 w.folds -= {f for f in w.folds if f <= fid}
         return futs
 
-    def gather(self, fold: RoundFold, timeout: float = 600.0) -> None:
-        """Merge every process's partial sum of `fold` into it (the round's end: no check in flight)."""
-        for fut in self.partials(fold, drop=True):
-            data = fut.result(timeout)
+    def merge_into(self, fold: RoundFold, futs: list[Future], timeout: float = PARTIAL_TIMEOUT) -> None:
+        """Merge the partial sums `futs` (from `partials`) into `fold`, waiting at most `timeout` for all."""
+        deadline = time.monotonic() + timeout
+        for fut in futs:
+            try:
+                data = fut.result(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise CheckProcessDied(f"the check processes did not return their partial sums within {timeout:.0f}s") from None
             if data is not None:
                 fold.merge(data)
 
-    # -- from the reader threads
+    def gather(self, fold: RoundFold, timeout: float = PARTIAL_TIMEOUT) -> None:
+        """Merge every process's partial sum of `fold` into it (the round's end: no check in flight)."""
+        self.merge_into(fold, self.partials(fold, drop=True), timeout)
+
+    # -- from the sender and reader threads
     def _checked(self, w: _Worker, job: int, kind: str, reason: str | None, contribution: dict | None, rel: str | None,
                  digest: str | None) -> None:
         with w._lock:
@@ -238,12 +281,23 @@ class CheckProcesses:
         if entry is not None:
             self.events.finish("checked", ("error", CheckProcessDied(why)))
 
+    def _lost(self, why: str) -> None:
+        """A process died: what it had folded is gone, so the cloud stops now (with nothing in
+        flight on it, the loop would hear of it only at the round's end)."""
+        if not self.closing:
+            self.events.begin()
+            self.events.finish("checked", ("error", CheckProcessDied(why)))
+
     def close(self) -> None:
+        self.closing = True
         for w in self.workers:
-            w.put(("stop",))
-            w.put(None)
+            w.request(("stop",))
+            w.outbox.put(None)
         for w in self.workers:
             w.proc.join(5)
             if w.proc.is_alive():
                 w.proc.terminate()
+                w.proc.join(5)
+            for t in w.threads:
+                t.join(5)
             w.conn.close()

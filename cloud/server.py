@@ -208,18 +208,18 @@ class Federation(DeviceHandlers):
     def _persist_fold(self, round_id: int, fold: RoundFold) -> None:
         """Persist a copy of the running sum on the saver thread (encoding and two fsyncs of 1 MB+
         would stall the loop); one save at a time, so an older sum never overwrites a newer one."""
-        if self._fold_saving is not None and not self._fold_saving.done():
-            return  # still writing the last one; the sum stays due and goes out with a later update
+        if self._fold_saving is not None:
+            if not self._fold_saving.done():
+                return  # still writing the last one; the sum stays due and goes out with a later update
+            self._fold_saving.result()  # a save that failed (a full disk, a dead check process) stops the cloud now
         snap = fold.snapshot()
         # with check processes, what they folded is in their partial sums: each is asked now, in pipe
         # order after the checks sent to it, so each names exactly the devices it holds
         partials = self.checks.partials(fold) if self.checks is not None else []
 
         def save() -> None:
-            for fut in partials:
-                data = fut.result()
-                if data is not None:
-                    snap.merge(data)
+            if partials:
+                self.checks.merge_into(snap, partials)
             self.store.save_fold(round_id, snap.to_bytes())
 
         self._fold_saving = self.fold_saver.submit(save)
@@ -313,6 +313,19 @@ class Federation(DeviceHandlers):
         return redraw_adapters(init, self.cfg.seed, float(fm_config.get("initializer_range", 0.02)))
 
     def run(self) -> RunState:
+        try:
+            return self._run()
+        finally:  # also when the run stops on an error: no check process, thread or pipe outlives it
+            self.close()
+
+    def close(self) -> None:
+        if self.checks is not None:
+            self.checks.close()  # first: a save waiting for their partial sums is then answered
+        self.pool.shutdown(wait=False)
+        self.fold_saver.shutdown(wait=True)
+        self.blobs.close()
+
+    def _run(self) -> RunState:
         from .progress import progress_bar
 
         state = self.initial_state()
@@ -332,11 +345,6 @@ class Federation(DeviceHandlers):
                 bar.advance(**{k: v for k, v in record.items() if k in ("fm_accuracy", "clients") and v is not None})
         end = EndOfRun(run_id=self.cfg.run_id, round_id=state.next_round, sender=CLOUD_SENDER, reason=reason or "completed")
         self.t.publish(topics.control_topic(self.cfg.run_id), encode(end), retain=True)
-        self.pool.shutdown(wait=False)
-        self.fold_saver.shutdown(wait=True)
-        if self.checks is not None:
-            self.checks.close()
-        self.blobs.close()
         return state
 
     def run_round(self, state: RunState, bundle_ref: BlobRef) -> dict:

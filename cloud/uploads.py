@@ -210,13 +210,17 @@ class UploadCollector:
                 self.drop(k, f"{msg.device_id} announced another update ({ref.blob_id})")
             self.waiting[key] = msg
             return None
+        try:
+            # the received payload itself: checked, decoded and stored without a copy (and, with check
+            # processes, hashed there: verified_sha256 is then None and check_update hashes it)
+            data = up.asm.result(view=True, verify=not self.cfg.check_processes)
+        except ProtocolError as exc:  # chunks that each match their own hash, not the blob's: refused now
+            self.drop(key, exc.reason, quiet=True)
+            return _reject(msg, exc.reason)
         self.uploads.pop(key)
         # the bytes stay reserved until the check ends: a cloud whose checks fall behind a flood of
         # uploads otherwise held every waiting blob (1.7 GB at 5,000 devices, BENCHMARKS.md scale)
         self.checking[msg.device_id] = InCheck(msg, ref.blob_id, reserved=up.reserved)
-        # the received payload itself: checked, decoded and stored without a copy (and, with check
-        # processes, hashed there: verified_sha256 is then None and check_update hashes it)
-        data = up.asm.result(view=True, verify=not self.cfg.check_processes)
         return Verdict(msg, "check", data=data, digest=up.asm.verified_sha256)
 
     def _busy(self, msg: Update) -> Verdict:

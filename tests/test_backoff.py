@@ -125,5 +125,6 @@ def test_busy_notices_end_with_the_round(tmp_path):
                               deadline_s=1.5)
     th.join(10)
     # waits of 0.2-0.4 s until 1.5 s: 4 to 8 uploads, and the device gives up at the deadline, not after 10 s
-    assert not th.is_alive() and 3 <= len(seen) <= 8 and seen[-1] - start < 1.5, seen
+    # (an upload sent just before the deadline reaches the fake cloud a few ms after it: 0.2 s of slack)
+    assert not th.is_alive() and 3 <= len(seen) <= 8 and seen[-1] - start < 1.5 + 0.2, seen
     assert time.monotonic() - start < 1.5 + 1.0

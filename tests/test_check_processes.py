@@ -8,13 +8,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
 
+from fedpft.cloud import check_processes
 from fedpft.cloud import fold as fold_module
 from fedpft.cloud.check_processes import CheckProcessDied
+from fedpft.cloud.checks import EventQueue
 from fedpft.cloud.fold import RoundFold
+from fedpft.cloud.state import RunStore
+from fedpft.cloud.uploads import UpdateLimits, Verdict
+from fedpft.shared.messages import Update, make_update_id
 from fedpft.shared.chunks import BlobSource
 from fedpft.shared.codec import decode_tensors, encode_tensors
 from fedpft.shared.update import bind_update
@@ -92,7 +99,7 @@ def test_a_round_checked_in_processes_ends_as_one_checked_in_threads(tiny_bert_b
     for k, v in want.items():
         np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-8)
     assert len(list((tmp_path / "procs" / "run" / "updates" / "round_0000").glob("good*.safetensors"))) == 5
-    assert all(not w.proc.is_alive() for w in procs.checks.workers)  # closed with the run
+    assert all(not w.proc.is_alive() for w in procs.checks.workers) and not _check_threads()  # closed with the run
 
     # every persisted sum is exactly the sum of the devices it names (what --resume relies on)
     assert saved
@@ -113,11 +120,45 @@ def test_a_round_checked_in_processes_ends_as_one_checked_in_threads(tiny_bert_b
     assert len(snap.folded) == 5  # the last one holds the round
 
 
-def test_a_check_process_that_dies_stops_the_cloud_in_one_line(tiny_bert_bundle, tmp_path):
-    fed, hub = federation(tiny_bert_bundle, tmp_path, DEVICES[:2], min_clients=2, check_processes=1)
+def _check_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("fedpft-check-") and t.name.endswith(("-send", "-read"))]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_check_process_that_dies_stops_the_cloud_in_one_line(tiny_bert_bundle, tmp_path, n):
+    """Killed before any check: with one process the first check fails; with two, the survivor must
+    not go on alone (the dead one's partial sum is gone), so the loop hears of it at once."""
+    fed, hub = federation(tiny_bert_bundle, tmp_path, DEVICES[:2], min_clients=2, check_processes=n)
     w = fed.checks.workers[0]
     os.kill(w.proc.pid, signal.SIGKILL)
     w.proc.join(10)
     with pytest.raises(CheckProcessDied, match="check process 0 .* exited.*--resume"):
         fed.run()
     hub.join()
+    assert not any(w.proc.is_alive() for w in fed.checks.workers) and not _check_threads()  # nothing outlives the run
+
+
+def test_a_check_process_that_dies_while_the_loop_hands_it_a_check_answers_it(tmp_path, monkeypatch):
+    """The process dies between the loop's choice of it and the check's registration: the check is
+    still answered (an error), never left for the round to wait on forever."""
+    events = EventQueue()
+    procs = check_processes.CheckProcesses(1, UpdateLimits("r", 1 << 20, {}, {}), RunStore(tmp_path), events)
+    w, encode = procs.workers[0], check_processes.encode_tensors
+
+    def dying_encode(*args, **kwargs):  # the first check of a fold encodes its reference first
+        os.kill(w.proc.pid, signal.SIGKILL)
+        w.proc.join(10)
+        deadline = time.time() + 10
+        while w.dead is None and time.time() < deadline:
+            time.sleep(0.01)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(check_processes, "encode_tensors", dying_encode)
+    msg = Update(run_id="r", round_id=0, sender="d", device_id="d", error="x", task_id="t",
+                 update_id=make_update_id("r", 0, "d", "t", None))
+    procs.submit(Verdict(msg, "check", data=b"abc"), "t", RoundFold({"a": np.zeros(4, np.float32)}, label="x"), None, None)
+    got = [events.get(timeout=10) for _ in range(2)]  # the death itself, and the check's answer
+    assert all(tag == "checked" and out[0] == "error" and isinstance(out[1], CheckProcessDied) for tag, out in got)
+    assert events.in_flight == 0
+    procs.close()
+    assert not _check_threads()

@@ -3,6 +3,7 @@ hub) against devices that go offline, never ack, replay an old update, or stop u
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -13,11 +14,12 @@ from fedpft.cloud.config import ServeConfig
 from fedpft.cloud.sampling import RoundTracker
 from fedpft.cloud.server import Federation
 from fedpft.shared import topics
-from fedpft.shared.chunks import BlobSource
+from fedpft.shared.chunks import BlobSource, Chunk
 from fedpft.shared.codec import encode_tensors
 from fedpft.shared.manifest import BundleManifest
-from fedpft.shared.messages import Ack, Hello, Presence, Task, Update, encode, make_update_id
+from fedpft.shared.messages import Ack, BlobRef, Hello, Presence, Task, Update, encode, make_update_id
 from fedpft.shared.transport import InMemoryHub
+from fedpft.shared.update import bind_update
 from test_security_hostile import RUN, Device, good_tensors, honest, send
 
 pytestmark = [pytest.mark.faults, pytest.mark.security]
@@ -243,3 +245,40 @@ def test_announced_updates_that_never_upload_stay_bounded(tiny_bert_bundle, tmp_
     assert fed.waiting == {} and fed.uploads == {}
     assert sum("announced another update" in m for m in caplog.messages) == 48
     assert sum("round 0 ended" in m for m in caplog.messages) == 2
+
+
+@pytest.mark.parametrize("check_processes", [0, 1])
+def test_chunks_that_match_themselves_but_not_their_blob_are_refused_and_free_the_device(tiny_bert_bundle, tmp_path, caplog,
+                                                                                        check_processes):
+    """Each chunk matches its own hash, the blob hash they and the Update declare does not match the
+    bytes: the device is told why, nothing of it is left waiting for a check (the round would wait for
+    it forever), and its honest upload after that counts."""
+    fed = open_round(tiny_bert_bundle, tmp_path, check_processes=check_processes)
+    manifest = BundleManifest.load(tiny_bert_bundle)
+    data = bind_update(encode_tensors(good_tensors(manifest, 0)), RUN, 0, "d1", "t0")
+    lie = hashlib.sha256(b"other bytes").hexdigest()
+    size = 8192
+    parts = [data[i:i + size] for i in range(0, len(data), size)]
+    assert len(parts) > 1
+    with caplog.at_level(logging.WARNING, logger="fedpft"):
+        for i, part in enumerate(parts):
+            chunk = Chunk("lying", i, len(parts), size, len(data), hashlib.sha256(part).hexdigest(), lie, part)
+            feed(fed, "d1", "lying", chunk.to_bytes())
+        ref = BlobRef(blob_id="lying", sha256=lie, size=len(data))
+        msg = Update(run_id=RUN, round_id=0, sender="d1", device_id="d1", blob=ref, num_samples=5, task_id="t0",
+                     update_id=make_update_id(RUN, 0, "d1", "t0", lie))
+        send(fed, "d1", topics.device_topic(RUN, "d1", topics.UPDATE), encode(msg))
+        while not fed.events.empty():
+            fed.pump(0.01)
+        assert fed.collector.checking == {} and fed.uploads == {} and fed.upload_bytes == 0
+        assert any("rejected update from d1" in m and "whole-blob sha256 mismatch" in m for m in caplog.messages), caplog.messages
+        honest_src = BlobSource("honest", data, size)
+        for payload in honest_src.payloads():
+            feed(fed, "d1", "honest", payload)
+        msg = msg.model_copy(update={"blob": honest_src.ref, "update_id": make_update_id(RUN, 0, "d1", "t0", honest_src.sha256)})
+        send(fed, "d1", topics.device_topic(RUN, "d1", topics.UPDATE), encode(msg))
+        deadline = time.time() + 30
+        while "d1" not in fed.tracker.accepted and time.time() < deadline:
+            fed.pump(0.05)
+    assert "d1" in fed.tracker.accepted
+    fed.close()
