@@ -60,6 +60,7 @@ def _serve(conn, limits: UpdateLimits, folder: str) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # as the CLI's
     store = RunStore(Path(folder))
     folds: dict[int, RoundFold] = {}
+    conn.send(("ready",))
     while True:
         try:
             req = conn.recv()
@@ -120,6 +121,7 @@ class _Worker:
         self.in_flight: dict[int, tuple] = {}  # job -> what the loop needs back with its verdict
         self.partials: list[Future] = []  # partial sums asked for, in pipe order
         self.dead: str | None = None
+        self.ready = threading.Event()  # set once the process has started (or has died)
         self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._send, name=f"fedpft-check-{k}-send", daemon=True),
                         threading.Thread(target=self._read, name=f"fedpft-check-{k}-read", daemon=True)]
@@ -137,13 +139,21 @@ class _Worker:
                 return
 
     def _read(self) -> None:
+        try:
+            self._replies()
+        except BaseException as exc:  # noqa: BLE001 - a reader that stops silently would leave the loop waiting forever
+            self._died(f"check process {self.k} (pid {self.proc.pid}): unreadable reply ({type(exc).__name__}: {exc})")
+
+    def _replies(self) -> None:
         while True:
             try:
                 reply = self.conn.recv()
             except (EOFError, OSError):
                 self._died(f"check process {self.k} (pid {self.proc.pid}) exited")
                 return
-            if reply[0] == "checked":
+            if reply[0] == "ready":
+                self.ready.set()
+            elif reply[0] == "checked":
                 self.owner._checked(self, *reply[1:])
             elif reply[0] == "partial":
                 with self._lock:
@@ -163,6 +173,7 @@ class _Worker:
             jobs, futs, self.partials = list(self.in_flight), self.partials, []
         if first and self.proc.is_alive():
             self.proc.terminate()  # its pipe is no longer in step with us; the reader then ends too
+        self.ready.set()
         for j in jobs:
             self.owner._failed(self, j, why)
         for f in futs:
@@ -193,6 +204,12 @@ class CheckProcesses:
         self.workers = [_Worker(ctx, k, limits, store.folder, self) for k in range(n)]
         self._folds = 0
         self._jobs = 0
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until every process has started (its imports: ~0.9 CPU-s each), so that round 0 does not pay for it."""
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            w.ready.wait(max(0.0, deadline - time.monotonic()))
 
     def _fid(self, fold: RoundFold) -> int:
         """The number the processes know `fold` by: increasing, so "this one and every earlier one"

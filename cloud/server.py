@@ -329,6 +329,8 @@ class Federation(DeviceHandlers):
         from .progress import progress_bar
 
         state = self.initial_state()
+        if self.checks is not None:
+            self.checks.wait_ready()  # a process that cannot start stops the run at its first pump, in one line
         self.subscribe()
         # a retained end-of-run from an earlier run on this id would stop devices at once
         self.t.publish(topics.control_topic(self.cfg.run_id), b"", retain=True)
