@@ -29,6 +29,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict
 from pathlib import Path
 
@@ -171,8 +172,11 @@ class _Worker:
             first = self.dead is None
             self.dead = self.dead or why
             jobs, futs, self.partials = list(self.in_flight), self.partials, []
-        if first and self.proc.is_alive():
-            self.proc.terminate()  # its pipe is no longer in step with us; the reader then ends too
+        try:
+            if first and self.proc.is_alive():
+                self.proc.terminate()  # its pipe is no longer in step with us; the reader then ends too
+        except ValueError:
+            pass  # already closed by CheckProcesses.close
         self.ready.set()
         for j in jobs:
             self.owner._failed(self, j, why)
@@ -201,7 +205,13 @@ class CheckProcesses:
         self.store, self.events = store, events
         self.closing = False
         ctx = mp.get_context("spawn")  # the cloud has threads (paho's) by now: fork would copy their locks
-        self.workers = [_Worker(ctx, k, limits, store.folder, self) for k in range(n)]
+        self.workers: list[_Worker] = []
+        try:
+            for k in range(n):
+                self.workers.append(_Worker(ctx, k, limits, store.folder, self))
+        except BaseException:
+            self.close()  # the ones already started
+            raise
         self._folds = 0
         self._jobs = 0
 
@@ -265,7 +275,7 @@ class CheckProcesses:
         for fut in futs:
             try:
                 data = fut.result(max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            except (FutureTimeout, TimeoutError):  # the same class from Python 3.11 on, not on 3.10
                 raise CheckProcessDied(f"the check processes did not return their partial sums within {timeout:.0f}s") from None
             if data is not None:
                 fold.merge(data)
@@ -305,16 +315,28 @@ class CheckProcesses:
             self.events.begin()
             self.events.finish("checked", ("error", CheckProcessDied(why)))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every process (asked, then SIGTERM, then SIGKILL: a process stuck in an fsync or
+        stopped must not hold the cloud's exit), fail whatever still waits on one, and release their
+        threads and pipes; within about `timeout` seconds in all. Safe to call twice."""
+        if self.closing:
+            return
         self.closing = True
         for w in self.workers:
             w.request(("stop",))
             w.outbox.put(None)
+        deadline = time.monotonic() + timeout
         for w in self.workers:
-            w.proc.join(5)
-            if w.proc.is_alive():
-                w.proc.terminate()
-                w.proc.join(5)
-            for t in w.threads:
-                t.join(5)
+            w.proc.join(max(0.0, deadline - time.monotonic()))
+        for w in self.workers:
+            for stop in (w.proc.terminate, w.proc.kill):
+                if w.proc.is_alive():
+                    stop()
+                    w.proc.join(1.0)
+            w._died(f"check process {w.k} closed")  # answers a save still waiting for its partial sum
+        for w in self.workers:
+            for t in w.threads:  # the reader ends at its pipe's EOF, now that the process is gone
+                t.join(max(0.1, deadline - time.monotonic()))
             w.conn.close()
+            if not w.proc.is_alive():
+                w.proc.close()  # its sentinel fd

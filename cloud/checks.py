@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Executor, ThreadPoolExecutor
 
 # Durable writes dominate a check and fsync releases the GIL: on this project's 2-core VM, 400
 # updates of 0.62 MB (two atomic writes each) took 5.8 s on 1 thread, 1.7 s on 2, 0.63 s on 8 and
@@ -62,7 +62,8 @@ class EventQueue(queue.Queue):
                 outcome = ("error", exc)
             self.finish(tag, outcome)
 
-        pool.submit(job)
+        # a check cancelled when the run stops (Federation.close) still ends its count
+        pool.submit(job).add_done_callback(lambda f: f.cancelled() and self.finish(tag, ("error", CancelledError())))
 
     def begin(self) -> None:
         """A job whose outcome `finish` will queue (check threads, check processes)."""

@@ -66,8 +66,7 @@ class Federation(DeviceHandlers):
         self.open = OpenRound()
         self.collector = UploadCollector(cfg, self.open, self.strategy.expected, self.strategy.stat_layers)
         # started now, before the transport's threads exist, and ready while the loop waits for devices
-        self.checks = (CheckProcesses(cfg.check_processes, self.collector.limits, self.store, self.events)
-                       if cfg.check_processes else None)
+        self.checks: CheckProcesses | None = None
         self.fold: RoundFold | None = None  # the open round's running sum
         self.privacy = PrivateRounds(self)  # --secure-agg / --dp-*: identity hooks otherwise
         self._next_expiry = 0.0
@@ -76,6 +75,9 @@ class Federation(DeviceHandlers):
         if self.signing_key is not None and self.manifest.signer != key_id(self.signing_key.public_key()):
             log.warning("the bundle is not signed by --signing-key; devices with --trust-key will refuse it "
                         "(prepare it with --signing-key)")
+        # last, so that nothing above can fail with processes started; ready while the loop waits for devices
+        if cfg.check_processes:
+            self.checks = CheckProcesses(cfg.check_processes, self.collector.limits, self.store, self.events)
 
     # the open round and the uploads, as attributes of the loop (tests and benchmarks read them)
     round_id = property(lambda self: self.open.round_id, lambda self, v: setattr(self.open, "round_id", v))
@@ -321,7 +323,8 @@ class Federation(DeviceHandlers):
     def close(self) -> None:
         if self.checks is not None:
             self.checks.close()  # first: a save waiting for their partial sums is then answered
-        self.pool.shutdown(wait=False)
+        # a run stopped by an error (a full disk) must not leave queued checks writing into its folder
+        self.pool.shutdown(wait=True, cancel_futures=True)
         self.fold_saver.shutdown(wait=True)
         self.blobs.close()
 

@@ -99,7 +99,7 @@ def test_a_round_checked_in_processes_ends_as_one_checked_in_threads(tiny_bert_b
     for k, v in want.items():
         np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-8)
     assert len(list((tmp_path / "procs" / "run" / "updates" / "round_0000").glob("good*.safetensors"))) == 5
-    assert all(not w.proc.is_alive() for w in procs.checks.workers) and not _check_threads()  # closed with the run
+    assert all(w.proc._closed for w in procs.checks.workers) and not _check_threads()  # closed with the run
 
     # every persisted sum is exactly the sum of the devices it names (what --resume relies on)
     assert saved
@@ -135,7 +135,7 @@ def test_a_check_process_that_dies_stops_the_cloud_in_one_line(tiny_bert_bundle,
     with pytest.raises(CheckProcessDied, match="check process 0 .* exited.*--resume"):
         fed.run()
     hub.join()
-    assert not any(w.proc.is_alive() for w in fed.checks.workers) and not _check_threads()  # nothing outlives the run
+    assert all(w.proc._closed for w in fed.checks.workers) and not _check_threads()  # nothing outlives the run
 
 
 def test_a_check_process_that_dies_while_the_loop_hands_it_a_check_answers_it(tmp_path, monkeypatch):
@@ -162,3 +162,22 @@ def test_a_check_process_that_dies_while_the_loop_hands_it_a_check_answers_it(tm
     assert events.in_flight == 0
     procs.close()
     assert not _check_threads()
+
+
+def test_close_stops_a_process_that_does_not_answer_and_fails_what_waits_on_it(tmp_path):
+    """A stopped process (as one stuck in an fsync) neither holds close() nor outlives it, and a save
+    waiting for its partial sum is answered."""
+    procs = check_processes.CheckProcesses(1, UpdateLimits("r", 1 << 20, {}, {}), RunStore(tmp_path), EventQueue())
+    procs.wait_ready(60)
+    w = procs.workers[0]
+    fold = RoundFold({"a": np.zeros(4, np.float32)}, label="x")
+    w.folds.add(procs._fid(fold))  # as if it had checked an update of this fold
+    os.kill(w.proc.pid, signal.SIGSTOP)
+    (waiting,) = procs.partials(fold)
+    t0 = time.monotonic()
+    procs.close(timeout=1.0)
+    assert time.monotonic() - t0 < 5.0
+    with pytest.raises(CheckProcessDied, match="closed"):
+        waiting.result(1)
+    assert w.proc._closed and not _check_threads()
+    procs.close()  # twice: harmless
