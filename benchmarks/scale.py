@@ -189,6 +189,7 @@ def timed_federation_class():
             cpu0, use0 = _cpu_s(), _usage()
             checkers = [w.proc.pid for w in self.checks.workers] if self.checks is not None else []
             check0 = sum(_proc_cpu_s(p) for p in checkers)
+            threads0 = _thread_cpu_s()
             try:
                 return super().run_round(state, bundle_ref)
             finally:
@@ -200,10 +201,42 @@ def timed_federation_class():
                 self.check_cpu_s = sum(_proc_cpu_s(p) for p in checkers) - check0
                 self.check_rss_peak = sum(_status_kb(p, "VmHWM") * 1024 for p in checkers)
                 self.usage["main_process_cpu_s"] = self.cpu_s
+                # where the main process's CPU went, by thread (its network thread, dispatcher, loop, ...)
+                by_thread: dict[str, float] = {}
+                for name, cpu in _thread_cpu_s().items():
+                    kind = _thread_kind(name)
+                    by_thread[kind] = round(by_thread.get(kind, 0.0) + cpu - threads0.get(name, 0.0), 3)
+                self.usage["main_process_threads_cpu_s"] = dict(sorted(by_thread.items(), key=lambda kv: -kv[1]))
                 self.usage["check_processes_cpu_s"] = self.check_cpu_s
                 self.cpu_s += self.check_cpu_s
 
     return TimedFederation
+
+
+def _thread_cpu_s() -> dict[str, float]:
+    """CPU seconds of each live Python thread of this process (by name, from /proc's per-task stat)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for t in threading.enumerate():
+        try:
+            fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+            out[f"{t.name}#{t.native_id}"] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError, TypeError):
+            pass
+    return out
+
+
+def _thread_kind(name: str) -> str:
+    """A thread's role, without its number: check threads, check-process pipes, paho's network thread..."""
+    base = name.split("#")[0]
+    for prefix, kind in (("fedpft-check_", "check threads"), ("fedpft-check-", "check-process pipe threads"),
+                         ("paho-mqtt-client", "MQTT network thread (paho)"), ("MainThread", "round loop"),
+                         ("dispatch-", "MQTT dispatcher (message handlers)"), ("blob-sender-", "blob sender"),
+                         ("fedpft-fold-saver", "fold saver"), ("rss-sampler", "benchmark's RSS sampler")):
+        if base.startswith(prefix):
+            return kind + (" (send)" if kind.startswith("check-process") and base.endswith("-send") else
+                           " (read)" if kind.startswith("check-process") else "")
+    return base.rstrip("0123456789_-") or base
 
 
 def _cpu_s() -> float:
