@@ -65,8 +65,7 @@ class Federation(DeviceHandlers):
         self.strategy = make_strategy(self.manifest, cfg, self.store, evaluator, aligner)
         self.open = OpenRound()
         self.collector = UploadCollector(cfg, self.open, self.strategy.expected, self.strategy.stat_layers)
-        # started now, before the transport's threads exist, and ready while the loop waits for devices
-        self.checks: CheckProcesses | None = None
+        self.checks: CheckProcesses | None = None  # started last (below)
         self.fold: RoundFold | None = None  # the open round's running sum
         self.privacy = PrivateRounds(self)  # --secure-agg / --dp-*: identity hooks otherwise
         self._next_expiry = 0.0
