@@ -110,6 +110,7 @@ def test_a_round_checked_in_processes_ends_as_one_checked_in_threads(tiny_bert_b
         return RoundFold(reference, procs.cfg.max_client_samples, label=f"round 0 on {init}")
 
     stored = procs.store.stored_updates(0)
+    before: set[str] = set()
     for data in saved:
         snap, check = empty(), empty()
         snap.restore(data)
@@ -117,7 +118,11 @@ def test_a_round_checked_in_processes_ends_as_one_checked_in_threads(tiny_bert_b
             tensors = {k: v for k, v in decode_tensors(stored[d].read_bytes())[0].items() if k in reference}
             check.add(c, tensors, {}, check.change_flat(tensors))
         np.testing.assert_allclose(snap.flat, check.flat, rtol=1e-12, atol=1e-12)
-    assert len(snap.folded) == 5  # the last one holds the round
+        # saves never go backwards; the last need not hold the whole round (a save still in flight
+        # when the last update lands is skipped: the round's checkpoint holds it)
+        assert before <= snap.folded.keys() <= {f"good{i}" for i in range(5)}
+        before = set(snap.folded)
+    assert before
 
 
 def _check_threads() -> list[str]:
