@@ -128,21 +128,28 @@ class RoundFold:
         `change` (from `self.change_flat(adapters)`) is consumed: it is scaled in place."""
         if c.device in self.folded:
             return False
-        for layer, (off, pos) in stats.items():
-            if layer in self.off and self.off[layer].shape != off.shape:
-                raise ValueError(f"layer {layer}: neuron count {off.shape} differs from {self.off[layer].shape}")
         w = float(c.limit(self.max_client_samples))
         d = self.change_flat(adapters) if change is None else change
         d *= w
         with self._lock:
             if c.device in self.folded:
                 return False
+            self._check_stats(stats)
             self.flat += d
-            for layer, (off, pos) in stats.items():
-                self.off[layer] = self.off.get(layer, 0.0) + off.astype(np.float64)
-                self.positions[layer] = self.positions.get(layer, 0.0) + float(pos)
+            self._add_stats(stats)
             self.folded[c.device] = c
         return True
+
+    def _check_stats(self, stats: Mapping[int, tuple[np.ndarray, float]]) -> None:
+        """Under the lock, before anything is added: a refused sum leaves this one as it was."""
+        for layer, (off, _) in stats.items():
+            if layer in self.off and self.off[layer].shape != off.shape:
+                raise ValueError(f"layer {layer}: neuron count {off.shape} differs from {self.off[layer].shape}")
+
+    def _add_stats(self, stats: Mapping[int, tuple[np.ndarray, float]]) -> None:
+        for layer, (off, pos) in stats.items():
+            self.off[layer] = self.off.get(layer, 0.0) + off.astype(np.float64)
+            self.positions[layer] = self.positions.get(layer, 0.0) + float(pos)
 
     def take(self, device: str, adapters: Tensors, stats: Mapping[int, tuple[np.ndarray, float]], num_samples: int,
              mean_loss: float | None, declared: int | None = None, update_id: str | None = None) -> Contribution:
@@ -217,17 +224,15 @@ class RoundFold:
         """Add another sum of this round's (a check process's partial sum, `to_bytes`) into this one.
         Their devices must be disjoint: each update is checked, and so folded, in one place."""
         total, off, positions, folded = self._parse(data)
+        stats = {layer: (v, positions.get(layer, 0.0)) for layer, v in off.items()}
         with self._lock:
             both = self.folded.keys() & folded.keys()
             if both:
                 raise ValueError(f"devices folded twice: {sorted(both)[:5]}")
+            self._check_stats(stats)
             for k, v in total.items():
                 self.sum[k] += v
-            for layer, v in off.items():
-                if layer in self.off and self.off[layer].shape != v.shape:
-                    raise ValueError(f"layer {layer}: neuron count {v.shape} differs from {self.off[layer].shape}")
-                self.off[layer] = self.off.get(layer, 0.0) + v
-                self.positions[layer] = self.positions.get(layer, 0.0) + positions.get(layer, 0.0)
+            self._add_stats(stats)
             self.folded.update(folded)
 
     def _parse(self, data: bytes) -> tuple[dict, dict, dict, dict]:

@@ -87,7 +87,7 @@ class NoRoom(ProtocolError):
 class UploadCollector:
     def __init__(self, cfg: ServeConfig, open_round: OpenRound, expected: dict, stat_layers: dict[int, int]):
         self.cfg, self.open = cfg, open_round
-        self.expected, self.stat_layers = expected, stat_layers
+        self.limits = UpdateLimits(cfg.run_id, cfg.max_update_bytes, expected, stat_layers)
         self.uploads: dict[tuple[str, str], Upload] = {}
         self.upload_bytes = 0  # reserved by unfinished uploads and those in their checks, at most cfg.max_upload_buffer
         self.waiting: dict[tuple[str, str], Update] = {}  # update messages whose blob is still arriving
@@ -246,10 +246,6 @@ class UploadCollector:
     def validate(self, msg: Update, data: bytes, task_id: str, digest: str | None = None) -> Verdict:
         """Accept or reject a complete blob (`check_update` with this run's limits and expectations)."""
         return check_update(msg, data, task_id, digest, self.limits)
-
-    @property
-    def limits(self) -> "UpdateLimits":
-        return UpdateLimits(self.cfg.run_id, self.cfg.max_update_bytes, self.expected, self.stat_layers)
 
     def _refuse(self, msg: Update, reason: str) -> Verdict:
         self.forget(msg)

@@ -49,6 +49,15 @@ def test_partial_sums_merge_into_the_sequential_fold():
     with pytest.raises(ValueError, match="running sum of"):  # another round's (or attempt's adapters')
         base.merge(fold_in(ref, ups, stats, samples, ["d01"], RoundFold(ref, label="r1")).to_bytes())
 
+    # a partial sum refused for its statistics (another proxy's neuron count) changes nothing here
+    odd = {d: {2: (np.ones(8, np.float32), 4.0), 3: (np.ones(5, np.float32), 4.0)} for d in ups}
+    flat, folded, off = base.flat.copy(), dict(base.folded), {k: v.copy() for k, v in base.off.items()}
+    with pytest.raises(ValueError, match="neuron count"):
+        base.merge(fold_in(ref, {"x": ups["d01"]}, {"x": odd["d01"]}, {"x": 3}, ["x"]).to_bytes())
+    np.testing.assert_array_equal(base.flat, flat)
+    assert base.folded == folded and base.off.keys() == off.keys() and base.positions.keys() == {3}
+    np.testing.assert_array_equal(base.off[3], off[3])
+
 
 def _bad(dev, task):
     """An update of the wrong tensors, refused by the check (in a check process, here); then the
