@@ -199,7 +199,8 @@ def timed_federation_class():
                 self.rss_peak = sampler.stop()
                 # --check-processes: their CPU and memory are the cloud's too (counted apart, then added)
                 self.check_cpu_s = sum(_proc_cpu_s(p) for p in checkers) - check0
-                self.check_rss_peak = sum(_status_kb(p, "VmHWM") * 1024 for p in checkers)
+                self.check_rss_peaks = [_status_kb(p, "VmHWM") * 1024 for p in checkers]
+                self.check_rss_peak = sum(self.check_rss_peaks)
                 self.usage["main_process_cpu_s"] = self.cpu_s
                 # where the main process's CPU went, by thread (its network thread, dispatcher, loop, ...)
                 by_thread: dict[str, float] = {}
@@ -527,6 +528,8 @@ def run_scale(sc: ScaleConfig) -> dict:
         "busy_notices": sum(d.get("busy", 0) for d in timings),
         "cloud_rss_idle_mb": rss_idle / 2**20,
         "cloud_rss_peak_round_mb": (fed.rss_peak + fed.check_rss_peak) / 2**20,  # with its check processes' peaks
+        "cloud_rss_peak_main_mb": fed.rss_peak / 2**20,
+        "check_processes_rss_peak_mb": [r / 2**20 for r in fed.check_rss_peaks],
         "cloud_cpu_round_s": fed.cpu_s,
         "cloud_usage_round": fed.usage,
         # the whole run (hellos, round, EndOfRun), not only the round as for the cloud
