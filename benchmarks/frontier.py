@@ -121,7 +121,12 @@ def section(costs: list[dict], seed_rows: list[dict], rounds: int, command: str)
     lines += ["", "Costs measured by: " + ", ".join(f"`{c}`" for c in sorted({c["command"] for c in costs})) + " (with "
               "`FEDPFT_EDGE_PYTHON` a venv of `fedpft[edge]`; proxies not yet prepared by the seeds benchmark measured undistilled: "
               + ", ".join(c["bundle"] for c in costs if not c.get("distilled", True)) + ").",
-              "", "![FM accuracy and edge step time against bundle size](benchmarks/results/frontier.png)"]
+              ]
+    other = sorted({r["command"] for r in seed_rows if r.get("ffn_keep") not in (None, 0.25) and r.get("command")})
+    if other:  # the 0.25 runs are the seeds section's; these exist only for this table
+        lines += ["", "Accuracy at the other --ffn-keep values from (under `nice -n 19`, `FEDPFT_EDGE_PYTHON` a venv of `fedpft[edge]`): "
+                  + ", ".join(f"`{c}`" for c in other) + "."]
+    lines += ["", "![FM accuracy and edge step time against bundle size](benchmarks/results/frontier.png)"]
     return "\n".join(lines)
 
 
@@ -146,12 +151,15 @@ def plot(costs: list[dict], seed_rows: list[dict], rounds: int, path: Path) -> P
             left.errorbar([m for m, _, _ in pts], [100 * s.mean for _, s, _ in pts],
                           yerr=[0 if math.isnan(s.sd) else 100 * s.sd for _, s, _ in pts], marker="o", capsize=3,
                           color=colors[method], label=method)
+            for m, st, c in pts:  # how many seeds each point stands for (one seed has no bar)
+                tag = "" if c["ffn_keeps"] is None else "/".join(f"{k:g}" for k in c["ffn_keeps"]) + ", "
+                left.annotate(f"{tag}n={st.n}", (m, 100 * st.mean), fontsize=7, xytext=(4, -10), textcoords="offset points")
         for m, c in zip(mb, cs):
             tag = "" if c["ffn_keeps"] is None else "/".join(f"{k:g}" for k in c["ffn_keeps"])
             right.annotate(f"{tag} {c['rss_mb']:.0f} MB", (m, c["step_cpu_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if not left.get_legend_handles_labels()[0]:
         left.text(0.5, 0.5, f"no seed run has reached round {rounds} yet", ha="center", va="center", transform=left.transAxes)
-    left.set_title(f"FM accuracy, {PARTITIONS[0]}, round {rounds} (mean ± sd)")
+    left.set_title(f"FM accuracy, {PARTITIONS[0]}, round {rounds} (mean ± sd over n seeds)")
     left.set_xlabel("bundle MB (download to device)")
     left.set_ylabel("accuracy (%)")
     right.set_title("edge step, CPU seconds (label: --ffn-keep, peak RSS)")
