@@ -122,12 +122,30 @@ def section(costs: list[dict], seed_rows: list[dict], rounds: int, command: str)
               "`FEDPFT_EDGE_PYTHON` a venv of `fedpft[edge]`; proxies not yet prepared by the seeds benchmark measured undistilled: "
               + ", ".join(c["bundle"] for c in costs if not c.get("distilled", True)) + ").",
               ]
+    lines += seed0_lines(costs, seed_rows, rounds)
     other = sorted({r["command"] for r in seed_rows if r.get("ffn_keep") not in (None, 0.25) and r.get("command")})
     if other:  # the 0.25 runs are the seeds section's; these exist only for this table
         lines += ["", "Accuracy at the other --ffn-keep values from (under `nice -n 19`, `FEDPFT_EDGE_PYTHON` a venv of `fedpft[edge]`): "
                   + ", ".join(f"`{c}`" for c in other) + "."]
     lines += ["", "![FM accuracy and edge step time against bundle size](benchmarks/results/frontier.png)"]
     return "\n".join(lines)
+
+
+def seed0_lines(costs: list[dict], seed_rows: list[dict], rounds: int, seed: int = 0) -> list[str]:
+    """The frontier on one seed (same partition, data and test samples for every proxy): the means
+    above mix cells of 3 seeds with cells of 1, and one seed's spread between rounds is 1-2 points."""
+    cells = []
+    for c in costs:
+        for keep in c["ffn_keeps"] or [0.25]:
+            curve = groups(seed_rows, rounds, keep).get((PARTITIONS[0], c["method"]), {}).get(seed)
+            if curve:
+                tag = c["method"] + ("" if c["ffn_keeps"] is None else f" {'/'.join(f'{k:g}' for k in c['ffn_keeps'])}")
+                cells.append(f"{tag}: {100 * curve[-1]:.1f} / {100 * sum(curve[-3:]) / len(curve[-3:]):.1f}")
+                break
+    if not cells:
+        return []
+    return ["", f"Seed {seed} alone, {PARTITIONS[0]} (the one seed every proxy has; last round / mean of the last 3 rounds, %; "
+            f"one round on 800 test samples has a standard error of about 1.4 points): " + "; ".join(cells) + "."]
 
 
 def plot(costs: list[dict], seed_rows: list[dict], rounds: int, path: Path) -> Path:
