@@ -131,6 +131,11 @@ def section(costs: list[dict], seed_rows: list[dict], rounds: int, command: str)
     return "\n".join(lines)
 
 
+def keep_tag(cost: dict) -> str:
+    """The --ffn-keep values one proxy stands for ("0.1/0.25"; "" for the full FM)."""
+    return "" if cost["ffn_keeps"] is None else "/".join(f"{k:g}" for k in cost["ffn_keeps"])
+
+
 def seed0_lines(costs: list[dict], seed_rows: list[dict], rounds: int, seed: int = 0) -> list[str]:
     """The frontier on one seed (same partition, data and test samples for every proxy): the means
     above mix cells of 3 seeds with cells of 1, and one seed's spread between rounds is 1-2 points."""
@@ -139,8 +144,7 @@ def seed0_lines(costs: list[dict], seed_rows: list[dict], rounds: int, seed: int
         for keep in c["ffn_keeps"] or [0.25]:
             curve = groups(seed_rows, rounds, keep).get((PARTITIONS[0], c["method"]), {}).get(seed)
             if curve:
-                tag = c["method"] + ("" if c["ffn_keeps"] is None else f" {'/'.join(f'{k:g}' for k in c['ffn_keeps'])}")
-                cells.append(f"{tag}: {100 * curve[-1]:.1f} / {100 * sum(curve[-3:]) / len(curve[-3:]):.1f}")
+                cells.append(f"{c['method']} {keep_tag(c)}".rstrip() + f": {100 * curve[-1]:.1f} / {100 * sum(curve[-3:]) / len(curve[-3:]):.1f}")
                 break
     if not cells:
         return []
@@ -170,11 +174,9 @@ def plot(costs: list[dict], seed_rows: list[dict], rounds: int, path: Path) -> P
                           yerr=[0 if math.isnan(s.sd) else 100 * s.sd for _, s, _ in pts], marker="o", capsize=3,
                           color=colors[method], label=method)
             for m, st, c in pts:  # how many seeds each point stands for (one seed has no bar)
-                tag = "" if c["ffn_keeps"] is None else "/".join(f"{k:g}" for k in c["ffn_keeps"]) + ", "
-                left.annotate(f"{tag}n={st.n}", (m, 100 * st.mean), fontsize=7, xytext=(4, -10), textcoords="offset points")
+                left.annotate(", ".join(filter(None, [keep_tag(c), f"n={st.n}"])), (m, 100 * st.mean), fontsize=7, xytext=(4, -10), textcoords="offset points")
         for m, c in zip(mb, cs):
-            tag = "" if c["ffn_keeps"] is None else "/".join(f"{k:g}" for k in c["ffn_keeps"])
-            right.annotate(f"{tag} {c['rss_mb']:.0f} MB", (m, c["step_cpu_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            right.annotate(f"{keep_tag(c)} {c['rss_mb']:.0f} MB", (m, c["step_cpu_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if not left.get_legend_handles_labels()[0]:
         left.text(0.5, 0.5, f"no seed run has reached round {rounds} yet", ha="center", va="center", transform=left.transAxes)
     left.set_title(f"FM accuracy, {PARTITIONS[0]}, round {rounds} (mean ± sd over n seeds)")
