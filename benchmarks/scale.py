@@ -128,6 +128,7 @@ class CountingTransport:
         self.lock = threading.Lock()
         self.msgs_out = self.msgs_in = self.bytes_out = self.bytes_in = 0
         self.task_published_at: float | None = None
+        self.inbox_published: list[float] = []  # when each inbox message's publish returned (Tasks first, then receipts)
         self.at_task: tuple[int, int, int, int] | None = None  # counters when the Task went out
 
     @property
@@ -152,6 +153,8 @@ class CountingTransport:
         if topic == self.round_topic or (self.task_published_at is None and topic.endswith("/" + topics.INBOX)):
             self.task_published_at = time.time()
         self.inner.publish(topic, payload, qos=qos, retain=retain, wait=wait)
+        if topic.endswith("/" + topics.INBOX):
+            self.inbox_published.append(time.time())
         with self.lock:
             self.msgs_out += 1
             self.bytes_out += len(payload)
@@ -386,6 +389,13 @@ class ScaleConfig:
     check_processes: int = 0  # serve's --check-processes
 
 
+def _by_worker(got: list[dict], t_task: float) -> list[list[float]]:
+    ws: dict[int, list[float]] = {}
+    for d in got:
+        ws.setdefault(d.get("worker", 0), []).append(d["task_at"] - t_task)
+    return [ws[k] for k in sorted(ws)]
+
+
 def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
@@ -451,11 +461,11 @@ def run_scale(sc: ScaleConfig) -> dict:
         timings, worker_rss, fleet_cpu = [], [], 0.0
         for proc, conn in workers:
             conn.send(("collect", 30.0))
-        for proc, conn in workers:
+        for k, (proc, conn) in enumerate(workers):
             if not conn.poll(60.0):
                 raise RuntimeError(f"worker {proc.name} sent no results")
             _, tms, info = conn.recv()
-            timings += tms
+            timings += [{**d, "worker": k} for d in tms]
             worker_rss.append(info["rss"])
             fleet_cpu += info["cpu_s"]
     finally:
@@ -514,6 +524,14 @@ def run_scale(sc: ScaleConfig) -> dict:
         "overhead_outside_device_windows_s": wall - max(window, default=0.0),
         "fanout_p50_s": _pct([d["task_at"] - t_task for d in got], 50),
         "fanout_max_s": _pct([d["task_at"] - t_task for d in got], 100),
+        # the cloud's side of an addressed fan-out: its last Task copy handed to paho (the loop
+        # publishes the copies back to back, before any receipt)
+        "tasks_handed_s": (cloud.inbox_published[min(sc.devices, len(cloud.inbox_published)) - 1] - t_task
+                           if sc.devices > 64 and cloud.inbox_published else None),
+        # when the Tasks arrived, by device worker (its devices share a process and, with a shared
+        # link, one connection): a worker far behind the others is the fleet's queue, not the cloud's
+        "fanout_by_worker_p50_max_s": [[round(_pct(w, 50), 3), round(_pct(w, 100), 3)] for w in _by_worker(got, t_task)],
+        "fanout_net_p50_max_s": [round(_pct(xs, q), 3) for xs in [[d["task_net_at"] - t_task for d in got if d.get("task_net_at")]] if xs for q in (50, 100)],
         "fetch_p50_s": _pct([d["fetched_at"] - d["task_at"] for d in fetched], 50),
         "fetch_max_s": _pct([d["fetched_at"] - d["task_at"] for d in fetched], 100),
         "upload_ack_p50_s": _pct([d["acked_at"] - d["trained_at"] for d in uploaded], 50),
