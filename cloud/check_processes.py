@@ -28,7 +28,7 @@ import queue
 import signal
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict
 from pathlib import Path
@@ -55,46 +55,95 @@ class CheckProcessDied(RuntimeError):
         super().__init__(f"{why}; the updates it accepted are on disk: restart the run with --resume")
 
 
+# Checks one process runs at once. Its durable writes are what a check waits on: one fsynced file
+# and a folder fsync each, 7.4 ms per update on this project's 2-core VM when one thread writes them
+# in a row, 1.3 ms with 4 threads and 0.8 ms with 8 (the journal commits concurrent fsyncs together).
+# One check at a time capped a process at ~135 updates a second, which was the 1,000-device round's
+# upload-to-receipt time with 2 processes (BENCHMARKS.md scale, session 14).
+PROCESS_CHECK_THREADS = 4
+
+
 def _serve(conn, limits: UpdateLimits, folder: str) -> None:
-    """A check process: requests in pipe order, one at a time (see the module docstring)."""
+    """A check process: requests read in pipe order; checks run on a few threads of its own (their
+    fsyncs overlap), and every other request waits for the checks read before it, so a partial sum
+    names exactly the updates sent to this process before the request (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the cloud's to handle; the pipe's EOF ends us
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # as the CLI's
     store = RunStore(Path(folder))
     folds: dict[int, RoundFold] = {}
-    conn.send(("ready",))
-    while True:
+    pool = ThreadPoolExecutor(PROCESS_CHECK_THREADS, thread_name_prefix="fedpft-check-proc")
+    # at most this many checks read and not yet answered: past it the pipe fills and the cloud's
+    # sender waits, as it did for one check at a time (the backlog stays in the cloud, counted
+    # against its upload buffer, not here)
+    slots = threading.BoundedSemaphore(2 * PROCESS_CHECK_THREADS)
+    in_flight: set[Future] = set()
+    sending = threading.Lock()
+
+    def send(reply: tuple) -> None:
+        with sending:
+            conn.send(reply)
+
+    def check(job: int, fold: RoundFold, msg, task_id: str, digest: str | None, declared: int | None, data: bytes) -> None:
         try:
-            req = conn.recv()
-        except (EOFError, OSError):
-            return  # the cloud is gone (or closed us)
-        kind = req[0]
-        if kind == "stop":
-            return
-        try:
-            if kind == "fold":
-                _, fid, label, reference, max_client_samples = req
-                folds[fid] = RoundFold(decode_tensors(reference)[0], max_client_samples, label)
-            elif kind == "check":
-                _, job, fid, msg, task_id, digest, declared = req
-                data = conn.recv_bytes()
-                v = check_update(msg, data, task_id, digest, limits)
-                rel = c = None
-                if v.kind == "accept":
-                    rel = store.write_update(msg.round_id, msg.device_id, data, v.digest)
-                    c = asdict(folds[fid].take(msg.device_id, v.adapters, v.stats, msg.num_samples, msg.mean_loss, declared,
-                                               msg.update_id))
-                conn.send(("checked", job, v.kind, v.reason, c, rel, v.digest))
-            elif kind == "partial":
-                _, fid, drop = req
-                fold = folds.get(fid)
-                conn.send(("partial", fid, fold.to_bytes() if fold is not None and fold.folded else None))
-                if drop:
-                    _drop(folds, fid)
-            elif kind == "drop":
-                _drop(folds, req[1])
+            v = check_update(msg, data, task_id, digest, limits)
+            rel = c = None
+            if v.kind == "accept":
+                # on disk before it is folded and answered: an update is acked only once it is durable
+                rel = store.write_update(msg.round_id, msg.device_id, data, v.digest)
+                c = asdict(fold.take(msg.device_id, v.adapters, v.stats, msg.num_samples, msg.mean_loss, declared, msg.update_id))
+            reply = ("checked", job, v.kind, v.reason, c, rel, v.digest)
         except Exception as exc:  # noqa: BLE001 - reported to the loop, which stops the cloud as a thread's error would
-            job = req[1] if kind == "check" else None
-            conn.send(("error", job, f"{type(exc).__name__}: {exc}"))
+            reply = ("error", job, f"{type(exc).__name__}: {exc}")
+        try:
+            send(reply)
+        except (OSError, ValueError):
+            pass  # the cloud is gone: the reading loop ends at the pipe's EOF
+        finally:
+            slots.release()
+
+    def settle() -> None:
+        """Until every check read so far has been answered."""
+        wait(list(in_flight))
+        in_flight.clear()
+
+    send(("ready",))
+    try:
+        while True:
+            try:
+                req = conn.recv()
+            except (EOFError, OSError):
+                return  # the cloud is gone (or closed us)
+            kind = req[0]
+            if kind == "stop":
+                settle()
+                return
+            try:
+                if kind == "check":
+                    _, job, fid, msg, task_id, digest, declared = req
+                    data = conn.recv_bytes()  # first, whatever follows: the pipe stays in step
+                    fold = folds[fid]
+                    slots.acquire()
+                    fut = pool.submit(check, job, fold, msg, task_id, digest, declared, data)
+                    in_flight.add(fut)
+                    fut.add_done_callback(in_flight.discard)
+                    continue
+                settle()
+                if kind == "fold":
+                    _, fid, label, reference, max_client_samples = req
+                    folds[fid] = RoundFold(decode_tensors(reference)[0], max_client_samples, label)
+                elif kind == "partial":
+                    _, fid, drop = req
+                    fold = folds.get(fid)
+                    send(("partial", fid, fold.to_bytes() if fold is not None and fold.folded else None))
+                    if drop:
+                        _drop(folds, fid)
+                elif kind == "drop":
+                    _drop(folds, req[1])
+            except Exception as exc:  # noqa: BLE001 - reported to the loop, which stops the cloud as a thread's error would
+                job = req[1] if kind == "check" else None
+                send(("error", job, f"{type(exc).__name__}: {exc}"))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _drop(folds: dict[int, RoundFold], fid: int) -> None:

@@ -195,3 +195,56 @@ def test_close_stops_a_process_that_does_not_answer_and_fails_what_waits_on_it(t
         waiting.result(1)
     assert w.proc._closed and not _check_threads()
     procs.close()  # twice: harmless
+
+
+def test_a_check_process_overlaps_its_durable_writes_and_answers_a_partial_after_them(tmp_path, monkeypatch):
+    """One process's checks wait on their fsyncs: they run side by side (one at a time capped a
+    process at ~135 updates a second), and a partial-sum request still answers only after every
+    check sent before it, naming exactly those devices."""
+    import multiprocessing as mp
+
+    from fedpft.shared.messages import BlobRef
+
+    expected = {"a": ((2, 3), "float32")}
+    ref = {"a": np.zeros((2, 3), np.float32)}
+    now, most, lock = [0], [0], threading.Lock()
+    write = RunStore.write_update
+
+    def slow_write(self, *args):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.2)  # a slow disk's fsync
+        with lock:
+            now[0] -= 1
+        return write(self, *args)
+
+    monkeypatch.setattr(RunStore, "write_update", slow_write)
+    monkeypatch.setattr(check_processes.signal, "signal", lambda *a: None)  # served on a thread here, not a process's main one
+    cloud, child = mp.Pipe(duplex=True)
+    server = threading.Thread(target=check_processes._serve, args=(child, UpdateLimits("r", 1 << 20, expected, {}), str(tmp_path)), daemon=True)
+    server.start()
+    assert cloud.poll(10) and cloud.recv() == ("ready",)
+    cloud.send(("fold", 1, "lbl", encode_tensors(ref), None))
+    devices = [f"dev{k}" for k in range(4)]
+    for k, dev in enumerate(devices):
+        data = bind_update(encode_tensors({"a": np.full((2, 3), k + 1, np.float32)}), "r", 0, dev, "t1")
+        sha = BlobSource(f"b{k}", data).sha256
+        msg = Update(run_id="r", round_id=0, sender=dev, device_id=dev, blob=BlobRef(blob_id=f"b{k}", sha256=sha, size=len(data)),
+                     num_samples=10, steps=1, mean_loss=1.0, task_id="t1", update_id=make_update_id("r", 0, dev, "t1", sha))
+        cloud.send(("check", k, 1, msg, "t1", None, None))
+        cloud.send_bytes(data)
+    cloud.send(("partial", 1, True))
+    t0 = time.monotonic()
+    replies = [cloud.recv() for _ in range(5) if cloud.poll(10)]
+    took = time.monotonic() - t0
+    cloud.send(("stop",))
+    server.join(10)
+    checked, partial = replies[:4], replies[4]
+    assert sorted(r[1] for r in checked) == [0, 1, 2, 3] and all(r[0] == "checked" and r[2] == "accept" for r in checked)
+    assert partial[0] == "partial" and partial[2] is not None
+    fold = RoundFold(ref, label="lbl")
+    fold.restore(partial[2])
+    assert sorted(fold.folded) == devices
+    np.testing.assert_allclose(fold.sum["a"], np.full((2, 3), 10 * (1 + 2 + 3 + 4)))  # weights: num_samples 10
+    assert most[0] >= 2 and took < 0.7  # four 0.2 s writes, overlapped (one at a time: 0.8 s)
