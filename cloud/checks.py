@@ -11,6 +11,7 @@ the deadline counts even when its check ends after it.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -31,6 +32,24 @@ QUEUED_RECEIPT_AFTER = 10.0
 # again (it adds up to as much again at random): a few checks' worth of a backlog, not a receipt
 # timeout (30 s, doubling: 5,000 devices against a 1 GiB buffer took 153 s that way, BENCHMARKS.md scale).
 BUSY_RETRY_AFTER = 2.0
+
+
+# `serve --check-processes` when not given, on a machine where the cloud may use 2 or more cores. On 2
+# cores shared with a simulated 1,000-device fleet, 2 processes made the round 3.26 s longer than the
+# slowest device at the median of 5 alternating runs against 4.93 s with threads, in 243-263 MB of
+# peak RSS summed against 354-399 MB (BENCHMARKS.md scale, session 14). On one core they would only
+# add pipe copies to the same CPU.
+DEFAULT_CHECK_PROCESSES = 2
+
+
+def default_check_processes() -> int:
+    """--check-processes' default: DEFAULT_CHECK_PROCESSES where this process may run on 2 or more
+    CPUs (its affinity, so `taskset -c 0` counts as one), else 0 (check threads)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return DEFAULT_CHECK_PROCESSES if cpus >= 2 else 0
 
 
 def check_pool(workers: int = CHECK_WORKERS) -> ThreadPoolExecutor:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .checks import CHECK_WORKERS
+from .checks import CHECK_WORKERS, default_check_processes
 from .cli_common import (ALIGN_OBJECTIVE_OPT, CA_OPT, FROZEN_DTYPE_OPT, CERT_OPT, DISTILL_PRECISION, KEY_OPT, NORM_BOUND_OPT, PASSWORD_OPT, PRIVACY_OPTIONS,
                          SERVE_PRECISION, WEIGHT_CAP_OPT, check_device, device_option, fail, from_options, with_options)
 
@@ -36,7 +36,7 @@ def serve(
     upload_timeout: float = typer.Option(120.0, "--upload-timeout", help="Drop a device's unfinished upload after this many seconds without a new chunk (uploads are also dropped when their round ends)."),
     max_upload_buffer: int = typer.Option(1 << 30, "--max-upload-buffer", help="Bytes that all uploads not yet checked may hold together: each reserves its size from its first chunk until its check has stored and folded it. An upload past it is dropped and its device told to upload again in a few seconds (an Ack 'busy'). The cloud's peak memory stays under about this plus 100-150 MB: with the default, 179-484 MB at 1,000 devices and 1,142-1,170 MB at 5,000; with 268435456, 401 MB at 5,000 (BENCHMARKS.md, scale). Lower it on a small machine: more devices are then told to come back."),
     check_workers: int = typer.Option(CHECK_WORKERS, "--check-workers", help="Threads that check uploads and write them durably before they count. More overlap more fsyncs (a network disk's latency), fewer hand the GIL around less: on a 2-core machine with a local disk 4 beat 2 and 8 (BENCHMARKS.md, scale)."),
-    check_processes: int = typer.Option(0, "--check-processes", min=0, max=64, help="Check uploads in this many processes of their own instead of --check-workers threads (0): each checks, durably writes and folds its share into a partial sum that the cloud merges when it persists the running sum and at the round's end; acks still follow the durable write and --resume stays exact. For a cloud with cores to spare: its threads share one GIL, so on a 16-core machine more cores made a 1,000-device round slower (BENCHMARKS.md, scale). Each process costs about 65 MB of RSS; on 2 cores shared with a simulated fleet, 2 processes made a 1,000-device round as long (session 12) or 0.5 s shorter (session 13) than threads."),
+    check_processes: Optional[int] = typer.Option(None, "--check-processes", min=0, max=64, help="Check uploads in this many processes of their own; 0 = in --check-workers threads of the cloud's process. Default: 2 where the cloud may run on 2 or more cores (its CPU affinity), else 0. Each process checks, durably writes (4 at once, so their fsyncs overlap) and folds its share into a partial sum that the cloud merges when it persists the running sum and at the round's end; acks still follow the durable write and --resume stays exact. Threads share the cloud's one GIL with its MQTT network thread: on 2 cores shared with a simulated 1,000-device fleet, 2 processes made the round's overhead 3.26 s at the median against 4.93 s with threads, in 243-263 MB of peak RSS against 354-399 MB (each process about 65 MB of it; BENCHMARKS.md, scale, session 14). A check process that dies stops the cloud with one line; what it accepted is on disk for --resume."),
     task_ack_timeout: float = typer.Option(30.0, "--task-ack-timeout", help="Seconds a selected device has to ack the round's task; the round does not wait for devices that did not."),
     align_every: int = typer.Option(0, "--align-every", help="Neuron-level alignment every T rounds (0 = never)."),
     align_fraction: float = typer.Option(0.5, "--align-fraction", help="Share of neurons frozen (the most used) during alignment."),
@@ -69,6 +69,8 @@ def serve(
     from .config import ServeConfig
     from .serve import serve as run_serve
 
+    if check_processes is None:
+        options["check_processes"] = default_check_processes()
     cfg = from_options(ServeConfig, options)
     check_device(cfg.device)
     _set_aside_for_fresh(out, resume, fresh)

@@ -200,9 +200,9 @@ class ServeConfig(BrokerConfig, PrivacyOptions):
     # Uploads and acks: what a device that stops half-way (or never starts) may cost the cloud.
     upload_timeout: float = Field(default=120.0, gt=0, description="drop an unfinished upload after this many seconds without a chunk")
     max_upload_buffer: int = Field(default=1 << 30, ge=1024, description="bytes all uploads not yet checked and folded (arriving, or in their checks) may hold")
-    check_workers: int = Field(default=CHECK_WORKERS, ge=1, le=64, description="threads that check and durably write uploads")
+    check_workers: int = Field(default=CHECK_WORKERS, ge=1, le=64, description="threads that check and durably write uploads (with check_processes 0)")
     check_processes: int = Field(default=0, ge=0, le=64, description="processes that check, durably write and fold uploads "
-                                 "(0: the check_workers threads in the cloud's process)")
+                                 "(0: the check_workers threads in the cloud's process; `serve` defaults to 2 on 2+ cores)")
     task_ack_timeout: float = Field(default=30.0, gt=0, description="a selected device that has not acked the task by then is not waited for")
     max_devices: int = Field(default=100_000, ge=1, description="devices the cloud keeps track of; offline ones make room")
     seed: int = 0
