@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import signal
 import threading
@@ -100,6 +101,11 @@ def _serve(conn, limits: UpdateLimits, folder: str) -> None:
             send(reply)
         except (OSError, ValueError):
             pass  # the cloud is gone: the reading loop ends at the pipe's EOF
+        except BaseException as exc:  # noqa: BLE001 - a verdict never sent would leave its round waiting forever
+            try:
+                send(("error", job, f"its verdict could not be sent: {type(exc).__name__}: {exc}"))
+            except BaseException:  # noqa: BLE001
+                os._exit(1)  # the cloud then sees the pipe's EOF and fails all it waits for on this process
         finally:
             slots.release()
 
@@ -125,7 +131,11 @@ def _serve(conn, limits: UpdateLimits, folder: str) -> None:
                     data = conn.recv_bytes()  # first, whatever follows: the pipe stays in step
                     fold = folds[fid]
                     slots.acquire()
-                    fut = pool.submit(check, job, fold, msg, task_id, digest, declared, data)
+                    try:
+                        fut = pool.submit(check, job, fold, msg, task_id, digest, declared, data)
+                    except BaseException:
+                        slots.release()
+                        raise
                     in_flight.add(fut)
                     fut.add_done_callback(in_flight.discard)
                     continue

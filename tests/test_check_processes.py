@@ -235,9 +235,7 @@ def test_a_check_process_overlaps_its_durable_writes_and_answers_a_partial_after
         cloud.send(("check", k, 1, msg, "t1", None, None))
         cloud.send_bytes(data)
     cloud.send(("partial", 1, True))
-    t0 = time.monotonic()
     replies = [cloud.recv() for _ in range(5) if cloud.poll(10)]
-    took = time.monotonic() - t0
     cloud.send(("stop",))
     server.join(10)
     checked, partial = replies[:4], replies[4]
@@ -247,4 +245,4 @@ def test_a_check_process_overlaps_its_durable_writes_and_answers_a_partial_after
     fold.restore(partial[2])
     assert sorted(fold.folded) == devices
     np.testing.assert_allclose(fold.sum["a"], np.full((2, 3), 10 * (1 + 2 + 3 + 4)))  # weights: num_samples 10
-    assert most[0] >= 2 and took < 0.7  # four 0.2 s writes, overlapped (one at a time: 0.8 s)
+    assert most[0] >= 2  # the writes overlapped (one at a time: never two)
