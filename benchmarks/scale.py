@@ -704,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
                          "fleet's own parsing of the broadcast (and 1 - 1/per-worker of the broker's fan-out) off this "
                          "machine's CPUs, which real devices would not share")
     ap.add_argument("--check-processes", type=int, default=0, metavar="N",
-                    help="serve's --check-processes: uploads checked in N processes (their CPU and peak RSS added to the cloud's)")
+                    help="serve's --check-processes: uploads checked in N processes (their CPU and peak RSS added to the cloud's); "
+                         "0 here, as in the commands of the older tables, though serve itself defaults to 2 on 2+ cores since session 14")
     ap.add_argument("--round-timeout", type=float, default=300.0)
     ap.add_argument("--max-upload-buffer", type=int, default=None, metavar="BYTES",
                     help="the cloud's serve --max-upload-buffer (default: serve's); what bounds its peak RSS under a flood")
