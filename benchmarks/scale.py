@@ -192,6 +192,7 @@ def timed_federation_class():
             cpu0, use0 = _cpu_s(), _usage()
             checkers = [w.proc.pid for w in self.checks.workers] if self.checks is not None else []
             check0 = sum(_proc_cpu_s(p) for p in checkers)
+            split0 = [_proc_user_system_s(p) for p in checkers]
             threads0 = _thread_cpu_s()
             try:
                 return super().run_round(state, bundle_ref)
@@ -212,6 +213,9 @@ def timed_federation_class():
                     by_thread[kind] = round(by_thread.get(kind, 0.0) + cpu - threads0.get(name, 0.0), 3)
                 self.usage["main_process_threads_cpu_s"] = dict(sorted(by_thread.items(), key=lambda kv: -kv[1]))
                 self.usage["check_processes_cpu_s"] = self.check_cpu_s
+                # user vs system of the check processes: their fsyncs and pipe reads are system time
+                split = [_proc_user_system_s(p) for p in checkers]
+                self.usage["check_processes_user_system_s"] = [round(sum(a[i] - b[i] for a, b in zip(split, split0)), 2) for i in (0, 1)]
                 self.cpu_s += self.check_cpu_s
 
     return TimedFederation
@@ -345,11 +349,16 @@ class OwnBroker:
 
 def _proc_cpu_s(pid: int | None) -> float:
     """user + system CPU seconds of another process (0 when unknown)."""
+    return sum(_proc_user_system_s(pid))
+
+
+def _proc_user_system_s(pid: int | None) -> tuple[float, float]:
+    """(user, system) CPU seconds of another process ((0, 0) when unknown)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, TypeError):
-        return 0.0
+        return 0.0, 0.0
 
 
 def _broker_pid() -> int | None:
