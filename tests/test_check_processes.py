@@ -246,3 +246,31 @@ def test_a_check_process_overlaps_its_durable_writes_and_answers_a_partial_after
     assert sorted(fold.folded) == devices
     np.testing.assert_allclose(fold.sum["a"], np.full((2, 3), 10 * (1 + 2 + 3 + 4)))  # weights: num_samples 10
     assert most[0] >= 2  # the writes overlapped (one at a time: never two)
+
+
+@pytest.mark.parametrize("cpus, want", [({0}, 0), ({0, 1}, 2), (set(range(16)), 2)])
+def test_serve_checks_in_processes_by_default_only_where_it_may_use_two_cores(monkeypatch, cpus, want):
+    from fedpft.cloud import checks
+
+    monkeypatch.setattr(checks.os, "sched_getaffinity", lambda pid: cpus, raising=False)
+    assert checks.default_check_processes() == want
+
+
+def test_serve_resolves_its_check_processes_default_and_keeps_an_explicit_zero(monkeypatch, tmp_path):
+    """`serve` without --check-processes gets the machine's default; `--check-processes 0` stays threads."""
+    from typer.testing import CliRunner
+
+    from fedpft.cloud import cli_rounds, serve as serve_module
+    from fedpft.cloud.cli import app
+
+    seen = []
+
+    def run_serve(cfg, show_progress):
+        seen.append(cfg.check_processes)
+        raise RuntimeError("stopped before any round")  # the CLI reports it in one line
+
+    monkeypatch.setattr(cli_rounds, "default_check_processes", lambda: 3)
+    monkeypatch.setattr(serve_module, "serve", run_serve)
+    for extra in ([], ["--check-processes", "0"]):
+        CliRunner().invoke(app, ["serve", "--bundle", str(tmp_path), "--out", str(tmp_path / "run"), *extra])
+    assert seen == [3, 0]
