@@ -194,6 +194,7 @@ class SimDevice:
     ) -> None:
         self.t, self.run, self.me = transport, run_id, device_id
         self.expected, self.stat_layers = dict(expected), dict(stat_layers)
+        self._all_float32 = all(np.dtype(d) == np.float32 for _, d in self.expected.values())  # UpdateLayout's fast path
         self.sched = scheduler
         self.rng = np.random.default_rng(seed)
         self.retry_rng = random.Random(seed)
@@ -379,7 +380,7 @@ class SimDevice:
         steps = max(1, self.num_samples // task.batch_size)
         meta = {"num_samples": str(self.num_samples), "steps": str(steps), "mean_loss": "1.0",
                 **binding(self.run, task.round_id, self.me, task.task_id)}  # the task it answers, as the agent stamps it
-        if not task.report_stats and all(np.dtype(d) == np.float32 for _, d in self.expected.values()):
+        if not task.report_stats and self._all_float32:
             layout, base, noise = self._round_base(task, adapters)
             data = layout.encode(base + scale * noise, meta)
         else:
@@ -401,10 +402,11 @@ class SimDevice:
         key = task.adapters.sha256
         with _ROUND_BASE_LOCK:
             if key not in _ROUND_BASE:
-                layout = UpdateLayout({k: self._base(k, adapters) for k in self.expected})
+                base = {k: self._base(k, adapters) for k in self.expected}
+                layout = UpdateLayout(base)
                 noise = layout.flat({k: _noise(k, tuple(shape)) for k, (shape, _) in self.expected.items()})
                 _ROUND_BASE.clear()  # the round before's
-                _ROUND_BASE[key] = (layout, layout.flat({k: self._base(k, adapters) for k in self.expected}), noise)
+                _ROUND_BASE[key] = (layout, layout.flat(base), noise)
             return _ROUND_BASE[key]
 
     def _send_update(self, task: Task) -> None:
