@@ -84,9 +84,11 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtoco
 
 
 # paho's client looks `_packet.decode_publish` up on every PUBLISH; ours is tested against it
-# (tests/test_mqtt_decode.py) for the paho versions pyproject allows
+# (tests/test_mqtt_decode.py) for the paho versions pyproject allows, and stands in only for a
+# paho whose packet has the fields it fills
 _PAHO_DECODE_PUBLISH = paho_packet.decode_publish
-paho_packet.decode_publish = decode_publish
+if getattr(paho_packet.PublishPacket, "_fields", None) == ("dup", "qos", "retain", "topic", "mid", "properties", "payload"):
+    paho_packet.decode_publish = decode_publish
 
 _UNSUPPORTED_PROTOCOL = 132  # v5 CONNACK reason; paho maps a v3 "refused: protocol" onto it
 _PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311, "311": MQTTProtocolVersion.MQTTv311}

@@ -274,3 +274,43 @@ def test_serve_resolves_its_check_processes_default_and_keeps_an_explicit_zero(m
     for extra in ([], ["--check-processes", "0"]):
         CliRunner().invoke(app, ["serve", "--bundle", str(tmp_path), "--out", str(tmp_path / "run"), *extra])
     assert seen == [3, 0]
+
+
+def test_payloads_are_read_from_the_pipe_into_buffers_used_again(monkeypatch):
+    """What `send_bytes` framed arrives whole in a reused buffer; one past REUSED_BUFFER_BYTES is
+    not kept; an outgrown buffer does not pile up; a pipe closed mid-payload is EOF, not a short read."""
+    import multiprocessing as mp
+
+    monkeypatch.setattr(check_processes, "REUSED_BUFFER_BYTES", 1 << 20)
+    a, b = mp.Pipe(duplex=True)
+    bufs = check_processes._Buffers()
+    sent = [os.urandom(n) for n in (70_000, 0, 300_000, 70_000)]
+    got = []
+    for data in sent:
+        threading.Thread(target=a.send_bytes, args=(data,)).start()  # past the socket's buffer, the writer waits for us
+        buf, view = bufs.read(b)
+        got.append((buf, bytes(view)))  # each buffer held: a fresh one could not reuse a freed one's id
+        del view
+        bufs.give_back(buf)
+    assert [g[1] for g in got] == sent
+    assert got[3][0] is got[0][0]  # the 4th read went into the buffer the 1st had
+
+    big = os.urandom((1 << 20) + 1)
+    threading.Thread(target=a.send_bytes, args=(big,)).start()
+    buf, view = bufs.read(b)
+    assert bytes(view) == big
+    del view
+    bufs.give_back(buf)
+    assert all(len(x) <= 1 << 20 for x in bufs._free)  # too large to keep
+
+    for _ in range(3 * check_processes.PROCESS_CHECK_THREADS):
+        bufs.give_back(bytearray(10))
+    assert len(bufs._free) == 2 * check_processes.PROCESS_CHECK_THREADS
+
+    a.send_bytes(b"")  # a frame, then half of one, then the writer is gone
+    bufs.read(b)
+    os.write(a.fileno(), (1000).to_bytes(4, "big") + b"x" * 10)
+    a.close()
+    with pytest.raises(EOFError):
+        bufs.read(b)
+    b.close()
