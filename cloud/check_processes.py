@@ -27,7 +27,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import struct
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -80,7 +79,6 @@ def _serve(conn, limits: UpdateLimits, folder: str) -> None:
     # sender waits, as it did for one check at a time (the backlog stays in the cloud, counted
     # against its upload buffer, not here)
     slots = threading.BoundedSemaphore(2 * PROCESS_CHECK_THREADS)
-    buffers = _Buffers()
     in_flight: set[Future] = set()
     sending = threading.Lock()
 
@@ -88,8 +86,7 @@ def _serve(conn, limits: UpdateLimits, folder: str) -> None:
         with sending:
             conn.send(reply)
 
-    def check(job: int, fold: RoundFold, msg, task_id: str, digest: str | None, declared: int | None, buf: bytearray,
-              data: memoryview) -> None:
+    def check(job: int, fold: RoundFold, msg, task_id: str, digest: str | None, declared: int | None, data: bytes) -> None:
         try:
             v = check_update(msg, data, task_id, digest, limits)
             rel = c = None
@@ -110,7 +107,6 @@ def _serve(conn, limits: UpdateLimits, folder: str) -> None:
             except BaseException:  # noqa: BLE001
                 os._exit(1)  # the cloud then sees the pipe's EOF and fails all it waits for on this process
         finally:
-            buffers.give_back(buf)  # its verdict is sent: nothing reads this update's bytes again
             slots.release()
 
     def settle() -> None:
@@ -132,16 +128,12 @@ def _serve(conn, limits: UpdateLimits, folder: str) -> None:
             try:
                 if kind == "check":
                     _, job, fid, msg, task_id, digest, declared = req
-                    slots.acquire()  # a free slot has a free buffer
+                    data = conn.recv_bytes()  # first, whatever follows: the pipe stays in step
+                    fold = folds[fid]
+                    slots.acquire()
                     try:
-                        buf, data = buffers.read(conn)  # first, whatever follows: the pipe stays in step
+                        fut = pool.submit(check, job, fold, msg, task_id, digest, declared, data)
                     except BaseException:
-                        slots.release()
-                        raise
-                    try:
-                        fut = pool.submit(check, job, folds[fid], msg, task_id, digest, declared, buf, data)
-                    except BaseException:
-                        buffers.give_back(buf)
                         slots.release()
                         raise
                     in_flight.add(fut)
@@ -164,60 +156,6 @@ def _serve(conn, limits: UpdateLimits, folder: str) -> None:
                 send(("error", job, f"{type(exc).__name__}: {exc}"))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-
-
-# Payload buffers kept for reuse up to this size each; a larger update gets a buffer of its own.
-REUSED_BUFFER_BYTES = 8 << 20
-
-
-class _Buffers:
-    """The check process's payload buffers, read into straight from the pipe's socket.
-
-    `Connection.recv_bytes` reads a 0.6 MB update in pieces, appends them to a BytesIO and copies
-    that out: three copies and fresh memory per update, 0.26-0.36 ms of a check process's CPU here,
-    against 0.08 ms for one read into a buffer that is used again (benchmarks: 2,000 messages
-    between two processes). A buffer goes back once its check is over: nothing of an update is
-    kept after its check (it is on disk, its change in the fold)."""
-
-    def __init__(self) -> None:
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
-
-    def read(self, conn) -> tuple[bytearray, memoryview]:
-        """The next message on `conn` (as `send_bytes` framed it): its buffer, and a view of its bytes."""
-        fd = conn.fileno()
-        head = bytearray(4)
-        _read_into(fd, memoryview(head))
-        (size,) = struct.unpack("!i", head)
-        if size == -1:  # over 2 GiB: a second, 8-byte length
-            head = bytearray(8)
-            _read_into(fd, memoryview(head))
-            (size,) = struct.unpack("!Q", head)
-        with self._lock:
-            buf = next((b for b in self._free if len(b) >= size), None)
-            if buf is not None:
-                self._free.remove(buf)
-        if buf is None:
-            buf = bytearray(size)
-        view = memoryview(buf)[:size]
-        _read_into(fd, view)
-        return buf, view
-
-    def give_back(self, buf: bytearray) -> None:
-        if len(buf) <= REUSED_BUFFER_BYTES:
-            with self._lock:
-                self._free.append(buf)
-                if len(self._free) > 2 * PROCESS_CHECK_THREADS:  # outgrown ones, once updates got larger
-                    self._free.remove(min(self._free, key=len))
-
-
-def _read_into(fd: int, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = os.readv(fd, [view[got:]])
-        if n == 0:
-            raise EOFError("the cloud closed the pipe")
-        got += n
 
 
 def _drop(folds: dict[int, RoundFold], fid: int) -> None:
