@@ -18,20 +18,22 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 import threading
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import struct
-
 import paho.mqtt.client as paho
-from paho.mqtt import _packet as paho_packet
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.exception import MalformedPacket
-from paho.mqtt.properties import Properties, VariableByteIntegers
+from paho.mqtt.properties import MalformedPacket, Properties, VariableByteIntegers
+
+try:
+    from paho.mqtt import _packet as paho_packet
+except ImportError:  # paho 2.1 decodes a PUBLISH inside its client: nothing to stand in for there
+    paho_packet = None
 
 from .transport import Dispatcher, Handler, TransportError, check_topic
 
@@ -41,11 +43,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@paho_packet.convert_exception  # a field that does not parse is MalformedPacket, as paho's own
-def decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtocolVersion) -> "paho_packet.PublishPacket":
+def decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtocolVersion):  # noqa: ANN201 - paho's PublishPacket
     """paho's `_packet.decode_publish`, giving the same packet with one copy of the payload.
 
-    paho 2.x peels a PUBLISH with `struct.unpack("!H{n}s")` once per field, and its property
+    paho 2.2 peels a PUBLISH with `struct.unpack("!H{n}s")` once per field, and its property
     parser slices the remaining buffer again: five copies of the payload before a handler sees
     it. For the cloud that is 3 GB of copying per 1,000 devices' 0.6 MB updates, on the one
     network thread every message waits for, under the GIL (0.49 ms of 0.6 ms per update here).
@@ -83,12 +84,15 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtoco
                                      mid=mid, properties=properties, payload=bytes(view[pos:]))
 
 
-# paho's client looks `_packet.decode_publish` up on every PUBLISH; ours is tested against it
-# (tests/test_mqtt_decode.py) for the paho versions pyproject allows, and stands in only for a
-# paho whose packet has the fields it fills
-_PAHO_DECODE_PUBLISH = paho_packet.decode_publish
-if getattr(paho_packet.PublishPacket, "_fields", None) == ("dup", "qos", "retain", "topic", "mid", "properties", "payload"):
+# paho (2.2 on) looks `_packet.decode_publish` up on every PUBLISH; ours is tested against it
+# (tests/test_mqtt_decode.py), and stands in only for a paho whose packet has the fields it fills.
+# A field that does not parse is then MalformedPacket, as with paho's own (`convert_exception`).
+_PAHO_DECODE_PUBLISH = getattr(paho_packet, "decode_publish", None)
+if _PAHO_DECODE_PUBLISH is not None and hasattr(paho_packet, "convert_exception") and \
+        getattr(paho_packet, "PublishPacket", None) is not None and paho_packet.PublishPacket._fields == ("dup", "qos", "retain", "topic", "mid", "properties", "payload"):
+    decode_publish = paho_packet.convert_exception(decode_publish)
     paho_packet.decode_publish = decode_publish
+
 
 _UNSUPPORTED_PROTOCOL = 132  # v5 CONNACK reason; paho maps a v3 "refused: protocol" onto it
 _PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311, "311": MQTTProtocolVersion.MQTTv311}
