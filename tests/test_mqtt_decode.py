@@ -1,5 +1,6 @@
 """shared/mqtt.py's PUBLISH decoder (one copy of the payload) against paho's own (five): the same
-packet for every field, flag and property, and MalformedPacket wherever paho's gives it."""
+packet for every field, flag and property, MalformedPacket wherever paho's gives it, and also for
+properties that overrun their declared length (which paho's reads into the payload)."""
 
 from __future__ import annotations
 
@@ -48,19 +49,41 @@ CASES = [
 
 
 @pytest.mark.parametrize("topic,payload,qos,protocol,props", CASES)
-@pytest.mark.parametrize("flags", [0, 0x08 | 0x01])  # dup and retain
+@pytest.mark.parametrize("flags", [0, 0x08, 0x01])  # dup, retain
 def test_the_same_packet_as_paho(topic, payload, qos, protocol, props, flags):
     header = 0x30 | (qos << 1) | flags
     packet = _publish(topic, payload, qos, protocol, props)
     want = mqtt._PAHO_DECODE_PUBLISH(header, bytearray(packet), protocol)
-    got = mqtt.decode_publish(header, packet, protocol)
-    assert (got.dup, got.qos, got.retain, got.topic, got.mid, got.payload) == (
-        want.dup, want.qos, want.retain, want.topic, want.mid, want.payload)
-    assert type(got.payload) is bytes and type(got.topic) is bytes
-    if protocol == V5:
-        assert got.properties.json() == want.properties.json()
-    else:
-        assert got.properties is None and want.properties is None
+    for given in (packet, bytes(packet)):  # paho hands it a bytearray; bytes work too
+        got = mqtt.decode_publish(header, given, protocol)
+        assert (got.dup, got.qos, got.retain, got.topic, got.mid, got.payload) == (
+            want.dup, want.qos, want.retain, want.topic, want.mid, want.payload)
+        assert type(got.payload) is bytes and type(got.topic) is bytes
+        if protocol == V5:
+            assert got.properties.json() == want.properties.json()
+        else:
+            assert got.properties is None and want.properties is None
+    packet += b"x"  # no view of paho's buffer outlives the call (it would refuse to grow)
+
+
+def test_qos_3_decodes_as_paho_decodes_it():
+    packet = _publish(b"a/b", b"p", 3, V5)
+    want = mqtt._PAHO_DECODE_PUBLISH(0x36, bytearray(packet), V5)
+    got = mqtt.decode_publish(0x36, packet, V5)
+    assert (got.qos, got.mid, got.payload) == (want.qos, want.mid, want.payload) == (3, 7, b"p")
+
+
+@pytest.mark.parametrize("packet", [
+    "0003612f62" "01" "01" "01" "5041594c4f4144",        # a 1-byte property area holding a property of 2
+    "0003612f62" "01" "02" "00000009" "5041594c4f4144",  # the same with a 4-byte value
+    "0003612f62" "06" "08" "0003" "72",                  # the area declared longer than the packet
+])
+def test_properties_that_overrun_their_declared_length_are_malformed(packet):
+    """paho's parser reads past the area into the payload and returns a packet; MQTT 5 calls it malformed."""
+    data = bytearray.fromhex(packet)
+    mqtt._PAHO_DECODE_PUBLISH(0x30, bytearray(data), V5)  # paho: no error
+    with pytest.raises(MalformedPacket):
+        mqtt.decode_publish(0x30, data, V5)
 
 
 @pytest.mark.parametrize("cut", [0, 1, 2, 5, 27, 28, 29, 30, 31, 33, 34])
@@ -75,10 +98,12 @@ def test_a_packet_cut_short_is_malformed_as_for_paho(cut):
         mqtt.decode_publish(header, short, V5)
 
 
-def test_an_empty_v311_topic_is_malformed():
-    with pytest.raises(MalformedPacket, match="empty"):
-        mqtt.decode_publish(0x32, _publish(b"", b"x", 1, V311), V311)
+def test_an_empty_v311_topic_is_malformed_as_for_paho():
+    for decode in (mqtt._PAHO_DECODE_PUBLISH, mqtt.decode_publish):
+        with pytest.raises(MalformedPacket, match="empty"):
+            decode(0x32, _publish(b"", b"x", 1, V311), V311)
 
 
-def test_paho_uses_it():
+def test_paho_uses_it_and_the_tests_compare_against_paho_s_own():
     assert paho_packet.decode_publish is mqtt.decode_publish
+    assert mqtt._PAHO_DECODE_PUBLISH.__module__ == "paho.mqtt._packet"  # not ours, from a second import
