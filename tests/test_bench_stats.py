@@ -228,6 +228,16 @@ def test_the_secondary_endpoint_averages_the_last_rounds(bench):
     assert seeds.pair_table(g, seeds.last_round)[2].startswith("| fedpft − fedot | - | 1.5 [")
 
 
+def test_the_rounds_verdict_counts_rows_meeting_the_criterion_by_both_measures(bench):
+    _, seeds = bench
+    text = seeds.rounds_verdict(20, moves=[0.3, 1.2, 0.49], drifts=[0.1, -0.2, 0.7])
+    assert "How many rounds: 20." in text
+    assert "in 2 of 3 method x partition rows" in text
+    assert "block drift is under 0.5 points in 2 of 3" in text
+    assert "not met everywhere" in text
+    assert "Every row meets the criterion." in seeds.rounds_verdict(30, moves=[0.1, 0.2], drifts=[0.0, 0.0])
+
+
 def test_what_it_takes_sums_each_methods_fastest_run_over_the_seeds(bench):
     _, seeds = bench
     done = [{"method": "fedot", "wall_s": 1200.0, "fm_accuracy": [0.5] * 20},
