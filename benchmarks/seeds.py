@@ -40,7 +40,7 @@ from accuracy import METHODS as BASE_METHODS  # noqa: E402
 from accuracy import schedule_args, simulate_config, simulate_run  # noqa: E402
 from common import ROOT, command_line, machine, write_section  # noqa: E402
 from stats import (  # noqa: E402
-    CLAIMS, Claim, CONVERGED_POINTS, LAST_ROUNDS, block_drift, last_rounds_movement, mean_curve, paired_difference, summarize, verdict,
+    CLAIMS, Claim, CONVERGED_POINTS, LAST_ROUNDS, block_drift, last_rounds_movement, mean_curve, paired_difference, summarize, tail_trend, verdict,
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "seeds"
@@ -337,7 +337,7 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
               "about 1.4 points, which max − min of rounds picks up even on a flat curve, and a block mean damps), and the mean "
               "accuracy per round:", "",
               "| partition | method | seeds | moved | block drift | mean accuracy per round (%) |", "|---|---|---|---|---|---|"]
-    moves, drifts = [], []
+    moves, drifts, slopes, noise = [], [], [], []
     for p in PARTITIONS:
         for m in METHODS:
             curves = list(g.get((p, m), {}).values())
@@ -349,11 +349,13 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
             if not math.isnan(move):
                 moves.append(move)
                 drifts.append(drift)
+                slopes.append(100 * tail_trend(mean_curve(curves), TREND_ROUNDS)[0])
+                noise += [100 * tail_trend(c, TREND_ROUNDS)[1] for c in curves]
             lines.append(f"| {p} | {m} | {len(curves)} | {'-' if math.isnan(move) else f'{move:.2f}'}{ok} | "
                          f"{'-' if math.isnan(drift) else f'{drift:+.2f}'} | "
                          + " ".join(pct(v) for v in mean_curve(curves)) + " |")
     if moves:
-        lines += ["", rounds_verdict(rounds, moves, drifts)]
+        lines += ["", rounds_verdict(rounds, moves, drifts, slopes, noise)]
     commands = sorted({r["command"] for r in used})
     if commands:
         lines += ["", "The runs were made by (each skips the runs whose JSON exists; under `nice -n 19`, "
@@ -370,19 +372,35 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
     return "\n".join(lines)
 
 
-def rounds_verdict(rounds: int, moves: list[float], drifts: list[float]) -> str:
+TREND_ROUNDS = 10  # the window whose least-squares line says whether a curve still rises
+
+
+def rounds_verdict(rounds: int, moves: list[float], drifts: list[float],
+                   slopes: list[float] = (), noise: list[float] = ()) -> str:
     """The issue's "say how many rounds": how many method x partition rows meet the < 0.5 point
-    criterion at this run length, by either measure of the table above (points)."""
+    criterion at this run length, by either measure of the table above, and why not where not:
+    the seed-mean curves' slope over their last TREND_ROUNDS rounds and single runs' round-to-round
+    noise about that line (all in points)."""
     n = len(moves)
     still = sum(not (m < CONVERGED_POINTS) for m in moves)
     flat = sum(abs(d) < CONVERGED_POINTS for d in drifts)
-    return (f"How many rounds: {rounds}. At {rounds} rounds the seed-mean moved by less than {CONVERGED_POINTS} points over "
+    text = (f"How many rounds: {rounds}. At {rounds} rounds the seed-mean moved by less than {CONVERGED_POINTS} points over "
             f"the last {LAST_ROUNDS} rounds in {n - still} of {n} method x partition rows; its {LAST_ROUNDS}-round block drift "
-            f"is under {CONVERGED_POINTS} points in {flat} of {n}. "
-            + ("Every row meets the criterion." if still == 0 else
-               "The criterion is not met everywhere at this length: read the last-round tables with the block drift beside "
-               "them (a row still drifting upward favours the methods that converge later), and the mean of the last "
-               f"{LAST_ROUNDS} rounds as the steadier endpoint."))
+            f"is under {CONVERGED_POINTS} points in {flat} of {n}. ")
+    if still == 0:
+        return text + "Every row meets the criterion."
+    text += f"The criterion is not met everywhere at {rounds} rounds. "
+    slopes = sorted(v for v in slopes if not math.isnan(v))
+    noise = sorted(v for v in noise if not math.isnan(v))
+    if slopes and noise:
+        text += (f"Why not: over rounds {rounds - TREND_ROUNDS + 1}-{rounds} the seed-mean curves still rise by "
+                 f"{slopes[len(slopes) // 2]:+.2f} points per round at the median ({slopes[0]:+.2f} to {slopes[-1]:+.2f}), "
+                 f"which alone moves {LAST_ROUNDS} rounds by about {(LAST_ROUNDS - 1) * slopes[len(slopes) // 2]:.1f}; and one "
+                 f"run's accuracy scatters about that line by {noise[len(noise) // 2]:.2f} points (sd, median over runs), so "
+                 f"even a flat mean of 3 seeds would span about {1.69 * noise[len(noise) // 2] / math.sqrt(3):.1f} points over "
+                 f"{LAST_ROUNDS} rounds (the expected range of 3 normal draws is 1.69 sd). ")
+    return text + ("Read the last-round tables with the block drift beside them (a row still drifting upward favours the "
+                   f"methods that converge later), and the mean of the last {LAST_ROUNDS} rounds as the steadier endpoint.")
 
 
 def what_it_takes(done: list[dict], rounds: int, seeds: int = 3) -> str:

@@ -91,6 +91,21 @@ def block_drift(curves: Sequence[Sequence[float]], last: int = LAST_ROUNDS) -> f
     return sum(m[-last:]) / last - sum(m[-2 * last:-last]) / last
 
 
+def tail_trend(curve: Sequence[float], window: int = 10) -> tuple[float, float]:
+    """Least-squares line through a curve's last `window` rounds: (slope per round, sd of the
+    residuals about it). The slope says whether a curve is still rising; the residual sd is the
+    round-to-round noise that max - min of single rounds picks up on a flat curve. nans when the
+    curve is shorter than `window` (or `window` < 3)."""
+    if window < 3 or len(curve) < window:
+        return math.nan, math.nan
+    y = list(curve[-window:])
+    xm, ym = (window - 1) / 2, sum(y) / window
+    sxx = sum((x - xm) ** 2 for x in range(window))
+    slope = sum((x - xm) * (v - ym) for x, v in enumerate(y)) / sxx
+    resid = [v - (ym + slope * (x - xm)) for x, v in enumerate(y)]
+    return slope, math.sqrt(sum(r * r for r in resid) / (window - 2))
+
+
 def converged(curves: Sequence[Sequence[float]], points: float = CONVERGED_POINTS, last: int = LAST_ROUNDS) -> bool:
     """The issue's criterion, with curves in percent: the last rounds moved the mean by < `points`."""
     move = last_rounds_movement(curves, last)

@@ -236,6 +236,20 @@ def test_the_rounds_verdict_counts_rows_meeting_the_criterion_by_both_measures(b
     assert "block drift is under 0.5 points in 2 of 3" in text
     assert "not met everywhere" in text
     assert "Every row meets the criterion." in seeds.rounds_verdict(30, moves=[0.1, 0.2], drifts=[0.0, 0.0])
+    why = seeds.rounds_verdict(20, moves=[1.0], drifts=[0.6], slopes=[0.25], noise=[0.6, 0.5, 0.7])
+    assert "over rounds 11-20 the seed-mean curves still rise by +0.25 points per round" in why
+    assert "moves 3 rounds by about 0.5" in why and "by 0.60 points" in why
+
+
+def test_tail_trend_fits_a_line_through_the_last_rounds(bench):
+    stats, _ = bench
+    slope, sd = stats.tail_trend([0.0] * 5 + [1 + 0.5 * i for i in range(10)], window=10)
+    assert slope == pytest.approx(0.5) and sd == pytest.approx(0.0, abs=1e-12)
+    # residuals +-1 alternating about a flat line: sd = sqrt(10 / 8)
+    slope, sd = stats.tail_trend([5 + (1 if i % 2 else -1) for i in range(10)], window=10)
+    assert abs(slope) < 0.1 and sd == pytest.approx((sum(r * r for r in [
+        5 + (1 if i % 2 else -1) - (5 + slope * (i - 4.5)) for i in range(10)]) / 8) ** 0.5)
+    assert all(map(lambda v: v != v, stats.tail_trend([1.0, 2.0], window=10)))
 
 
 def test_what_it_takes_sums_each_methods_fastest_run_over_the_seeds(bench):
