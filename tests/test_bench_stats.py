@@ -237,7 +237,7 @@ def test_the_rounds_verdict_counts_rows_meeting_the_criterion_by_both_measures(b
     assert "not met everywhere" in text
     assert "Every row meets the criterion." in seeds.rounds_verdict(30, moves=[0.1, 0.2], drifts=[0.0, 0.0])
     why = seeds.rounds_verdict(20, moves=[1.0], drifts=[0.6], slopes=[0.25], noise=[0.6, 0.5, 0.7])
-    assert "over rounds 11-20 the seed-mean curves still rise by +0.25 points per round" in why
+    assert f"over rounds {21 - seeds.TREND_ROUNDS}-20 the seed-mean curves still rose by +0.25 points per round" in why
     assert "moves 3 rounds by about 0.5" in why and "by 0.60 points" in why
 
 
