@@ -40,7 +40,7 @@ from accuracy import METHODS as BASE_METHODS  # noqa: E402
 from accuracy import schedule_args, simulate_config, simulate_run  # noqa: E402
 from common import ROOT, command_line, machine, write_section  # noqa: E402
 from stats import (  # noqa: E402
-    CLAIMS, Claim, CONVERGED_POINTS, LAST_ROUNDS, block_drift, last_rounds_movement, mean_curve, paired_difference, summarize, tail_trend, verdict,
+    CLAIMS, Claim, CONVERGED_POINTS, LAST_ROUNDS, RANGE_OF_3, TREND_ROUNDS, block_drift, last_rounds_movement, mean_curve, paired_difference, summarize, tail_trend, verdict,
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "seeds"
@@ -372,11 +372,6 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
     return "\n".join(lines)
 
 
-# the window whose least-squares line says whether a curve still rises: short, because the curves bend (on the
-# 20-round runs of session 16 a line through the last 10 rounds rose twice as steeply as one through the last 6)
-TREND_ROUNDS = 6
-
-
 def rounds_verdict(rounds: int, moves: list[float], drifts: list[float],
                    slopes: list[float] = (), noise: list[float] = ()) -> str:
     """The issue's "say how many rounds": how many method x partition rows meet the < 0.5 point
@@ -399,8 +394,8 @@ def rounds_verdict(rounds: int, moves: list[float], drifts: list[float],
                  f"{slopes[len(slopes) // 2]:+.2f} points per round at the median ({slopes[0]:+.2f} to {slopes[-1]:+.2f}), "
                  f"which alone moves {LAST_ROUNDS} rounds by about {(LAST_ROUNDS - 1) * slopes[len(slopes) // 2]:.1f}; and one "
                  f"run's accuracy scatters about that line by {noise[len(noise) // 2]:.2f} points (sd, median over runs), so "
-                 f"even a flat mean of 3 seeds would span about {1.69 * noise[len(noise) // 2] / math.sqrt(3):.1f} points over "
-                 f"{LAST_ROUNDS} rounds (the expected range of 3 normal draws is 1.69 sd). ")
+                 f"even a flat mean of 3 seeds would span about {RANGE_OF_3 * noise[len(noise) // 2] / math.sqrt(3):.1f} points over "
+                 f"{LAST_ROUNDS} rounds (the expected range of 3 normal draws is {RANGE_OF_3:.2f} sd). ")
     return text + ("Read the last-round tables with the block drift beside them (a row still drifting upward favours the "
                    f"methods that converge later), and the mean of the last {LAST_ROUNDS} rounds as the steadier endpoint.")
 

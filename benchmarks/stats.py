@@ -91,7 +91,14 @@ def block_drift(curves: Sequence[Sequence[float]], last: int = LAST_ROUNDS) -> f
     return sum(m[-last:]) / last - sum(m[-2 * last:-last]) / last
 
 
-def tail_trend(curve: Sequence[float], window: int = 10) -> tuple[float, float]:
+# the window whose least-squares line says whether a curve still rises: short, because the curves bend (on the
+# 20-round runs of session 16 a line through the last 10 rounds rose twice as steeply as one through the last 6)
+TREND_ROUNDS = 6
+# expected range (max - min) of LAST_ROUNDS = 3 independent standard normal draws
+RANGE_OF_3 = 1.693
+
+
+def tail_trend(curve: Sequence[float], window: int = TREND_ROUNDS) -> tuple[float, float]:
     """Least-squares line through a curve's last `window` rounds: (slope per round, sd of the
     residuals about it). The slope says whether a curve is still rising; the residual sd is the
     round-to-round noise that max - min of single rounds picks up on a flat curve. nans when the
