@@ -33,27 +33,37 @@ from fedpft.shared.records import BatchMaker, batches, epoch_order, read_local_d
 from fedpft.sim.pool import SessionPool, cores  # noqa: E402
 
 
-def one_round(bundle: Path, shards: list[Path], cfg: EdgeTrainConfig, pool: SessionPool | None) -> tuple[int, float, float]:
-    """(steps, wall s, CPU s) of every client training one round at once, each on its thread."""
-    steps, errors = [], []
+def all_at_once(client, shards: list[Path]) -> tuple[list, float]:
+    """(client(i, shard) for every shard, each on its own thread as the virtual engine's agents; wall s)."""
+    results, errors = [None] * len(shards), []
 
-    def client(shard: Path):
+    def run(i: int, shard: Path):
         try:
-            lease = pool.lease(bundle, weight=rough_sample_count(shard)) if pool else nullcontext()
-            with lease as session:
-                steps.append(train_round(bundle, shard, cfg, session=session).steps)
+            results[i] = client(i, shard)
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(s,)) for s in shards]
-    w0, c0 = time.perf_counter(), time.process_time()
+    threads = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate(shards)]
+    w0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     if errors:
         raise errors[0]
-    return sum(steps), time.perf_counter() - w0, time.process_time() - c0
+    return results, time.perf_counter() - w0
+
+
+def one_round(bundle: Path, shards: list[Path], cfg: EdgeTrainConfig, pool: SessionPool | None) -> tuple[int, float, float]:
+    """(steps, wall s, CPU s) of every client training one round at once, each on its thread."""
+    def client(i: int, shard: Path) -> int:
+        lease = pool.lease(bundle, weight=rough_sample_count(shard)) if pool else nullcontext()
+        with lease as session:
+            return train_round(bundle, shard, cfg, session=session).steps
+
+    c0 = time.process_time()
+    steps, wall = all_at_once(client, shards)
+    return sum(steps), wall, time.process_time() - c0
 
 
 def open_trainer(bundle: Path, trainer: str):
@@ -91,12 +101,18 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--max-steps", type=int, default=None, help="cap on each client's steps per round (shorter runs; the per-round overheads then weigh more)")
     ap.add_argument("--floor-steps", type=int, default=10)
+    ap.add_argument("--workers", type=int, metavar="REPEATS", default=0,
+                    help="only compare the pool's clients on threads of this process with the same pool's clients in "
+                         "worker processes (fedpft.sim.workers), REPEATS rounds of each in turn; prints a markdown table")
     ap.add_argument("--trainers", type=int, metavar="REPEATS", default=0,
                     help="only compare the virtual clients' trainers (ORT, torch fp32, torch bf16): the floor of each, "
                          "measured REPEATS times in turn in this process; prints a markdown table")
     args = ap.parse_args()
     if args.trainers:
         compare_trainers(args)
+        return
+    if args.workers:
+        compare_workers(args)
         return
     shards = sorted(args.shards.glob("client*/train.jsonl"))
     cfg = EdgeTrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps, threads=1, holdout=0.1)
@@ -134,6 +150,71 @@ def main() -> None:
     lines += ["", f"At the benchmark's settings these shards make {full_steps} steps a round: device work = {full_steps} x "
               f"{per_step:.3f} + {len(shards)} x {min(after):.2f} = {per_round:.0f} CPU s a round, {per_round / n:.0f} s on "
               f"{n} idle cores."]
+    print("\n".join(lines))
+
+
+def agent_round(bundle: Path, shards: list[Path], train, seed: int, args) -> tuple[int, float]:
+    """(steps, wall s) of every client training one round at once through the agent's trainer
+    callable (`train(i, shard)` makes client i's: Task and tensors in, update bytes out), each on its thread."""
+    from fedpft.shared.codec import encode_tensors
+    from fedpft.shared.message_base import BlobRef
+    from fedpft.shared.messages import Task
+
+    ref = BlobRef(blob_id="b", sha256="0" * 64, size=1)
+    task = Task(run_id="speed", round_id=seed, sender="cloud", devices=[f"client{i:03d}" for i in range(len(shards))],
+                bundle=ref, bundle_version="v:1", adapters=ref, epochs=1, lr=args.lr, batch_size=args.batch_size,
+                max_steps=args.max_steps, seed=seed, report_stats=True, deadline=time.time() + 3600)
+    adapters = encode_tensors(open_session(bundle, threads=1).adapters())
+    steps, wall = all_at_once(lambda i, shard: train(i, shard)(bundle, task, adapters, None)[1]["steps"], shards)
+    return sum(steps), wall
+
+
+def compare_workers(args) -> None:
+    """The pool's clients on threads of this process vs in worker processes, alternating rounds. CPU
+    seconds: this process's, plus the workers' (psutil), so the pipe's cost on both ends counts."""
+    import psutil
+
+    from fedpft.edge.task_training import make_trainer
+    from fedpft.shared.config import AgentConfig
+    from fedpft.sim.workers import WorkerPool
+
+    shards = sorted(args.shards.glob("client*/train.jsonl"))
+    n = cores()
+    cfgs = [AgentConfig(broker="memory://", device_id=f"client{i:03d}", data=s, cache=Path("/nonexistent"), run_id="speed",
+                        threads=1) for i, s in enumerate(shards)]
+    threads_pool, workers = SessionPool(n, threads=1), WorkerPool(n, threads=1)
+    modes = {
+        f"threads: {n} at once in this process": lambda i, s: make_trainer(cfgs[i], lambda b: threads_pool.lease(b, rough_sample_count(s))),
+        f"worker processes: {n} at once": lambda i, s: workers.trainer(cfgs[i], rough_sample_count(s)),
+    }
+
+    def procs() -> list:
+        return [psutil.Process()] + [psutil.Process(w.proc.pid) for w in workers.workers if w is not None and w.alive()]
+
+    def cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in procs())
+
+    load0, rows = os.getloadavg()[0], []
+    try:
+        for r in range(args.workers):
+            for label, train in modes.items():
+                c0 = cpu()
+                steps, wall = agent_round(args.bundle, shards, train, r, args)
+                rss = sum(p.memory_info().rss for p in procs()) / 2**20  # the thread mode's sessions stay in this process
+                rows.append((label, r + 1, steps, cpu() - c0, wall, rss, os.getloadavg()[0]))
+                print(f"{label} round {r + 1}: {steps} steps, {rows[-1][3]:.1f} CPU s, {wall:.1f} s wall", flush=True)
+    finally:
+        workers.close()
+    lines = [
+        f"Command: `{command_line()}` — {machine()}; 1-min load average {load0:.1f} at the start. {len(shards)} clients, "
+        f"batch {args.batch_size}, 1 local epoch" + (f", at most {args.max_steps} steps per client and round" if args.max_steps else "")
+        + ", one ORT thread per client; round 1 of each mode opens its sessions (and starts the workers). RSS: this "
+        "process (which holds the thread mode's sessions once opened) plus the live workers, after the round.",
+        "",
+        "| virtual clients | round | steps | CPU s | wall s | RSS MB, this process + workers | 1-min load at the end |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {l} | {r} | {s} | {c:.1f} | {w:.1f} | {m:.0f} | {ld:.1f} |" for l, r, s, c, w, m, ld in rows]
     print("\n".join(lines))
 
 

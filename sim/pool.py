@@ -5,8 +5,9 @@ machine gives it. In one process, ten clients each doing that thrash two cores (
 working sets, every round's session build and graph check) for no gain: a client's round is a
 pure function of the task (global adapters, FFN weights, seed) and its shard, so the order in
 which clients train and the session object they train on change nothing in the update. (With
-dropout in the graph, only with one slot: each round seeds onnxruntime's process-wide generator,
-which clients training at once draw from in turns.)
+dropout in the graph, only one client may train at a time per process: each round seeds the
+process-wide generator its masks come from. So with more than one slot the ORT clients train in
+worker processes, `fedpft.sim.workers`, each with a one-slot pool of its own.)
 
 So: `Slots` lets at most `n` clients train at once, the largest shard first (longest-processing-
 time first keeps a round's wall time near total work / n; with first-come-first-served the largest
@@ -87,11 +88,12 @@ class SessionPool:
     threads: intra-op threads of each session (cores / slots, so the slots fill the cores
     without oversubscribing them); providers: onnxruntime execution providers, as a device's
     `--providers`. `opener(bundle_dir, threads)`: another kind of session with `EdgeSession`'s
-    interface (the torch trainer, `fedpft.sim.torch_session`); default the edge's own ORT session."""
+    interface (the torch trainer, `fedpft.sim.torch_session`); default the edge's own ORT session.
+    settle: see `Slots`."""
 
     def __init__(self, slots: int, threads: int | None = None, providers: Sequence[str] = ("cpu",),
-                 opener: Callable[[Path, int | None], object] | None = None):
-        self.slots = Slots(slots)
+                 opener: Callable[[Path, int | None], object] | None = None, settle: float = 0.5):
+        self.slots = Slots(slots, settle)
         self.threads, self.providers = threads, tuple(providers)
         self.opener = opener
         # per slot: bundle folder name (the bundle blob's content address) -> its open session

@@ -9,8 +9,9 @@ and an ORT session per device) are saved, and the MQTT round trips of every blob
 
 The clients share the machine through `fedpft.sim.pool`: at most `parallel` of them train at once
 (largest shard first), each on an ORT session kept across rounds and reset to its opened state,
-with the cores split among them; on a CUDA `--device` the sessions run on onnxruntime's CUDA
-provider when the installed onnxruntime has one. Which client trains when, and on which session
+with the cores split among them; with more than one at once, in worker processes
+(`fedpft.sim.workers`: a seeded run then repeats bit for bit, dropout included). On a CUDA
+`--device` the sessions run on onnxruntime's CUDA provider when the installed onnxruntime has one. Which client trains when, and on which session
 object, changes nothing in an update: a round is a function of the task and the shard.
 """
 
@@ -28,6 +29,7 @@ from fedpft.shared.messages import Presence, encode
 from fedpft.shared.transport import InMemoryHub, InMemoryTransport, TransportError
 
 from .pool import SessionPool, cores
+from .workers import WorkerPool
 
 log = logging.getLogger("fedpft.simulate")
 
@@ -85,7 +87,7 @@ def _offline(run_id: str, dev: str, reason: str) -> tuple[str, bytes]:
 class VirtualDevice:
     """One edge agent on a thread, on a hub transport with the last will a real device leaves."""
 
-    def __init__(self, hub: InMemoryHub, cfg: AgentConfig, pool: SessionPool | None = None):
+    def __init__(self, hub: InMemoryHub, cfg: AgentConfig, pool: SessionPool | WorkerPool | None = None):
         from fedpft.edge.agent import EdgeAgent
         from fedpft.edge.task_training import make_trainer, rough_sample_count
 
@@ -93,8 +95,11 @@ class VirtualDevice:
         # the client id doubles as the dispatcher thread's name, which device_logs routes by
         self.transport = InMemoryTransport(hub, cfg.device_id, will=_offline(cfg.run_id, cfg.device_id, "connection lost"))
         samples = rough_sample_count(cfg.data)
-        lease = None if pool is None else (lambda bundle_dir: pool.lease(bundle_dir, weight=samples))
-        self.make_agent = lambda: EdgeAgent(cfg, self.transport, make_trainer(cfg, lease), samples)
+        if isinstance(pool, WorkerPool):
+            trainer = pool.trainer(cfg, weight=samples)
+        else:
+            trainer = make_trainer(cfg, None if pool is None else (lambda bundle_dir: pool.lease(bundle_dir, weight=samples)))
+        self.make_agent = lambda: EdgeAgent(cfg, self.transport, trainer, samples)
         self.agent = None
         self.stopping = False
         self.thread = threading.Thread(target=self._serve, name=cfg.device_id, daemon=True)
@@ -206,8 +211,10 @@ def serve_virtual(serve_cfg: ServeConfig, shards: list[Path], run: Path, show_pr
         if precision != "fp32":
             raise ValueError(f"--virtual-precision {precision} needs the torch trainer (the ORT trainer is fp32, as on devices)")
         providers = ort_providers(serve_cfg.device)
-        pool = SessionPool(slots, threads, providers)
-        log.info("virtual clients: %d training at once, %d ORT thread(s) each, on %s", slots, threads, ", ".join(providers))
+        # one client at a time per process, so each draws the dropout masks a device would (sim/workers.py)
+        pool = SessionPool(slots, threads, providers) if slots == 1 else WorkerPool(slots, threads, providers)
+        log.info("virtual clients: %d training at once%s, %d ORT thread(s) each, on %s", slots,
+                 "" if slots == 1 else " in worker processes", threads, ", ".join(providers))
     hub = InMemoryHub(threaded=True)
     devices = []
     for i, shard in enumerate(shards):
@@ -227,4 +234,6 @@ def serve_virtual(serve_cfg: ServeConfig, shards: list[Path], run: Path, show_pr
                 d.thread.join(timeout=60)
                 if d.thread.is_alive():
                     log.warning("virtual device %s still busy after the run; left behind", d.cfg.device_id)
+            if isinstance(pool, WorkerPool):
+                pool.close()
     return state

@@ -5,6 +5,7 @@ alignment -> the same global adapters and the same metrics."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 
@@ -121,15 +122,21 @@ def test_virtual_engine_refuses_a_broker(tmp_path):
     assert SimulateConfig(out=tmp_path, engine="virtual", virtual_parallel=2).virtual_parallel == 2
 
 
-def test_a_seeded_virtual_run_with_dropout_repeats_bit_for_bit_with_one_slot(sim_inputs, tiny_bert_dir, tmp_path):
-    """Dropout on: each client seeds its round's masks from the Task's seed and its id, so two runs
-    training one client at a time end with identical global adapters (and moved ones)."""
+def test_a_seeded_virtual_run_with_dropout_repeats_bit_for_bit_at_any_parallelism(sim_inputs, tiny_bert_dir, tmp_path, monkeypatch, caplog):
+    """Dropout on: each client seeds its round's masks from the Task's seed and its id, so a run
+    training one client at a time and one training all three at once (in worker processes) end
+    with identical global adapters (and moved ones). One ORT thread per client in both runs."""
+    from fedpft.sim import virtual
+
+    monkeypatch.setattr(virtual, "cores", lambda: 1)
     data, _ = sim_inputs
     bundle = make_bundle(str(tiny_bert_dir), tmp_path / "bundle-dropout", public_data=data / "public.txt", batch_size=8, dropout=0.3)
     runs = []
-    for name in ("a", "b"):
-        run_engine((data, bundle), tmp_path / name, "virtual", virtual_parallel=1)
+    for name, parallel in (("a", 1), ("b", 3)):
+        with caplog.at_level(logging.INFO, logger="fedpft.simulate"):
+            run_engine((data, bundle), tmp_path / name, "virtual", virtual_parallel=parallel)
         runs.append(final_adapters(tmp_path / name / "federation"))
+    assert "virtual clients: 3 training at once in worker processes, 1 ORT thread(s) each" in caplog.text
     a, b = runs
     init = decode_tensors((tmp_path / "a" / "federation" / "checkpoints" / "adapters_round_init.safetensors").read_bytes())[0]
     assert max(float(np.max(np.abs(a[k] - init[k]))) for k in a) > 1e-4
