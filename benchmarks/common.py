@@ -15,6 +15,19 @@ def command_line() -> str:
     return " ".join(["python", shlex.quote(str(Path(sys.argv[0]).resolve().relative_to(ROOT)))] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
+def git_commit() -> str | None:
+    """The commit the benchmark ran on (`+dirty` when tracked files differ from it), for a result's
+    provenance; None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def write_section(name: str, text: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace (or append) the section between <!-- name --> and <!-- /name --> markers."""
     begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"

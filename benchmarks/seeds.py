@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import LABEL as METHOD_LABEL  # noqa: E402
 from accuracy import METHODS as BASE_METHODS  # noqa: E402
 from accuracy import schedule_args, simulate_config, simulate_run  # noqa: E402
-from common import ROOT, command_line, machine, write_section  # noqa: E402
+from common import ROOT, command_line, git_commit, machine, write_section  # noqa: E402
 from stats import (  # noqa: E402
     CLAIMS, Claim, CONVERGED_POINTS, LAST_ROUNDS, RANGE_OF_3, TREND_ROUNDS, block_drift, last_rounds_movement, mean_curve, paired_difference, summarize, tail_trend, verdict,
 )
@@ -190,7 +190,8 @@ def result(run: Run, acc: list[float], schedule: dict, wall_s: float, load_start
             "ffn_keep": None if run.method == "full" else run.ffn_keep, "bundle": bundle_key(run.method, run.ffn_keep),
             "fm_accuracy": acc, "complete": len(acc) >= run.rounds, "wall_s": round(wall_s, 1),
             "load_start": None if load_start is None else round(load_start, 2),
-            "load_end": [round(x, 2) for x in os.getloadavg()], "engine": "virtual", "schedule": schedule, "command": command}
+            "load_end": [round(x, 2) for x in os.getloadavg()], "engine": "virtual", "schedule": schedule, "command": command,
+            "commit": git_commit()}
 
 
 def run_one(run: Run, args, work: Path, results: Path) -> dict:
@@ -283,6 +284,20 @@ def claim_cells(c: Claim, g: dict) -> str:
                      for p in PARTITIONS)
 
 
+# The commit from which the virtual clients training at once each have a process (fedpft.sim.workers).
+WORKERS_COMMIT = "03f306e"
+
+
+def repeatability(rows: list[dict]) -> str:
+    """Which runs a rerun of the same seed reproduces bit for bit."""
+    old = sum(not r.get("commit") for r in rows)
+    text = (f"A JSON names the commit its run was made on. Runs made before {WORKERS_COMMIT} ({old} of these {len(rows)}: "
+            "those without a commit) trained the clients running at once on threads of one process, which drew their "
+            "dropout masks from onnxruntime's one generator in scheduling order: such a run repeats only in "
+            f"distribution. From {WORKERS_COMMIT} on, each has a worker process and a seed repeats bit for bit.")
+    return text if old else f"From {WORKERS_COMMIT} on a seed repeats bit for bit (virtual clients in worker processes)."
+
+
 def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
     g = groups(rows, rounds)
     used = [r for r in rows if len(r["fm_accuracy"]) >= rounds and r.get("ffn_keep") in (None, DEFAULT_KEEP)]
@@ -299,7 +314,8 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
         f"**{sum(r.get('complete', True) for r in used if r['method'] not in OPT_IN)} complete of {planned} planned**"
         + "".join(f", and {n} of {m} (opt-in)" for m in OPT_IN if (n := sum(r['method'] == m and r.get('complete', True) for r in used)))
         + (f", and {sum(not r.get('complete', True) for r in used)} still going whose first {rounds} rounds are used "
-           "(a run's first rounds do not depend on its length)" if not all(r.get("complete", True) for r in used) else "") + ".",
+           "(a run's first rounds do not depend on its length)" if not all(r.get("complete", True) for r in used) else "") + ". "
+        + repeatability(used),
         "",
         "FM test accuracy after the last round (%), mean ± sd over seeds (n seeds):",
         "",
