@@ -228,12 +228,14 @@ def serve_virtual(serve_cfg: ServeConfig, shards: list[Path], run: Path, show_pr
         try:
             state = serve(serve_cfg, show_progress=show_progress, transport=hub.transport(f"fedpft-cloud-{serve_cfg.run_id}"))
         finally:
-            for d in devices:
-                d.stop()
-            for d in devices:
-                d.thread.join(timeout=60)
-                if d.thread.is_alive():
-                    log.warning("virtual device %s still busy after the run; left behind", d.cfg.device_id)
-            if isinstance(pool, WorkerPool):
-                pool.close()
+            try:
+                for d in devices:
+                    d.stop()
+                for d in devices:
+                    d.thread.join(timeout=60)
+                    if d.thread.is_alive():
+                        log.warning("virtual device %s still busy after the run; left behind", d.cfg.device_id)
+            finally:
+                if isinstance(pool, WorkerPool):
+                    pool.close()  # also on a second Ctrl-C: a process running simulate() again keeps no idle workers
     return state

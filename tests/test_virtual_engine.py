@@ -137,6 +137,9 @@ def test_a_seeded_virtual_run_with_dropout_repeats_bit_for_bit_at_any_parallelis
             run_engine((data, bundle), tmp_path / name, "virtual", virtual_parallel=parallel)
         runs.append(final_adapters(tmp_path / name / "federation"))
     assert "virtual clients: 3 training at once in worker processes, 1 ORT thread(s) each" in caplog.text
+    # what a client's round logged in its worker is in that client's agent.log, as with threads
+    for name in ("a", "b"):
+        assert "fedpft.agent: round 1: " in (tmp_path / name / "clients" / "client002" / "agent.log").read_text()
     a, b = runs
     init = decode_tensors((tmp_path / "a" / "federation" / "checkpoints" / "adapters_round_init.safetensors").read_bytes())[0]
     assert max(float(np.max(np.abs(a[k] - init[k]))) for k in a) > 1e-4

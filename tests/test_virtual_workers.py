@@ -1,7 +1,8 @@
 """Virtual clients training in worker processes (`fedpft.sim.workers`): with dropout in the graph,
 a round trained in a worker equals the same round trained alone in this process, bit for bit, also
 while another client trains at the same time in the other worker; a failed round keeps its error
-type and what it logged; a worker that dies fails its round and is replaced at the next."""
+type and what it logged (in the device's agent.log); a worker that dies fails its round and is
+replaced at the next; closing the pool ends a round in progress."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from conftest import write_text_data
@@ -22,7 +24,9 @@ from fedpft.shared.config import AgentConfig
 from fedpft.shared.message_base import BlobRef
 from fedpft.shared.messages import Task
 from fedpft.shared.records import DataError
-from fedpft.sim.workers import WorkerDied, WorkerPool
+from fedpft.edge.session import TrainError
+from fedpft.sim.virtual import device_logs
+from fedpft.sim.workers import RemoteTraceback, WorkerDied, WorkerPool, rebuild_error
 
 REF = BlobRef(blob_id="b1", sha256="0" * 64, size=10)
 
@@ -83,7 +87,7 @@ def test_rounds_in_workers_draw_the_masks_they_would_alone(tmp_path, tiny_bert_d
     assert pool.started == 2
 
 
-def test_a_failed_round_keeps_its_error_and_its_log(tmp_path, tiny_bert_bundle, pool, caplog):
+def test_a_failed_round_keeps_its_error_and_its_log(tmp_path, tiny_bert_bundle, pool):
     bundle = tiny_bert_bundle
     adapters = encode_tensors(open_session(bundle).adapters())
     empty = tmp_path / "empty.jsonl"
@@ -91,33 +95,106 @@ def test_a_failed_round_keeps_its_error_and_its_log(tmp_path, tiny_bert_bundle, 
     bad = AgentConfig(broker="memory://", device_id="dev-e", data=empty, cache=tmp_path / "e", run_id="w", threads=1)
     with pytest.raises(DataError, match="no usable"):
         pool.trainer(bad, 1)(bundle, task(["dev-e"]), adapters, None)
+    # the worker's log lines are logged again on the device's thread, so they land in its agent.log
     good = agent_cfg(tmp_path, "dev-g")
-    with caplog.at_level(logging.INFO, logger="fedpft.agent"):
-        update, fields = pool.trainer(good, 1)(bundle, task(["dev-g"]), adapters, None)
-    assert fields["steps"] > 0 and update
-    # the worker's log line, logged again in this process (where device_logs routes it by thread)
-    assert any(r.name == "fedpft.agent" and r.getMessage().startswith("round 2: ") for r in caplog.records)
+    got = {}
+    with device_logs({"dev-g": tmp_path / "agent.log"}):
+        th = threading.Thread(target=lambda: got.update(r=pool.trainer(good, 1)(bundle, task(["dev-g"]), adapters, None)), name="dev-g")
+        th.start()
+        th.join(120)
+    assert got["r"][1]["steps"] > 0 and got["r"][0]
+    assert "INFO fedpft.agent: round 2: " in (tmp_path / "agent.log").read_text()
+
+
+class NeedsTwo(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} {b}")
+
+
+def remote(exc: Exception) -> tuple:
+    """What a worker sends for `exc`."""
+    return [(c.__module__, c.__qualname__) for c in type(exc).__mro__], list(exc.args), str(exc), "Traceback (most recent call last): ..."
+
+
+FAIL = type("Fail", (RuntimeError,), {"__module__": "onnxruntime.capi"})  # a class this process cannot import
+
+
+@pytest.mark.parametrize("exc,same_class", [
+    (FileNotFoundError(2, "No such file or directory"), True), (ValueError("bad shard"), True), (KeyError("x"), True),
+    (TrainError("training diverged at step 3: loss is nan"), True), (DataError("no usable sample"), True),
+    (FAIL("[ONNXRuntimeError] boom"), False), (NeedsTwo("a", "b"), False)])
+def test_a_workers_error_is_reported_as_it_would_be_in_process(exc, same_class):
+    """The agent's failure line (and whether it logs a traceback) is the same as for the exception
+    raised in its own process; the worker's traceback is the cause."""
+    from fedpft.edge import agent
+
+    back = rebuild_error(*remote(exc))
+    t = task(["d"])
+    assert agent._failure_line(t, back) == agent._failure_line(t, exc)
+    assert type(back).__name__ == type(exc).__name__
+    assert type(back) is type(exc) if same_class else isinstance(back, type(exc).__mro__[1])
+    assert isinstance(back.__cause__, RemoteTraceback) and "Traceback" in str(back.__cause__)
 
 
 def test_a_dead_worker_fails_its_round_and_is_replaced(tmp_path, tiny_bert_bundle, caplog):
+    """Killed in the middle of a round (as by the OOM killer): that round fails with WorkerDied, the
+    slot's next round starts a new worker and trains as the first would have."""
     bundle = tiny_bert_bundle
     adapters = encode_tensors(open_session(bundle).adapters())
     cfg = agent_cfg(tmp_path, "dev-k")
+    long_cfg = agent_cfg(tmp_path, "dev-long", n=400)
+    long_task = task(["dev-long"]).model_copy(update={"epochs": 200})  # minutes: it is killed long before
     pool = WorkerPool(1, threads=1)
     try:
         first = pool.trainer(cfg, 1)(bundle, task(["dev-k"]), adapters, None)
         w = pool.workers[0]
+        cpu0 = psutil.Process(w.proc.pid).cpu_times().user
+        result = {}
+        th = threading.Thread(target=lambda: result.update(r=catch(lambda: pool.trainer(long_cfg, 1)(bundle, long_task, adapters, None))))
+        th.start()
+        deadline = time.monotonic() + 60
+        while psutil.Process(w.proc.pid).cpu_times().user < cpu0 + 0.5 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until it is training
         os.kill(w.proc.pid, signal.SIGKILL)
-        w.proc.join(10)
-        with pytest.raises(WorkerDied, match="worker 0 .* exited during round 2"):
-            w.train(cfg, bundle, task(["dev-k"]), adapters, None)
+        th.join(30)
+        assert isinstance(result["r"], WorkerDied) and "worker 0" in str(result["r"]) and "exited during round 2" in str(result["r"])
         with caplog.at_level(logging.WARNING, logger="fedpft.simulate"):
             again = pool.trainer(cfg, 1)(bundle, task(["dev-k"]), adapters, None)
         assert "had exited; starting a new one" in caplog.text
         assert_same_update(again[0], first[0])
         assert again[1] == first[1] and pool.started == 2
+        last = pool.workers[0]
     finally:
         pool.close()
-    assert pool.workers == [None] and not w.proc.is_alive()
+    assert pool.workers == [None] and last.proc.exitcode == 0  # asked to stop, not killed
     with pytest.raises(WorkerDied, match="shutting down"):
         pool.trainer(cfg, 1)(bundle, task(["dev-k"]), adapters, None)
+
+
+def catch(fn):
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - the test looks at it
+        return exc
+
+
+def test_close_ends_a_round_in_progress(tmp_path, tiny_bert_bundle):
+    """A run that ends while a client still trains: close() stops the workers within its timeout and
+    the round fails with WorkerDied rather than holding the thread."""
+    bundle = tiny_bert_bundle
+    adapters = encode_tensors(open_session(bundle).adapters())
+    pool = WorkerPool(1, threads=1)
+    long_cfg = agent_cfg(tmp_path, "dev-long", n=400)
+    result = {}
+    th = threading.Thread(target=lambda: result.update(r=catch(lambda: pool.trainer(long_cfg, 1)(
+        bundle, task(["dev-long"]).model_copy(update={"epochs": 200}), adapters, None))))
+    th.start()
+    deadline = time.monotonic() + 60
+    while (pool.workers[0] is None or not pool.workers[0].busy.locked()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    w = pool.workers[0]
+    t0 = time.monotonic()
+    pool.close(timeout=1.0)
+    th.join(30)
+    assert time.monotonic() - t0 < 15
+    assert isinstance(result["r"], WorkerDied) and not w.proc.is_alive()
