@@ -40,7 +40,8 @@ from accuracy import METHODS as BASE_METHODS  # noqa: E402
 from accuracy import schedule_args, simulate_config, simulate_run  # noqa: E402
 from common import ROOT, command_line, git_commit, machine, write_section  # noqa: E402
 from stats import (  # noqa: E402
-    CLAIMS, Claim, CONVERGED_POINTS, LAST_ROUNDS, RANGE_OF_3, TREND_ROUNDS, block_drift, last_rounds_movement, mean_curve, paired_difference, summarize, tail_trend, verdict,
+    CLAIMS, Claim, CONVERGED_POINTS, LAST_ROUNDS, RANGE_OF_3, TREND_ROUNDS, PairedDiff, block_drift, last_rounds_movement, mean_curve,
+    paired_difference, summarize, tail_trend, verdict,
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "seeds"
@@ -257,16 +258,35 @@ def tail_mean(curve: list[float]) -> float:
     return sum(curve[-LAST_ROUNDS:]) / len(curve[-LAST_ROUNDS:])
 
 
+POOLED = "both, pooled"
+
+
+def paired(g: dict, a: str, b: str, endpoint, partitions: tuple[str, ...]) -> PairedDiff:
+    """a − b of `endpoint(curve)` over the (partition, seed) pairs both methods have in `partitions`:
+    one partition's seeds, or every partition's at once (pooled: the interval then spans the
+    partitions' differences as well as the seeds')."""
+    def values(m: str) -> dict:
+        return {(p, s): endpoint(c) for p in partitions for s, c in g.get((p, m), {}).items()}
+
+    d = paired_difference(values(a), values(b))
+    if {p for p, _ in d.seeds} != set(partitions):
+        return paired_difference({}, {})  # pooled only where every partition has a pair
+    return d
+
+
+def columns() -> list[tuple[str, tuple[str, ...]]]:
+    return [(p, (p,)) for p in PARTITIONS] + [(POOLED, tuple(PARTITIONS))]
+
+
 def pair_table(g: dict, endpoint) -> list[str]:
-    """Markdown rows of PAIRS' paired differences of `endpoint(curve)`, per partition."""
-    rows = ["| difference | " + " | ".join(PARTITIONS) + " |", "|---|" + "---|" * len(PARTITIONS)]
+    """Markdown rows of PAIRS' paired differences of `endpoint(curve)`, per partition and pooled."""
+    rows = ["| difference | " + " | ".join(name for name, _ in columns()) + " |", "|---|" + "---|" * len(columns())]
     for a, b in PAIRS:
         if not any(m == a for _, m in g):
             continue  # a method without a finished run yet
         cells = []
-        for p in PARTITIONS:
-            d = paired_difference({s: endpoint(c) for s, c in g.get((p, a), {}).items()},
-                                  {s: endpoint(c) for s, c in g.get((p, b), {}).items()})
+        for _, parts in columns():
+            d = paired(g, a, b, endpoint, parts)
             if d.n == 0:
                 cells.append("-")
                 continue
@@ -278,10 +298,13 @@ def pair_table(g: dict, endpoint) -> list[str]:
 
 
 def claim_cells(c: Claim, g: dict) -> str:
-    """The claim's verdict per partition, from the last-round accuracies paired by seed."""
-    return "; ".join(f"{p}: " + verdict(c, paired_difference({s: v[-1] for s, v in g.get((p, c.a), {}).items()},
-                                                            {s: v[-1] for s, v in g.get((p, c.b), {}).items()}))
-                     for p in PARTITIONS)
+    """The claim's verdict per partition and pooled, from the last-round accuracies paired by seed."""
+    cells = []
+    for name, parts in columns():
+        d = paired(g, c.a, c.b, last_round, parts)
+        if len(parts) == 1 or d.n:
+            cells.append(f"{name}: " + verdict(c, d, "pairs" if len(parts) > 1 else "seeds"))
+    return "; ".join(cells)
 
 
 # The commit from which the virtual clients training at once each have a process (fedpft.sim.workers).
@@ -331,7 +354,9 @@ def section(rows: list[dict], rounds: int, command: str, planned: int) -> str:
             cells.append("-" if s.n == 0 else f"{pct(s.mean)} ± {pct(s.sd)} (n={s.n})")
         lines.append(f"| {LABEL[m]} | " + " | ".join(cells) + " |")
     lines += ["", "Paired differences of last-round accuracy (points; same seed = same partition, data and test "
-              "samples), mean and 95% t confidence interval; **bold** where the interval excludes 0:", ""]
+              "samples), mean and 95% t confidence interval; **bold** where the interval excludes 0. "
+              f"*{POOLED}*: the pairs of both partitions as one sample (the interval then covers how the difference "
+              "changes with the partition as well as with the seed; a paper's claim is about both):", ""]
     lines += pair_table(g, last_round)
     lines += ["", f"The same, on the mean accuracy of the last {LAST_ROUNDS} rounds (a secondary endpoint, added when "
               f"only seed 0 was in: one round's accuracy moves by 1-2 points from the next on a plateau, which an "

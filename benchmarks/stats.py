@@ -144,14 +144,14 @@ CLAIMS = (
 )
 
 
-def verdict(claim: Claim, d: PairedDiff) -> str:
-    """One line on what the paired difference says about the claim, in points."""
+def verdict(claim: Claim, d: PairedDiff, unit: str = "seeds") -> str:
+    """One line on what the paired difference says about the claim, in points (over `d.n` `unit`)."""
     pts = lambda v: f"{100 * v:+.1f}"  # noqa: E731
     if d.n == 0:
         return "not measured yet"
     if d.n < 2:
         return f"one seed only ({claim.a} − {claim.b} = {pts(d.mean)} points): no interval yet, no verdict"
-    ci = f"{claim.a} − {claim.b} = {pts(d.mean)} points, 95% CI [{pts(d.lo)}, {pts(d.hi)}], {d.n} seeds"
+    ci = f"{claim.a} − {claim.b} = {pts(d.mean)} points, 95% CI [{pts(d.lo)}, {pts(d.hi)}], {d.n} {unit}"
     if claim.kind == "above":
         if d.lo > 0:
             return f"supported ({ci})"

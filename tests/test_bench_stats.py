@@ -262,3 +262,20 @@ def test_what_it_takes_sums_each_methods_fastest_run_over_the_seeds(bench):
     assert f"{3 * (1200 + 900) / 3600:.1f} h" in text
     assert "plus fedpft, layeronly, full (no complete run yet" in text
     assert seeds.what_it_takes([], rounds=20) == ""
+
+
+def test_pooled_differences_pair_by_partition_and_seed_and_need_both_partitions(bench):
+    _, seeds = bench
+    g = {("dirichlet:0.5", "fedpft"): {0: [0.80], 1: [0.82]}, ("dirichlet:0.5", "fedot"): {0: [0.79], 1: [0.80]},
+         ("iid", "fedpft"): {0: [0.86], 1: [0.85]}, ("iid", "fedot"): {0: [0.84], 1: [0.85]}}
+    pooled = seeds.paired(g, "fedpft", "fedot", seeds.last_round, tuple(seeds.PARTITIONS))
+    # seed 0 of one partition is not seed 0 of the other: four pairs, not two
+    assert pooled.n == 4 and math.isclose(pooled.mean, (0.01 + 0.02 + 0.02 + 0.0) / 4)
+    one = seeds.paired(g, "fedpft", "fedot", seeds.last_round, ("iid",))
+    assert one.n == 2 and math.isclose(one.mean, 0.01)
+    del g[("iid", "fedot")]
+    assert seeds.paired(g, "fedpft", "fedot", seeds.last_round, tuple(seeds.PARTITIONS)).n == 0
+    assert "both, pooled" not in seeds.claim_cells(seeds.CLAIMS[1], g)
+    rows = seeds.pair_table(g, seeds.last_round)
+    assert rows[0] == "| difference | dirichlet:0.5 | iid | both, pooled |"
+    assert rows[2].startswith("| fedpft − fedot | 1.5 [") and rows[2].endswith(" | - | - |")
