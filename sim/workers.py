@@ -96,8 +96,11 @@ def rebuild_error(mro: list[tuple[str, str]], args: list, message: str, trace: s
 
 def _plain_args(exc: BaseException) -> list:
     """The exception's arguments when they are plain values (what rebuilds its message exactly)."""
-    plain = all(a is None or isinstance(a, (str, int, float, bool)) for a in exc.args)
-    return list(exc.args) if plain else [str(exc)]
+    args = list(exc.args)
+    if isinstance(exc, OSError) and exc.filename is not None:  # kept apart from args, yet part of the message
+        args = [exc.errno, exc.strerror, exc.filename] + ([] if exc.filename2 is None else [None, exc.filename2])
+    plain = all(a is None or isinstance(a, (str, int, float, bool)) for a in args)
+    return args if plain else [str(exc)]
 
 
 class _Captured(logging.Handler):

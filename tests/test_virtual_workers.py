@@ -26,7 +26,7 @@ from fedpft.shared.messages import Task
 from fedpft.shared.records import DataError
 from fedpft.edge.session import TrainError
 from fedpft.sim.virtual import device_logs
-from fedpft.sim.workers import RemoteTraceback, WorkerDied, WorkerPool, rebuild_error
+from fedpft.sim.workers import RemoteTraceback, WorkerDied, WorkerPool, _plain_args, rebuild_error
 
 REF = BlobRef(blob_id="b1", sha256="0" * 64, size=10)
 
@@ -113,14 +113,15 @@ class NeedsTwo(Exception):
 
 def remote(exc: Exception) -> tuple:
     """What a worker sends for `exc`."""
-    return [(c.__module__, c.__qualname__) for c in type(exc).__mro__], list(exc.args), str(exc), "Traceback (most recent call last): ..."
+    return [(c.__module__, c.__qualname__) for c in type(exc).__mro__], _plain_args(exc), str(exc), "Traceback (most recent call last): ..."
 
 
 FAIL = type("Fail", (RuntimeError,), {"__module__": "onnxruntime.capi"})  # a class this process cannot import
 
 
 @pytest.mark.parametrize("exc,same_class", [
-    (FileNotFoundError(2, "No such file or directory"), True), (ValueError("bad shard"), True), (KeyError("x"), True),
+    (FileNotFoundError(2, "No such file or directory", "/data/shard.jsonl"), True), (OSError(18, "Cross-device link", "a", None, "b"), True),
+    (ValueError("bad shard"), True), (KeyError("x"), True),
     (TrainError("training diverged at step 3: loss is nan"), True), (DataError("no usable sample"), True),
     (FAIL("[ONNXRuntimeError] boom"), False), (NeedsTwo("a", "b"), False)])
 def test_a_workers_error_is_reported_as_it_would_be_in_process(exc, same_class):
