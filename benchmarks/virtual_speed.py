@@ -174,7 +174,6 @@ def compare_workers(args) -> None:
     seconds: this process's, plus the workers' (psutil), so the pipe's cost on both ends counts."""
     import psutil
 
-    from fedpft.edge.task_training import make_trainer
     from fedpft.shared.config import AgentConfig
     from fedpft.sim.workers import WorkerPool
 
@@ -184,7 +183,7 @@ def compare_workers(args) -> None:
                         threads=1) for i, s in enumerate(shards)]
     threads_pool, workers = SessionPool(n, threads=1), WorkerPool(n, threads=1)
     modes = {
-        f"threads: {n} at once in this process": lambda i, s: make_trainer(cfgs[i], lambda b: threads_pool.lease(b, rough_sample_count(s))),
+        f"threads: {n} at once in this process": lambda i, s: threads_pool.trainer(cfgs[i], rough_sample_count(s)),
         f"worker processes: {n} at once": lambda i, s: workers.trainer(cfgs[i], rough_sample_count(s)),
     }
 

@@ -117,6 +117,16 @@ class SessionPool:
                 session.reset()
             yield session
 
+    def trainer(self, cfg, weight: float = 0.0) -> Callable:
+        """The agent's trainer (`make_trainer`'s) for the client of AgentConfig `cfg`, training on
+        this pool's sessions; `weight`: its place in the queue for a slot (heaviest first)."""
+        from fedpft.edge.task_training import make_trainer
+
+        return make_trainer(cfg, lambda bundle_dir: self.lease(bundle_dir, weight))
+
+    def close(self) -> None:
+        """Nothing to stop: the sessions go with the pool (`WorkerPool.close` stops processes)."""
+
     def _open(self, bundle_dir: Path):
         if self.opener is not None:
             return self.opener(bundle_dir, self.threads)

@@ -95,10 +95,7 @@ class VirtualDevice:
         # the client id doubles as the dispatcher thread's name, which device_logs routes by
         self.transport = InMemoryTransport(hub, cfg.device_id, will=_offline(cfg.run_id, cfg.device_id, "connection lost"))
         samples = rough_sample_count(cfg.data)
-        if isinstance(pool, WorkerPool):
-            trainer = pool.trainer(cfg, weight=samples)
-        else:
-            trainer = make_trainer(cfg, None if pool is None else (lambda bundle_dir: pool.lease(bundle_dir, weight=samples)))
+        trainer = make_trainer(cfg) if pool is None else pool.trainer(cfg, weight=samples)
         self.make_agent = lambda: EdgeAgent(cfg, self.transport, trainer, samples)
         self.agent = None
         self.stopping = False
@@ -236,6 +233,5 @@ def serve_virtual(serve_cfg: ServeConfig, shards: list[Path], run: Path, show_pr
                     if d.thread.is_alive():
                         log.warning("virtual device %s still busy after the run; left behind", d.cfg.device_id)
             finally:
-                if isinstance(pool, WorkerPool):
-                    pool.close()  # also on a second Ctrl-C: a process running simulate() again keeps no idle workers
+                pool.close()  # also on a second Ctrl-C: a process running simulate() again keeps no idle workers
     return state

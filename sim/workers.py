@@ -119,8 +119,6 @@ class _Captured(logging.Handler):
 
 def _serve(conn, threads: int | None, providers: tuple[str, ...], level: int) -> None:
     """A worker: train the rounds read from the pipe, one at a time, until its EOF or a stop."""
-    from fedpft.edge.task_training import make_trainer
-
     from .pool import SessionPool
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the cloud's to handle; the pipe's EOF ends us
@@ -141,7 +139,7 @@ def _serve(conn, threads: int | None, providers: tuple[str, ...], level: int) ->
         captured.records = []
         try:
             _, cfg_json, bundle_dir, task, adapters, ffn = req
-            train = make_trainer(AgentConfig.model_validate_json(cfg_json), lambda b: pool.lease(b))
+            train = pool.trainer(AgentConfig.model_validate_json(cfg_json))
             update, fields = train(Path(bundle_dir), decode(task), adapters, ffn)
             reply = ("ok", captured.records, fields, update)
         except Exception as exc:  # noqa: BLE001 - the round's failure, reported to its agent as in-process
