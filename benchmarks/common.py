@@ -16,13 +16,15 @@ def command_line() -> str:
 
 
 def git_commit() -> str | None:
-    """The commit the benchmark ran on (`+dirty` when tracked files differ from it), for a result's
-    provenance; None outside a git checkout."""
+    """The commit the benchmark ran on (`+dirty` when tracked files other than the benchmarks' own
+    output differ from it), for a result's provenance; None outside a git checkout."""
     import subprocess
 
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0
+        # what the benchmarks write themselves (their section, their results) does not make the code dirty
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!BENCHMARKS.md", ":!benchmarks/results"],
+                               cwd=ROOT, capture_output=True).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
