@@ -11,8 +11,9 @@ The clients share the machine through `fedpft.sim.pool`: at most `parallel` of t
 (largest shard first), each on an ORT session kept across rounds and reset to its opened state,
 with the cores split among them; with more than one at once, in worker processes
 (`fedpft.sim.workers`: a seeded run then repeats bit for bit, dropout included). On a CUDA
-`--device` the sessions run on onnxruntime's CUDA provider when the installed onnxruntime has one. Which client trains when, and on which session
-object, changes nothing in an update: a round is a function of the task and the shard.
+`--device` the sessions run on onnxruntime's CUDA provider when the installed onnxruntime has one.
+Which client trains when, and on which session object, changes nothing in an update: a round is a
+function of the task and the shard.
 """
 
 from __future__ import annotations
